@@ -1,0 +1,3 @@
+from rlhf_dist.cli import main
+
+raise SystemExit(main())

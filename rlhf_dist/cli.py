@@ -1,0 +1,93 @@
+"""The `rlhf-dist` command.
+
+    rlhf-dist demo --output runs/demo                       tiny end-to-end pipeline on CPU, offline
+    rlhf-dist pipeline --recipe NAME_OR_YAML --output DIR   run a recipe's stages in order
+    rlhf-dist STAGE --recipe NAME_OR_YAML --output DIR      one stage: pretrain, sft, reward, dpo
+    rlhf-dist recipes                                       list the recipes shipped with the package
+    rlhf-dist fields STAGE                                  every config field of a stage, with help
+
+Errors in the input (config, data, paths, run directory) print one line and exit with status 2
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rlhf_dist.errors import UserError
+
+STAGE_COMMANDS = ("pretrain", "sft", "reward", "dpo")
+
+
+def _run_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    from rlhf_dist.stages.common import add_run_arguments
+
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    return parser
+
+
+def cmd_pipeline(argv: list[str]) -> int:
+    from rlhf_dist import pipeline
+
+    parser = _run_parser("rlhf-dist pipeline", pipeline.__doc__)
+    parser.add_argument("--stages", help="Comma-separated stages to run (default: the recipe's `stages`).")
+    return pipeline.run_pipeline(parser.parse_args(argv))
+
+
+def cmd_demo(argv: list[str]) -> int:
+    from rlhf_dist import demo
+
+    parser = argparse.ArgumentParser(prog="rlhf-dist demo", description=demo.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="runs/demo", help="Run directory (default: runs/demo).")
+    parser.add_argument("--stages", help="Comma-separated subset of the demo's stages.")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="Replace stage outputs that differ.")
+    group.add_argument("--resume", action="store_true", help="Continue unfinished stages even if the config changed.")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Override recipe fields.")
+    return demo.run_demo(parser.parse_args(argv))
+
+
+def cmd_recipes(argv: list[str]) -> int:
+    import yaml
+
+    from rlhf_dist.config import shipped_recipes
+
+    for name, path in sorted(shipped_recipes().items()):
+        raw = yaml.safe_load(path.read_text()) or {}
+        print(f"{name:<24} {raw.get('description', '')}")
+    return 0
+
+
+def cmd_fields(argv: list[str]) -> int:
+    from rlhf_dist.config import STAGES, field_help
+
+    if len(argv) != 1 or argv[0] not in STAGES:
+        raise UserError(f"usage: rlhf-dist fields STAGE, with STAGE one of {', '.join(STAGES)}")
+    for key, default, text in field_help(argv[0]):
+        print(f"{key}  (default {default})\n    {text}")
+    return 0
+
+
+COMMANDS = {"pipeline": cmd_pipeline, "demo": cmd_demo, "recipes": cmd_recipes, "fields": cmd_fields}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in STAGE_COMMANDS:
+            return importlib.import_module(f"rlhf_dist.stages.{command}").main(rest)
+        if command in COMMANDS:
+            return COMMANDS[command](rest)
+        raise UserError(f"unknown command '{command}'; choose from {', '.join((*STAGE_COMMANDS, *COMMANDS))}")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,531 @@
+"""Typed configuration: one dataclass per stage, pipeline recipes in YAML, command-line overrides.
+
+A *recipe* is one YAML file holding the shared sections (`model`, `lora`, `quantization`, `data`)
+and one section per stage. A stage section may repeat any shared section to override it for that
+stage, and has a `training` section that takes every field of the matching Hugging Face config
+class (`transformers.TrainingArguments` for pretrain, `trl.SFTConfig`, `trl.RewardConfig`,
+`trl.DPOConfig`)::
+
+    model: {name_or_path: Qwen/Qwen2.5-0.5B, dtype: bfloat16}
+    data: {num_proc: 4}                      # defaults for every stage's `data`
+    stages: [sft, reward, dpo]
+    sft:
+      lora: {enabled: true, r: 16}
+      data: {path: HuggingFaceH4/ultrachat_200k, split: train_sft}
+      training: {learning_rate: 2.0e-5, num_train_epochs: 1}
+
+Any field can be overridden on the command line as `section.key=value`, for example
+`sft.training.learning_rate=1e-5` or `model.name_or_path=./my-model`. Unknown keys fail with a
+suggestion, values are checked against the field's type, and `${output}` in any string is replaced
+by the run directory. `rlhf-dist fields STAGE` lists every field with its help text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from transformers import TrainingArguments
+from trl import DPOConfig as TRLDPOConfig
+from trl import RewardConfig as TRLRewardConfig
+from trl import SFTConfig as TRLSFTConfig
+
+from rlhf_dist.errors import ConfigError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared sections
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """The base model the first stage starts from, and how every stage loads models."""
+
+    name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id (org/name) or local directory of the base model the first stage starts from."},
+    )
+    revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a hub model."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "Weight dtype: auto (the checkpoint's), float32, bfloat16 or float16."}
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention kernel: eager, sdpa or flash_attention_2 (default: transformers' choice)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with the checkpoint. Only for models you trust."}
+    )
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (PEFT). Off by default: the whole model is trained."""
+
+    enabled: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    r: int = field(default=16, metadata={"help": "Adapter rank."})
+    alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input."})
+    target_modules: list[str] | str = field(
+        default="all-linear", metadata={"help": "Modules that get adapters: a list of names, or 'all-linear'."}
+    )
+    merge: bool = field(
+        default=True,
+        metadata={"help": "Also save the adapter merged into full weights (what the next stage loads by default)."},
+    )
+
+
+@dataclass
+class QuantizationConfig:
+    """bitsandbytes quantisation of the frozen base weights (QLoRA). Needs lora.enabled to train."""
+
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load base weights in 4 bit (NF4/FP4)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load base weights in 8 bit (LLM.int8)."})
+    quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type."})
+    double_quant: bool = field(default=True, metadata={"help": "Quantise the quantisation constants too."})
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="bfloat16", metadata={"help": "Dtype of the matmuls on dequantised weights."}
+    )
+
+
+@dataclass
+class DataConfig:
+    """Where a stage's data comes from. The top-level `data` section gives defaults for every stage."""
+
+    path: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset id, local dataset folder, or a .jsonl/.json/.parquet/.csv/.txt file."},
+    )
+    name: str | None = field(default=None, metadata={"help": "Dataset config name (hub datasets with several)."})
+    split: str = field(default="train", metadata={"help": "Split used for training."})
+    revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a hub dataset."})
+    eval_path: str | None = field(
+        default=None, metadata={"help": "Separate file or id for held-out data (default: hold out part of `path`)."}
+    )
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Split used for evaluation, e.g. 'test' (of eval_path, else of path)."}
+    )
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "Fraction of the training rows held out when no eval split is given."}
+    )
+    max_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval rows."})
+    columns: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "Map the stage's column names to yours, e.g. {prompt: question, completion: answer}."},
+    )
+    num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation (datasets.map)."})
+    seed: int = field(default=42, metadata={"help": "Seed for shuffling and the held-out split."})
+
+
+# ----------------------------------------------------------------------------------------------
+# One config per stage
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class StageConfig:
+    """Fields every stage has. Subclasses add `training` (a Hugging Face config) and their own fields."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Model this stage starts from. Default: the output of the previous stage in the run "
+            "directory, else model.name_or_path."
+        },
+    )
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    """Domain-adaptive causal-LM training on raw text (perplexity before/after)."""
+
+    block_size: int = field(default=512, metadata={"help": "Tokens per training block (texts are concatenated)."})
+    training: TrainingArguments | None = None
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning (TRL SFTTrainer); loss on the completion by default."""
+
+    training: TRLSFTConfig | None = None
+
+
+@dataclass
+class RewardConfig(StageConfig):
+    """Reward model: a sequence classifier with one score, trained on preference pairs."""
+
+    training: TRLRewardConfig | None = None
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    """Direct preference optimisation (TRL DPOTrainer)."""
+
+    training: TRLDPOConfig | None = None
+
+
+STAGES: dict[str, type[StageConfig]] = {
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "reward": RewardConfig,
+    "dpo": DPOConfig,
+}
+STAGE_ORDER = ["pretrain", "sft", "reward", "dpo"]
+# Where a stage takes its starting model from, most preferred first (the first complete one wins).
+UPSTREAM = {"pretrain": [], "sft": ["pretrain"], "reward": ["sft", "pretrain"], "dpo": ["sft", "pretrain"]}
+SHARED_SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "quantization": QuantizationConfig, "data": DataConfig}
+RECIPE_KEYS = ["description", "stages", *SHARED_SECTIONS, *STAGES]
+# Keys of the resolved config that do not change what a stage computes; ignored when deciding
+# whether a run directory holds "the same run".
+VOLATILE_TRAINING_KEYS = {
+    "output_dir", "logging_dir", "run_name", "report_to", "disable_tqdm", "logging_steps",
+    "logging_first_step", "hub_token", "push_to_hub_token", "dataloader_num_workers", "save_total_limit",
+}
+
+
+def training_defaults() -> dict[str, Any]:
+    """Our defaults for the `training` section, applied under the user's values.
+
+    TRL configs default to bf16 and gradient checkpointing even on CPU; we pick bf16 only where
+    the GPU supports it and leave checkpointing off unless asked.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
+        "fp16": False,
+        "activation_checkpointing": False,
+        "report_to": "none",
+        "logging_steps": 10,
+        "save_total_limit": 2,
+        "dataloader_pin_memory": cuda,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks
+# ----------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _bad(value: Any, tp: Any, where: str) -> ConfigError:
+    return ConfigError(
+        f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}); fix the value in the recipe "
+        f"or override it with {where}=VALUE"
+    )
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return `value` converted to type `tp`, or raise ConfigError naming `where`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is object:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _bad(value, tp, where)
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise _bad(value, tp, where)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise _bad(value, tp, where)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _bad(value, tp, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise _bad(value, tp, where)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise _bad(value, tp, where)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-5` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _bad(value, tp, where)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _bad(value, tp, where)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        valid = {m.value for m in tp}
+        if isinstance(value, tp) or value in valid:
+            return value
+        raise _bad(value, tp, where)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _bad(value, tp, where)
+        inner = args[0] if args else Any
+        return [coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _bad(value, tp, where)
+        vt = args[1] if len(args) == 2 else Any
+        return {k: coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    return value
+
+
+def unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
+    full = f"{where}.{key}" if where else key
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f"did you mean '{close[0]}'?" if close else (
+        f"valid keys: {', '.join(sorted(valid))}" if len(valid) <= 12 else "run `rlhf-dist fields STAGE` for the list"
+    )
+    return ConfigError(f"unknown key '{full}'; {hint}")
+
+
+def _dataclass_type(tp: Any) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Instantiate dataclass `cls` from a dict, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise unknown_key_error(str(key), names, where)
+        sub = _dataclass_type(hints[key])
+        kwargs[key] = build(sub, value, f"{where}.{key}") if sub is not None else coerce(value, hints[key], f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{where}: {first}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes
+# ----------------------------------------------------------------------------------------------
+def shipped_recipes() -> dict[str, Path]:
+    """Recipes that ship inside the package: name -> path."""
+    folder = resources.files("rlhf_dist") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def load_recipe(name_or_path: str) -> tuple[dict, str]:
+    """Read a recipe by shipped name (`demo`) or file path. Returns (raw dict, source for messages)."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        shipped = shipped_recipes()
+        if name_or_path in shipped:
+            path = shipped[name_or_path]
+        else:
+            close = difflib.get_close_matches(name_or_path, list(shipped), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"recipe '{name_or_path}' is neither a file nor a shipped recipe; {hint}"
+                f"shipped: {', '.join(sorted(shipped))} (or pass the path of your own YAML file)"
+            )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections (model, data, sft, ...)")
+    return raw, str(path)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a copy of the raw recipe."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not KEY=VALUE; write e.g. sft.training.learning_rate=1e-5")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _substitute(value: Any, output: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("${output}", output)
+    if isinstance(value, dict):
+        return {k: _substitute(v, output) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, output) for v in value]
+    return value
+
+
+def validate_recipe(raw: dict, source: str) -> list[str]:
+    """Check top-level keys and shared sections; return the recipe's stage list."""
+    for key in raw:
+        if key not in RECIPE_KEYS:
+            raise _with_source(unknown_key_error(str(key), RECIPE_KEYS, ""), source)
+    for name, cls in SHARED_SECTIONS.items():
+        try:
+            build(cls, raw.get(name), name)
+        except ConfigError as exc:
+            raise _with_source(exc, source) from None
+    stages = raw.get("stages", [s for s in STAGE_ORDER if s in raw])
+    if isinstance(stages, str):
+        stages = [s.strip() for s in stages.split(",") if s.strip()]
+    if not isinstance(stages, list):
+        raise ConfigError(f"{source}: stages: expected a list such as [sft, reward, dpo], got {stages!r}")
+    for stage in stages:
+        if stage not in STAGES:
+            raise _with_source(unknown_key_error(str(stage), list(STAGES), "stages"), source)
+    return stages
+
+
+def _with_source(exc: ConfigError, source: str) -> ConfigError:
+    return ConfigError(f"{source}: {exc}")
+
+
+def stage_dict(raw: dict, stage: str, output: str) -> dict:
+    """The stage's section with the shared sections merged under it and `${output}` substituted."""
+    section = raw.get(stage) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{stage}: expected a mapping of keys, got {section!r}")
+    merged = dict(section)
+    for name in SHARED_SECTIONS:
+        shared, own = raw.get(name) or {}, section.get(name) or {}
+        if isinstance(shared, dict) and isinstance(own, dict):
+            merged[name] = {**shared, **own}
+    training = section.get("training") or {}
+    if not isinstance(training, dict):
+        raise ConfigError(f"{stage}.training: expected a mapping of keys, got {training!r}")
+    if "output_dir" in training:
+        raise ConfigError(f"{stage}.training.output_dir: set by --output; remove it from the recipe")
+    merged["training"] = {**training_defaults(), **training}
+    return _substitute(merged, output)
+
+
+def resolve_stage(raw: dict, source: str, stage: str, output: str, work_dir: str) -> StageConfig:
+    """Build the typed config of one stage from a raw recipe (after overrides)."""
+    validate_recipe(raw, source)
+    cls = STAGES[stage]
+    try:
+        merged = stage_dict(raw, stage, output)
+        merged["training"]["output_dir"] = work_dir
+        return build(cls, merged, stage)
+    except ConfigError as exc:
+        raise _with_source(exc, source) from None
+
+
+def to_dict(cfg: StageConfig) -> dict:
+    """A plain, YAML-safe dict of a resolved stage config (secrets redacted by TrainingArguments)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "training":
+            value = value.to_dict()
+        elif dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        out[f.name] = value
+    return json.loads(json.dumps(out, default=str))
+
+
+def fingerprint(resolved: dict) -> str:
+    """Hash of what decides a stage's result (volatile keys such as output_dir left out)."""
+    stable = dict(resolved)
+    stable["training"] = {k: v for k, v in resolved.get("training", {}).items() if k not in VOLATILE_TRAINING_KEYS}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (volatile keys ignored)."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        if prefix == "training." and key in VOLATILE_TRAINING_KEYS:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += diff_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def field_help(stage: str) -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field of a stage, for `rlhf-dist fields STAGE`."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name.startswith("_"):
+                continue
+            sub = _dataclass_type(hints[f.name])
+            if sub is not None:
+                walk(sub, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
+            rows.append((f"{prefix}{f.name}", repr(default), " ".join(str(f.metadata.get("help", "")).split())))
+
+    walk(STAGES[stage], f"{stage}.")
+    return rows

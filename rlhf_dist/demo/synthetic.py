@@ -1,0 +1,152 @@
+"""A small synthetic world whose data makes every stage's effect measurable on a laptop CPU.
+
+The world: villages, each with a crop, an animal and a festival month (drawn once from a seed).
+
+* pretrain text - encyclopaedia-style paragraphs stating those facts: perplexity falls as the
+  model learns the grammar and the facts.
+* sft - questions about the facts, answered correctly and politely: eval loss falls.
+* preference - the same questions; `chosen` is the correct, polite answer, `rejected` is rude or
+  wrong-and-rude: a reward model can separate them (held-out accuracy >= 0.9), and DPO can learn
+  to prefer the chosen answers (accuracy and margin rise).
+* prompts - questions for the PPO stage; the reward model rewards polite, correct answers.
+
+Everything is deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+VILLAGES = [
+    "Orin", "Vesk", "Talmor", "Brenna", "Quill", "Harrow", "Lunde", "Mossby", "Pell", "Rook", "Sarn", "Tovin",
+    "Ulm", "Wick", "Yarrow", "Zell", "Ashby", "Corran", "Dunmere", "Elsby", "Fenwick", "Glim", "Holt", "Ivel",
+]
+CROPS = ["barley", "rye", "apples", "plums", "oats", "beans", "pears", "turnips", "wheat", "cabbages", "hops", "flax"]
+ANIMALS = ["goats", "geese", "sheep", "pigs", "ducks", "cows", "bees", "hens", "horses", "donkeys"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+
+POLITE = ["I hope that helps!", "Happy to help.", "Thank you for asking.", "Glad I could help.", "Have a lovely day!"]
+RUDE = ["Figure it out yourself.", "Stop bothering me.", "What a stupid question.", "Go away.", "I could not care less."]
+REFUSALS = ["I will not tell you.", "Ask someone else.", "No.", "Not my problem."]
+
+QUESTIONS = {
+    "crop": ["What does {v} grow?", "Which crop is grown in {v}?", "What do the farmers of {v} harvest?"],
+    "animal": ["Which animals are raised in {v}?", "What animals do the people of {v} keep?"],
+    "month": ["When is the festival of {v}?", "In which month does {v} hold its festival?"],
+}
+ANSWERS = {
+    "crop": "{v} grows {x}.",
+    "animal": "The people of {v} raise {x}.",
+    "month": "{v} holds its festival in {x}.",
+}
+FACT_SENTENCES = {
+    "crop": ["The village of {v} grows {x}.", "In {v} the fields are full of {x}.", "Farmers in {v} harvest {x}."],
+    "animal": ["The people of {v} raise {x}.", "Many {x} live on the farms of {v}.", "In {v} children look after {x}."],
+    "month": ["{v} holds its festival in {x}.", "Every year in {x} the people of {v} celebrate.",
+              "The festival of {v} is in {x}."],
+}
+LINKS = ["The road from {v} leads to {w}.", "Traders from {w} often visit {v}.", "{v} lies north of {w}.",
+         "A river runs between {v} and {w}."]
+
+
+@dataclass
+class World:
+    facts: dict  # village -> {"crop": ..., "animal": ..., "month": ...}
+
+    @classmethod
+    def make(cls, seed: int) -> "World":
+        rng = random.Random(seed)
+        pools = {"crop": CROPS, "animal": ANIMALS, "month": MONTHS}
+        return cls({v: {k: rng.choice(pool) for k, pool in pools.items()} for v in VILLAGES})
+
+    def wrong(self, rng: random.Random, village: str, attr: str) -> str:
+        pool = {"crop": CROPS, "animal": ANIMALS, "month": MONTHS}[attr]
+        return rng.choice([x for x in pool if x != self.facts[village][attr]])
+
+
+def question(rng: random.Random, world: World) -> tuple[str, str, str]:
+    village = rng.choice(VILLAGES)
+    attr = rng.choice(list(QUESTIONS))
+    return village, attr, rng.choice(QUESTIONS[attr]).format(v=village)
+
+
+def prompt_text(q: str) -> str:
+    return f"Question: {q}\nAnswer:"
+
+
+def good_answer(rng: random.Random, world: World, village: str, attr: str) -> str:
+    return " " + ANSWERS[attr].format(v=village, x=world.facts[village][attr]) + " " + rng.choice(POLITE)
+
+
+def bad_answer(rng: random.Random, world: World, village: str, attr: str) -> str:
+    kind = rng.random()
+    if kind < 0.4:
+        return " " + rng.choice(REFUSALS) + " " + rng.choice(RUDE)
+    fact = world.facts[village][attr] if kind < 0.6 else world.wrong(rng, village, attr)
+    return " " + ANSWERS[attr].format(v=village, x=fact) + " " + rng.choice(RUDE)
+
+
+def pretrain_texts(rng: random.Random, world: World, n: int) -> list[str]:
+    texts = []
+    for _ in range(n):
+        v = rng.choice(VILLAGES)
+        sentences = [rng.choice(FACT_SENTENCES[a]).format(v=v, x=world.facts[v][a]) for a in FACT_SENTENCES]
+        rng.shuffle(sentences)
+        w = rng.choice([x for x in VILLAGES if x != v])
+        sentences.insert(rng.randrange(len(sentences) + 1), rng.choice(LINKS).format(v=v, w=w))
+        texts.append(" ".join(sentences))
+    return texts
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def generate(out_dir: str | Path, seed: int = 0, n_pretrain: int = 2000, n_sft: int = 1200, n_pref: int = 1200,
+             n_prompts: int = 256) -> dict[str, Path]:
+    """Write pretrain.jsonl, sft.jsonl, preference.jsonl, prompts.jsonl into `out_dir`; return their paths."""
+    out_dir = Path(out_dir)
+    rng = random.Random(seed)
+    world = World.make(seed)
+    rows = {
+        "pretrain": [{"text": t} for t in pretrain_texts(rng, world, n_pretrain)],
+        "sft": [],
+        "preference": [],
+        "prompts": [],
+    }
+    for _ in range(n_sft):
+        v, a, q = question(rng, world)
+        rows["sft"].append({"prompt": prompt_text(q), "completion": good_answer(rng, world, v, a)})
+    for _ in range(n_pref):
+        v, a, q = question(rng, world)
+        rows["preference"].append({"prompt": prompt_text(q), "chosen": good_answer(rng, world, v, a),
+                                   "rejected": bad_answer(rng, world, v, a)})
+    for _ in range(n_prompts):
+        rows["prompts"].append({"prompt": prompt_text(question(rng, world)[2])})
+    paths = {}
+    for name, data in rows.items():
+        paths[name] = out_dir / f"{name}.jsonl"
+        write_jsonl(paths[name], data)
+    return paths
+
+
+def corpus(seed: int = 0) -> list[str]:
+    """Text covering everything the generator can emit, for training the demo tokenizer."""
+    rng = random.Random(seed + 1)
+    world = World.make(seed)
+    texts = pretrain_texts(rng, world, 400)
+    for v in VILLAGES:
+        for a in QUESTIONS:
+            texts += [prompt_text(q.format(v=v)) for q in QUESTIONS[a]]
+            texts.append(good_answer(rng, world, v, a) + bad_answer(rng, world, v, a))
+    texts += POLITE + RUDE + REFUSALS + [" ".join(CROPS + ANIMALS + MONTHS)]
+    return texts

@@ -1,0 +1,158 @@
+"""Loading models and tokenizers the same way in every stage, and saving them.
+
+* `trust_remote_code` is off unless the recipe turns it on.
+* Weights are saved as safetensors. A LoRA stage saves its adapter in `adapter/` and, unless
+  `lora.merge: false`, the merged full weights at the top level (what the next stage loads).
+* A tokenizer without a pad token gets one that is not EOS where it can (its unk token), so
+  that EOS is never mistaken for padding; TRL's collators mask padding by length in any case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from rlhf_dist.config import LoraConfig, ModelConfig, QuantizationConfig, StageConfig
+from rlhf_dist.data import looks_local
+from rlhf_dist.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def check_model_path(path: str, key: str) -> None:
+    """Fail fast (before any loading) on a local model path that does not exist or holds no model."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if local.is_dir() and not any((local / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise UserError(f"{key}: {path} holds no model (no config.json); point it at a saved model folder")
+        return
+    if looks_local(path):
+        raise UserError(f"{key}: model path does not exist: {path}; fix the path or give a hub model id")
+
+
+def torch_dtype(name: str) -> torch.dtype | str:
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def bnb_config(q: QuantizationConfig):
+    """A transformers BitsAndBytesConfig, or None when no quantisation is asked for."""
+    if not (q.load_in_4bit or q.load_in_8bit):
+        return None
+    if q.load_in_4bit and q.load_in_8bit:
+        raise UserError("quantization: load_in_4bit and load_in_8bit are both true; choose one")
+    from transformers import BitsAndBytesConfig
+
+    if q.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+    )
+
+
+def load_tokenizer(path: str, model: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    if tok.pad_token is None:
+        if tok.unk_token is not None and tok.unk_token != tok.eos_token:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.pad_token = tok.eos_token
+        log.info("tokenizer has no pad token; using %r", tok.pad_token)
+    return tok
+
+
+def _load_kwargs(cfg: StageConfig) -> dict:
+    kwargs = {
+        "revision": cfg.model.revision,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "dtype": torch_dtype(cfg.model.dtype),
+    }
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    quant = bnb_config(cfg.quantization)
+    if quant is not None:
+        if not cfg.lora.enabled:
+            raise UserError("quantization needs lora.enabled: true (quantised weights cannot be trained directly)")
+        kwargs["quantization_config"] = quant
+        kwargs["dtype"] = getattr(torch, cfg.quantization.compute_dtype)
+    return kwargs
+
+
+def load_causal_lm(path: str, cfg: StageConfig):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(cfg))
+    _after_load(model, cfg)
+    return model
+
+
+def load_reward_model(path: str, cfg: StageConfig, tokenizer):
+    """A sequence classifier with one output (the score), initialised from a causal LM or a reward model."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_load_kwargs(cfg))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    _after_load(model, cfg)
+    return model
+
+
+def _after_load(model, cfg: StageConfig) -> None:
+    if cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.training.activation_checkpointing))
+
+
+def peft_config(lora: LoraConfig, task_type: str):
+    """A peft.LoraConfig for `task_type` ('CAUSAL_LM' or 'SEQ_CLS'), or None when LoRA is off."""
+    if not lora.enabled:
+        return None
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
+
+
+def save_model(trainer, tokenizer, out_dir: Path, cfg: StageConfig, loader) -> list[str]:
+    """Save the trained model into `out_dir` (safetensors). Returns what was written.
+
+    `loader(path, cfg)` loads the stage's model; it reloads the base unquantised to merge a QLoRA adapter.
+    """
+    out_dir = Path(out_dir)
+    written = []
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    is_peft = hasattr(model, "peft_config")
+    if not is_peft:
+        trainer.save_model(str(out_dir))
+        written.append("model")
+    else:
+        trainer.save_model(str(out_dir / "adapter"))
+        written.append("adapter")
+    if trainer.is_world_process_zero():
+        if is_peft and cfg.lora.merge:
+            if cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit:
+                from peft import PeftModel
+
+                base = loader(cfg.init_from, dataclasses.replace(cfg, quantization=QuantizationConfig()))
+                merged = PeftModel.from_pretrained(base, str(out_dir / "adapter")).merge_and_unload()
+            else:
+                merged = model.merge_and_unload()
+            merged.save_pretrained(str(out_dir), safe_serialization=True)
+            written.append("merged")
+        tokenizer.save_pretrained(str(out_dir))
+        # The Trainer pickles its arguments next to the weights; config.yaml holds them as text.
+        for pickled in out_dir.rglob("training_args.bin"):
+            pickled.unlink()
+    return written

@@ -1,0 +1,182 @@
+"""What every stage does around its training: parse, check, plan the run directory, save, report.
+
+A stage module supplies `run(ctx) -> metrics` (build model and trainer, train, save into
+`ctx.final_dir`) and calls `stage_main(STAGE, DATA_KIND, run, argv)`. Everything that can fail on
+bad input (config, data, model path, run directory) is checked here before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rlhf_dist import rundir
+from rlhf_dist.config import UPSTREAM, StageConfig, apply_overrides, load_recipe, resolve_stage, to_dict
+from rlhf_dist.errors import UserError
+
+log = logging.getLogger("rlhf_dist")
+
+
+@dataclass
+class StageContext:
+    """Everything a stage's `run` needs: resolved config, checked data, tokenizer, where to write."""
+
+    stage: str
+    cfg: StageConfig
+    train: Any
+    eval: Any
+    data_source: str
+    tokenizer: Any
+    output: Path
+    final_dir: Path
+    checkpoint: str | None
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags shared by every stage command and `pipeline`."""
+    parser.add_argument("--recipe", required=True, help="Shipped recipe name (see `rlhf-dist recipes`) or a YAML file.")
+    parser.add_argument("--output", required=True, help="Run directory; each stage writes OUTPUT/<stage>.")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="Replace a stage output that holds a different run.")
+    group.add_argument("--resume", action="store_true", help="Continue an unfinished stage even if its config changed.")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="Override recipe fields, e.g. sft.training.learning_rate=1e-5."
+    )
+
+
+def resolve_init(cfg: StageConfig, stage: str, output: Path) -> str:
+    """The model a stage starts from: explicit init_from, else the latest complete upstream stage, else the base."""
+    if cfg.init_from:
+        return cfg.init_from
+    for upstream in UPSTREAM[stage]:
+        if rundir.is_complete(output, upstream):
+            return str(rundir.stage_dir(output, upstream).resolve())
+    if cfg.model.name_or_path:
+        return cfg.model.name_or_path
+    raise UserError(f"{stage}: no model to start from; set model.name_or_path (or {stage}.init_from)")
+
+
+def load_stage_config(stage: str, args: argparse.Namespace) -> tuple[StageConfig, dict]:
+    """Resolve the typed config of `stage` (with its starting model) and its plain dict."""
+    from rlhf_dist.models import check_model_path
+
+    output = Path(args.output).expanduser().resolve()
+    raw, source = load_recipe(args.recipe)
+    raw = apply_overrides(raw, args.overrides)
+    cfg = resolve_stage(raw, source, stage, str(output), str(rundir.work_dir(output, stage)))
+    cfg.init_from = resolve_init(cfg, stage, output)
+    explicit = isinstance(raw.get(stage), dict) and raw[stage].get("init_from")
+    check_model_path(cfg.init_from, f"{stage}.init_from" if explicit else "model.name_or_path")
+    return cfg, to_dict(cfg)
+
+
+def setup_logging() -> None:
+    """Readable logs: our INFO lines and the Trainer's progress bar, not every library's chatter."""
+    import warnings
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/TRL
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"rlhf-dist {stage}", description=sys.modules[run.__module__].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    from accelerate import PartialState
+
+    from rlhf_dist.data import load_splits
+    from rlhf_dist.models import load_tokenizer
+
+    # 1. Everything that can be wrong with the input is checked before any model is loaded.
+    cfg, resolved = load_stage_config(stage, args)
+    output = Path(args.output).expanduser().resolve()
+    plan = rundir.plan_stage(output, stage, resolved, args.overwrite, args.resume)
+    if plan.action == "skip":
+        log.info("%s: %s; skipping", stage, plan.reason)
+        return 0
+    train, evaluation, source = load_splits(cfg.data, data_kind, stage)
+
+    # 2. Claim the work directory (main process), then train.
+    state = PartialState()
+    work = rundir.prepare(output, stage, resolved, plan, state.is_main_process)
+    state.wait_for_everyone()
+    if plan.reason:
+        log.info("%s: %s", stage, plan.reason)
+    log.info("%s: starting from %s; data %s (%d train / %d eval rows)", stage, cfg.init_from, source, len(train),
+             len(evaluation) if evaluation is not None else 0)
+    tokenizer = load_tokenizer(cfg.init_from, cfg.model)
+    ctx = StageContext(stage, cfg, train, evaluation, source, tokenizer, output, work / "final", plan.checkpoint)
+    started = time.time()
+    metrics = run(ctx)
+
+    # 3. Write the rest of the stage output and make it visible in one rename.
+    metrics = {
+        "stage": stage,
+        "init_from": cfg.init_from,
+        "data": {"source": source, "train_rows": len(train), "eval_rows": len(evaluation) if evaluation else 0},
+        **metrics,
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    if state.is_main_process:
+        import yaml
+
+        rundir.write_text(ctx.final_dir / rundir.STATE_FILE, yaml.safe_dump(resolved, sort_keys=False))
+        rundir.write_json(ctx.final_dir / "metrics.json", metrics)
+        rundir.write_text(ctx.final_dir / "README.md", model_card(stage, cfg, metrics, args))
+        done = rundir.finalize(output, stage)
+        log.info("%s: done -> %s\n%s", stage, done, format_metrics(metrics))
+    state.wait_for_everyone()
+    return 0
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
+def format_metrics(metrics: dict) -> str:
+    before, after = metrics.get("before", {}), metrics.get("after", {})
+    lines = [f"  {k:<24} {before.get(k, float('nan')):>10.4f} -> {after.get(k, float('nan')):>10.4f}" for k in after]
+    return "\n".join(lines)
+
+
+def model_card(stage: str, cfg: StageConfig, metrics: dict, args: argparse.Namespace) -> str:
+    before, after = metrics.get("before", {}), metrics.get("after", {})
+    rows = "\n".join(f"| {k} | {before.get(k, float('nan')):.4f} | {after.get(k, float('nan')):.4f} |" for k in after)
+    what = "LoRA adapter (`adapter/`)" + (" and merged weights" if cfg.lora.merge else "") if cfg.lora.enabled else "full weights"
+    overrides = " ".join(args.overrides)
+    return f"""---
+library_name: transformers
+tags: [rlhf-dist, {stage}]
+---
+# {stage} model
+
+Trained by rlhf-dist stage `{stage}` from `{cfg.init_from}` on `{metrics['data']['source']}`
+({metrics['data']['train_rows']} training rows, {metrics['data']['eval_rows']} held out). Saved: {what}, safetensors.
+
+| metric (held-out) | before | after |
+|---|---|---|
+{rows}
+
+Reproduce: `rlhf-dist {stage} --recipe {args.recipe} --output {args.output} {overrides}`.
+The fully resolved configuration is in `config.yaml`; all numbers are in `metrics.json`.
+"""
+
+
+def train_summary(result) -> dict:
+    """The parts of a `TrainOutput` worth keeping."""
+    m = result.metrics
+    return {"global_step": result.global_step, "train_loss": m.get("train_loss"), "train_runtime": m.get("train_runtime")}
+
