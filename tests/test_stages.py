@@ -1,0 +1,150 @@
+"""Each stage runs a few steps on the tiny model and its metric moves the right way; outputs are complete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+STEPS = {"pretrain": 40, "sft": 40, "reward": 40, "dpo": 30}
+
+
+def recipe(tmp_path: Path, tiny_model: Path, demo_data: dict, extra: str = "") -> Path:
+    text = f"""
+model: {{name_or_path: "{tiny_model}", dtype: float32}}
+data: {{eval_fraction: 0.15, seed: 0}}
+pretrain:
+  block_size: 32
+  data: {{path: "{demo_data['pretrain']}"}}
+  training: {{max_steps: {STEPS['pretrain']}, per_device_train_batch_size: 16, learning_rate: 3.0e-3, save_strategy: "no", seed: 0}}
+sft:
+  data: {{path: "{demo_data['sft']}"}}
+  training: {{max_steps: {STEPS['sft']}, per_device_train_batch_size: 16, learning_rate: 3.0e-3, max_length: 96, save_strategy: "no", seed: 0}}
+reward:
+  data: {{path: "{demo_data['preference']}"}}
+  training: {{max_steps: {STEPS['reward']}, per_device_train_batch_size: 16, learning_rate: 3.0e-3, max_length: 96, save_strategy: "no", seed: 0}}
+dpo:
+  data: {{path: "{demo_data['preference']}"}}
+  training: {{max_steps: {STEPS['dpo']}, per_device_train_batch_size: 16, learning_rate: 1.0e-3, max_length: 96, save_strategy: "no", seed: 0}}
+{extra}
+"""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def run_stage(stage: str, rec: Path, out: Path, *overrides: str) -> dict:
+    from rlhf_dist.cli import main
+
+    assert main([stage, "--recipe", str(rec), "--output", str(out), *overrides]) == 0
+    return json.loads((out / stage / "metrics.json").read_text())
+
+
+def assert_complete(out: Path, stage: str, weights: bool = True) -> None:
+    folder = out / stage
+    for name in ("config.yaml", "metrics.json", "README.md", "tokenizer.json"):
+        assert (folder / name).is_file(), name
+    if weights:
+        assert (folder / "model.safetensors").is_file()
+    assert not list(folder.rglob("*.bin")), "no pickled files in a stage output"
+    assert not (out / f"{stage}.incomplete").exists()
+
+
+def test_pretrain_perplexity_falls(tmp_path, tiny_model, demo_data):
+    m = run_stage("pretrain", recipe(tmp_path, tiny_model, demo_data), tmp_path / "run")
+    assert m["after"]["perplexity"] < 0.5 * m["before"]["perplexity"]
+    assert m["train"]["global_step"] == STEPS["pretrain"]
+    assert m["blocks"]["block_size"] == 32 and m["blocks"]["train"] > 0
+    assert_complete(tmp_path / "run", "pretrain")
+
+
+def test_sft_eval_loss_falls_and_weights_change(tmp_path, tiny_model, demo_data):
+    out = tmp_path / "run"
+    m = run_stage("sft", recipe(tmp_path, tiny_model, demo_data), out)
+    assert m["after"]["eval_loss"] < m["before"]["eval_loss"] - 0.5
+    assert m["init_from"] == str(tiny_model)
+    assert_complete(out, "sft")
+    before, after = load_file(tiny_model / "model.safetensors"), load_file(out / "sft" / "model.safetensors")
+    assert set(before) == set(after)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sft_lora_saves_adapter_and_exact_merge(tmp_path, tiny_model, demo_data):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    m = run_stage("sft", recipe(tmp_path, tiny_model, demo_data), out,
+                  "sft.lora.enabled=true", "sft.lora.r=8", "sft.lora.dropout=0.0", "sft.training.learning_rate=1e-2")
+    assert m["after"]["eval_loss"] < m["before"]["eval_loss"]
+    assert (out / "sft" / "adapter" / "adapter_model.safetensors").is_file()
+    assert_complete(out, "sft")
+    # The merged weights compute what base + adapter computes.
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    merged = AutoModelForCausalLM.from_pretrained(out / "sft").eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out / "sft" / "adapter").eval()
+    with torch.no_grad():
+        a, b = merged(ids).logits, adapted(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()(ids).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (a - base).abs().max() > 1e-3  # the adapter did something
+
+
+def test_sft_labels_keep_eos_and_mask_prompt_and_padding(tiny_model, demo_data):
+    """Checklist item 1: the model must learn to stop, so the EOS label is never masked."""
+    from trl import SFTConfig, SFTTrainer
+
+    from rlhf_dist.config import DataConfig
+    from rlhf_dist.data import load_splits
+    from rlhf_dist.models import load_causal_lm, load_tokenizer
+    from rlhf_dist.config import SFTConfig as StageSFT
+
+    tok = load_tokenizer(str(tiny_model), StageSFT().model)
+    assert tok.pad_token_id != tok.eos_token_id
+    train, _, _ = load_splits(DataConfig(path=str(demo_data["sft"]), eval_fraction=0.0), "sft", "sft")
+    args = SFTConfig(output_dir="/tmp/unused", bf16=False, activation_checkpointing=False, report_to="none",
+                     per_device_train_batch_size=8, max_length=96)
+    model = load_causal_lm(str(tiny_model), StageSFT())
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train.select(range(8)), processing_class=tok)
+    completions = set(train.select(range(8))["completion"])
+    batch = next(iter(trainer.get_train_dataloader()))
+    labels, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
+    for row in range(len(ids)):
+        n = int(mask[row].sum())
+        real = labels[row][:n]
+        assert labels[row][n - 1] == tok.eos_token_id, "last real token is EOS and carries a label"
+        assert (labels[row][n:] == -100).all(), "padding is masked"
+        assert real[0] == -100, "prompt tokens are masked"
+        # What carries a label is exactly one of the completions, followed by EOS.
+        labelled = real[real != -100].tolist()
+        assert tok.decode(labelled[:-1]) in completions
+
+
+def test_reward_accuracy_rises(tmp_path, tiny_model, demo_data):
+    out = tmp_path / "run"
+    m = run_stage("reward", recipe(tmp_path, tiny_model, demo_data), out)
+    assert m["after"]["accuracy"] >= 0.9
+    assert m["after"]["accuracy"] > m["before"]["accuracy"]
+    assert m["after"]["margin"] > m["before"]["margin"]
+    assert m["after"]["pairs"] == m["data"]["eval_rows"]
+    assert_complete(out, "reward")
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(out / "reward")
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id is not None
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_dpo_accuracy_and_margin_rise(tmp_path, tiny_model, demo_data, lora):
+    out = tmp_path / "run"
+    extra = ["dpo.lora.enabled=true", "dpo.lora.dropout=0.0", "dpo.training.learning_rate=1e-2"] if lora else []
+    m = run_stage("dpo", recipe(tmp_path, tiny_model, demo_data), out, *extra)
+    assert m["before"]["margin"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at the start
+    assert m["after"]["margin"] > 0.1
+    assert m["after"]["accuracy"] > m["before"]["accuracy"]
+    assert m["after"]["logp_chosen"] - m["after"]["logp_rejected"] > m["before"]["logp_chosen"] - m["before"]["logp_rejected"]
+    assert_complete(out, "dpo")
+    assert (out / "dpo" / "adapter").is_dir() == lora
