@@ -33,7 +33,30 @@ def tiny_model(tmp_path_factory) -> Path:
     return tiny.save_tiny(out, synthetic.corpus(0), vocab_size=1000, hidden_size=64, num_layers=2)
 
 
-def write_recipe(path: Path, text: str) -> Path:
+STEPS = {"pretrain": 40, "sft": 40, "reward": 40, "dpo": 30}
+
+
+def tiny_recipe(tmp_path: Path, tiny_model: Path, demo_data: dict, extra: str = "") -> Path:
+    """A four-stage recipe on the tiny model and demo data, a few dozen steps per stage."""
+    text = f"""
+model: {{name_or_path: "{tiny_model}", dtype: float32}}
+data: {{eval_fraction: 0.15, seed: 0}}
+pretrain:
+  block_size: 32
+  data: {{path: "{demo_data['pretrain']}"}}
+  training: {{max_steps: {STEPS['pretrain']}, per_device_train_batch_size: 16, learning_rate: 3.0e-3, save_strategy: "no", seed: 0}}
+sft:
+  data: {{path: "{demo_data['sft']}"}}
+  training: {{max_steps: {STEPS['sft']}, per_device_train_batch_size: 16, learning_rate: 3.0e-3, max_length: 96, save_strategy: "no", seed: 0}}
+reward:
+  data: {{path: "{demo_data['preference']}"}}
+  training: {{max_steps: {STEPS['reward']}, per_device_train_batch_size: 16, learning_rate: 3.0e-3, max_length: 96, save_strategy: "no", seed: 0}}
+dpo:
+  data: {{path: "{demo_data['preference']}"}}
+  training: {{max_steps: {STEPS['dpo']}, per_device_train_batch_size: 16, learning_rate: 1.0e-3, max_length: 96, save_strategy: "no", seed: 0}}
+{extra}
+"""
+    path = tmp_path / "recipe.yaml"
     path.write_text(text)
     return path
 

@@ -1,0 +1,213 @@
+"""Pipeline chaining, idempotent re-runs, resume after a crash, and bad input refused before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli, tiny_recipe
+from safetensors.torch import load_file
+
+from rlhf_dist.cli import main
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under root with its size and modification time."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Chaining and re-runs (real processes, as users run them)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_pipeline_chains_stages_and_rerun_is_a_no_op(tmp_path, tiny_model, demo_data):
+    rec, out = tiny_recipe(tmp_path, tiny_model, demo_data), tmp_path / "run"
+    first = cli("pipeline", "--recipe", str(rec), "--output", str(out))
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["pretrain", "sft", "reward", "dpo"]
+    init = {s: json.loads((out / s / "metrics.json").read_text())["init_from"] for s in summary}
+    assert init == {"pretrain": str(tiny_model), "sft": str(out / "pretrain"), "reward": str(out / "sft"),
+                    "dpo": str(out / "sft")}
+    assert summary["pretrain"]["after"]["perplexity"] < summary["pretrain"]["before"]["perplexity"]
+    assert summary["sft"]["after"]["eval_loss"] < summary["sft"]["before"]["eval_loss"]
+    assert summary["reward"]["after"]["accuracy"] > summary["reward"]["before"]["accuracy"]
+    assert summary["dpo"]["after"]["margin"] > summary["dpo"]["before"]["margin"]
+    assert "reward    accuracy" in first.stdout  # the summary table
+
+    stages = {s: snapshot(out / s) for s in summary}
+    again = cli("pipeline", "--recipe", str(rec), "--output", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("complete, skipping") == 4
+    assert {s: snapshot(out / s) for s in summary} == stages  # nothing rewritten
+
+    # A changed config is refused for the stage it changes, and nothing is touched...
+    changed = cli("pipeline", "--recipe", str(rec), "--output", str(out), "--stages", "dpo", "dpo.training.beta=0.5")
+    assert changed.returncode == 2
+    assert changed.stderr.strip().count("\n") == 0 and "holds a different run" in changed.stderr
+    assert "training.beta" in changed.stderr and "--overwrite" in changed.stderr
+    assert snapshot(out / "dpo") == stages["dpo"]
+    # ...and replaced with --overwrite, leaving the other stages alone.
+    over = cli("pipeline", "--recipe", str(rec), "--output", str(out), "--stages", "dpo", "--overwrite",
+               "dpo.training.beta=0.5")
+    assert over.returncode == 0, over.stderr[-3000:]
+    assert json.loads((out / "dpo" / "config.yaml").read_text().split("beta:")[1].split("\n")[0]) == 0.5
+    assert snapshot(out / "sft") == stages["sft"]
+
+
+@pytest.mark.slow
+def test_failing_stage_stops_the_pipeline_and_rerun_continues(tmp_path, tiny_model, demo_data):
+    rec, out = tiny_recipe(tmp_path, tiny_model, demo_data), tmp_path / "run"
+    broken = cli("pipeline", "--recipe", str(rec), "--output", str(out), "--stages", "pretrain,sft",
+                 "sft.data.path=" + str(tmp_path / "missing.jsonl"))
+    assert broken.returncode == 2
+    assert (out / "pretrain" / "metrics.json").is_file() and not (out / "sft").exists()
+    assert "data file not found" in broken.stderr and "stage sft failed" in broken.stderr
+    done = snapshot(out / "pretrain")
+    fixed = cli("pipeline", "--recipe", str(rec), "--output", str(out), "--stages", "pretrain,sft")
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "[1/2] pretrain: complete, skipping" in fixed.stdout
+    assert snapshot(out / "pretrain") == done and (out / "sft" / "metrics.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume after a crash gives the same weights as a run that never crashed
+# ---------------------------------------------------------------------------------------------
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_model, demo_data, monkeypatch):
+    import transformers
+
+    rec = tiny_recipe(tmp_path, tiny_model, demo_data)
+    args = ["sft.training.max_steps=6", "sft.training.save_strategy=steps", "sft.training.save_steps=2"]
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    assert main(["sft", "--recipe", str(rec), "--output", str(clean), *args]) == 0
+
+    real_step = transformers.Trainer.training_step
+
+    def crash_at_step_5(self, *a, **k):
+        if self.state.global_step == 4:
+            raise RuntimeError("simulated node failure")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated node failure"):
+        main(["sft", "--recipe", str(rec), "--output", str(crashed), *args])
+    monkeypatch.setattr(transformers.Trainer, "training_step", real_step)
+    assert not (crashed / "sft").exists(), "an unfinished stage is not visible as complete"
+    assert sorted(p.name for p in (crashed / "sft.incomplete").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    assert main(["sft", "--recipe", str(rec), "--output", str(crashed), *args]) == 0
+    a, b = load_file(clean / "sft" / "model.safetensors"), load_file(crashed / "sft" / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), "resumed weights equal uninterrupted ones"
+    assert not (crashed / "sft.incomplete").exists()
+
+
+def test_changed_config_on_unfinished_stage_needs_resume_or_overwrite(tmp_path, tiny_model, demo_data, capsys):
+    rec, out = tiny_recipe(tmp_path, tiny_model, demo_data), tmp_path / "run"
+    work = out / "sft.incomplete"
+    work.mkdir(parents=True)
+    (out / "rlhf_dist_run.json").write_text("{}")
+    (work / "config.yaml").write_text("model: {name_or_path: other}\n")
+    before = snapshot(out)
+    assert main(["sft", "--recipe", str(rec), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unfinished different run" in err and "--resume" in err and snapshot(out) == before
+    assert main(["sft", "--recipe", str(rec), "--output", str(out), "--resume", "sft.training.max_steps=2"]) == 0
+    assert json.loads((out / "sft" / "metrics.json").read_text())["train"]["global_step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: exit 2, one line naming the problem and the fix, nothing loaded, nothing written
+# ---------------------------------------------------------------------------------------------
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def bad_cases(tmp_path: Path, tiny_model: Path, demo_data: dict):
+    pref = [{"prompt": "Q: a?\nA:", "chosen": " yes.", "rejected": " no."}] * 3
+    no_chosen = _write(tmp_path / "no_chosen.jsonl", pref[:2] + [{"prompt": "Q: b?\nA:", "chosen": None, "rejected": " no."}])
+    empty = _write(tmp_path / "empty.jsonl", [{"text": "Some text."}, {"text": "More."}, {"text": "   "}])
+    return {
+        "wrong type": (["sft", "sft.training.num_train_epochs=many"], "sft.training.num_train_epochs: expected"),
+        "unknown key": (["dpo", "dpo.training.betta=0.2"], "did you mean 'beta'"),
+        "missing dataset file": (["sft", f"sft.data.path={tmp_path}/nope.jsonl"], "data file not found"),
+        "preference row without chosen": (["reward", f"reward.data.path={no_chosen}"],
+                                           "no_chosen.jsonl row 3: field 'chosen' is missing"),
+        "empty text": (["pretrain", f"pretrain.data.path={empty}"], "empty.jsonl row 3: field 'text' is empty"),
+        "model path does not exist": (["sft", f"model.name_or_path={tmp_path}/no/such/model"],
+                                      "model path does not exist"),
+    }
+
+
+@pytest.mark.parametrize("case", ["wrong type", "unknown key", "missing dataset file", "preference row without chosen",
+                                  "empty text", "model path does not exist"])
+def test_bad_input_fails_fast_with_one_line(case, tmp_path, tiny_model, demo_data, monkeypatch, capsys):
+    import rlhf_dist.models
+
+    def no_loading(*a, **k):
+        raise AssertionError("a tokenizer/model was loaded before the input was checked")
+
+    monkeypatch.setattr(rlhf_dist.models, "load_tokenizer", no_loading)
+    rec, out = tiny_recipe(tmp_path, tiny_model, demo_data), tmp_path / "run"
+    (stage, *overrides), expected = bad_cases(tmp_path, tiny_model, demo_data)[case]
+    before = snapshot(tmp_path)
+    assert main([stage, "--recipe", str(rec), "--output", str(out), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert expected in err, err
+    assert snapshot(tmp_path) == before and not out.exists()
+
+
+def test_output_holding_a_different_run_is_refused(tmp_path, tiny_model, demo_data, capsys):
+    rec, out = tiny_recipe(tmp_path, tiny_model, demo_data), tmp_path / "run"
+    assert main(["reward", "--recipe", str(rec), "--output", str(out), "reward.training.max_steps=2"]) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["reward", "--recipe", str(rec), "--output", str(out), "reward.training.max_steps=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a different run" in err and "training.max_steps" in err and "--overwrite" in err and "\n" not in err
+    assert snapshot(out) == before
+    # Same config: complete, skipped, untouched.
+    assert main(["reward", "--recipe", str(rec), "--output", str(out), "reward.training.max_steps=2"]) == 0
+    assert snapshot(out) == before
+    assert main(["reward", "--recipe", str(rec), "--output", str(out), "--overwrite", "reward.training.max_steps=3"]) == 0
+    assert json.loads((out / "reward" / "metrics.json").read_text())["train"]["global_step"] == 3
+
+
+def test_foreign_non_empty_output_is_refused(tmp_path, tiny_model, demo_data, capsys):
+    rec, out = tiny_recipe(tmp_path, tiny_model, demo_data), tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert main(["sft", "--recipe", str(rec), "--output", str(out)]) == 2
+    assert "not an rlhf-dist run directory" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+
+
+def test_bad_input_from_the_command_line_process(tmp_path, tiny_model, demo_data):
+    """The real process: exit status 2 and a single stderr line."""
+    rec = tiny_recipe(tmp_path, tiny_model, demo_data)
+    result = cli("dpo", "--recipe", str(rec), "--output", str(tmp_path / "run"), f"dpo.data.path={tmp_path}/x.jsonl")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: ") and result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo itself: the README's main command
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_demo_meets_its_targets(tmp_path):
+    out = tmp_path / "demo"
+    result = cli("demo", "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["pretrain"]["after"]["perplexity"] < 0.1 * s["pretrain"]["before"]["perplexity"]
+    assert s["sft"]["after"]["eval_loss"] < s["sft"]["before"]["eval_loss"]
+    assert s["reward"]["after"]["accuracy"] >= 0.9
+    assert s["dpo"]["after"]["accuracy"] > s["dpo"]["before"]["accuracy"]
+    assert s["dpo"]["after"]["margin"] > s["dpo"]["before"]["margin"]
+    assert "demo: finished" in result.stdout
+    shutil.rmtree(out)
