@@ -97,6 +97,7 @@ def summarize(output: Path, stages: list[str]) -> dict:
             "before": metrics.get("before", {}),
             "after": metrics.get("after", {}),
             "train": metrics.get("train", {}),
+            "wall_seconds": metrics.get("wall_seconds"),
             "output": str(rundir.stage_dir(output, stage)),
         }
     return out

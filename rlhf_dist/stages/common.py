@@ -111,6 +111,8 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
 
     # 2. Claim the work directory (main process), then train.
     state = PartialState()
+    if not state.is_main_process:
+        log.setLevel(logging.WARNING)  # one readable log, from the main process
     work = rundir.prepare(output, stage, resolved, plan, state.is_main_process)
     state.wait_for_everyone()
     if plan.reason:
