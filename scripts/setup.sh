@@ -35,8 +35,14 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 
-echo "setup: installing rlhf-dist and its dependencies"
-"${PIP[@]}" -e ".[test]"
+# Re-install only when pyproject.toml changed since the last successful set-up.
+stamp=.venv/.rlhf_dist_setup
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing rlhf-dist and its dependencies"
+  "${PIP[@]}" -e ".[test]"
+  echo "$want" > "$stamp"
+fi
 .venv/bin/python - <<'PY'
 import torch, transformers, trl, peft, accelerate, datasets
 cuda = torch.cuda.is_available()

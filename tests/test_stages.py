@@ -124,3 +124,13 @@ def test_dpo_accuracy_and_margin_rise(tmp_path, tiny_model, demo_data, lora):
     assert m["after"]["logp_chosen"] - m["after"]["logp_rejected"] > m["before"]["logp_chosen"] - m["before"]["logp_rejected"]
     assert_complete(out, "dpo")
     assert (out / "dpo" / "adapter").is_dir() == lora
+
+
+def test_same_recipe_gives_bit_identical_reward_model(tmp_path, tiny_model, demo_data):
+    """The new score head is seeded: two runs of one recipe give the same metrics and weights."""
+    rec = recipe(tmp_path, tiny_model, demo_data)
+    a = run_stage("reward", rec, tmp_path / "a", "reward.training.max_steps=3")
+    b = run_stage("reward", rec, tmp_path / "b", "reward.training.max_steps=3")
+    assert a["before"] == b["before"] and a["after"] == b["after"]
+    wa, wb = load_file(tmp_path / "a" / "reward" / "model.safetensors"), load_file(tmp_path / "b" / "reward" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

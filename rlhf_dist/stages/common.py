@@ -120,6 +120,9 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
     log.info("%s: starting from %s; data %s (%d train / %d eval rows)", stage, cfg.init_from, source, len(train),
              len(evaluation) if evaluation is not None else 0)
     tokenizer = load_tokenizer(cfg.init_from, cfg.model)
+    from transformers import set_seed
+
+    set_seed(cfg.training.seed)  # new heads (a reward model's score, LoRA) start the same on every run
     ctx = StageContext(stage, cfg, train, evaluation, source, tokenizer, output, work / "final", plan.checkpoint)
     started = time.time()
     metrics = run(ctx)
