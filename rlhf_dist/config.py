@@ -27,6 +27,7 @@ import difflib
 import enum
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -357,6 +358,27 @@ def build(cls: type, data: Any, where: str) -> Any:
 # ----------------------------------------------------------------------------------------------
 # Recipes
 # ----------------------------------------------------------------------------------------------
+class RecipeLoader(yaml.SafeLoader):
+    """YAML as people write configs: `no`/`on` and dates stay strings, `1e-5` is a float.
+
+    PyYAML follows YAML 1.1, where `save_strategy: no` would be False and `revision: 2024-01-01` a date.
+    """
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def shipped_recipes() -> dict[str, Path]:
     """Recipes that ship inside the package: name -> path."""
     folder = resources.files("rlhf_dist") / "recipes"
@@ -378,7 +400,7 @@ def load_recipe(name_or_path: str) -> tuple[dict, str]:
                 f"shipped: {', '.join(sorted(shipped))} (or pass the path of your own YAML file)"
             )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -388,13 +410,13 @@ def load_recipe(name_or_path: str) -> tuple[dict, str]:
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a copy of the raw recipe."""
-    out = json.loads(json.dumps(raw))
+    out = json.loads(json.dumps(raw, default=str))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not KEY=VALUE; write e.g. sft.training.learning_rate=1e-5")
         key, _, text = item.partition("=")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = parse_yaml(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text
         parts = key.strip().split(".")

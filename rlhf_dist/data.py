@@ -50,9 +50,14 @@ def _load(path: str, cfg: DataConfig, split: str, key: str):
     if local.is_file():
         if suffix not in FILE_BUILDERS:
             raise DataError(f"{key}: {path} has an unsupported extension; use one of {', '.join(FILE_BUILDERS)}")
-        # .txt: one row per paragraph (blank lines separate texts, and are not empty rows)
-        extra = {"sample_by": "paragraph"} if suffix == ".txt" else {}
-        return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(local), split="train", **extra)
+        if split != "train":
+            raise DataError(f"{key}: {path} is a single file and has no split '{split}'; give held-out data "
+                            "with data.eval_path (or drop eval_split to hold out data.eval_fraction)")
+        if suffix == ".txt":
+            # One row per paragraph: blank lines separate texts and are not rows themselves.
+            ds = datasets.load_dataset("text", data_files=str(local), split="train", sample_by="paragraph")
+            return ds.filter(lambda row: bool(row["text"].strip()))
+        return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(local), split="train")
     if looks_local(path) and not local.exists():
         raise DataError(f"{key}: data file not found: {path}; fix the path (or give a hub dataset id)")
     try:
@@ -158,6 +163,14 @@ def _text_or_messages(value: Any, source: str, i: int, name: str) -> str | list[
     return _text(value, source, i, name)
 
 
+def _same_shape(rows: list[dict], field: str, source: str) -> list[dict]:
+    """All rows use strings, or all use message lists, for `field` (Arrow needs one type per column)."""
+    for i, row in enumerate(rows):
+        if isinstance(row[field], list) != isinstance(rows[0][field], list):
+            raise _bad_row(source, i, field, "mixes strings and message lists with earlier rows")
+    return rows
+
+
 def check_text(ds, source: str, cfg: DataConfig):
     _require_columns(ds, ["text"], source, "pretraining")
     for i, value in enumerate(ds["text"]):
@@ -167,7 +180,8 @@ def check_text(ds, source: str, cfg: DataConfig):
 
 def check_prompts(ds, source: str, cfg: DataConfig):
     _require_columns(ds, ["prompt"], source, "prompts")
-    return [{"prompt": _text_or_messages(v, source, i, "prompt")} for i, v in enumerate(ds["prompt"])]
+    rows = [{"prompt": _text_or_messages(v, source, i, "prompt")} for i, v in enumerate(ds["prompt"])]
+    return _same_shape(rows, "prompt", source)
 
 
 def check_sft(ds, source: str, cfg: DataConfig):
@@ -188,7 +202,7 @@ def check_sft(ds, source: str, cfg: DataConfig):
             if isinstance(p, list) != isinstance(c, list):
                 raise _bad_row(source, i, "completion", "must be a string when prompt is a string (messages with messages)")
             rows.append({"prompt": p, "completion": c})
-        return rows
+        return _same_shape(rows, "prompt", source)
     if "text" in cols:
         return [{"text": _text(v, source, i, "text")} for i, v in enumerate(ds["text"])]
     raise DataError(
@@ -223,7 +237,7 @@ def check_preference(ds, source: str, cfg: DataConfig):
     _require_columns(ds, ["chosen", "rejected"], source, "preference pairs")
     has_prompt = "prompt" in ds.column_names
     prompts = ds["prompt"] if has_prompt else [None] * len(ds)
-    rows, conversational = [], None
+    rows = []
     for i, (p, c, r) in enumerate(zip(prompts, ds["chosen"], ds["rejected"])):
         c, r = _text_or_messages(c, source, i, "chosen"), _text_or_messages(r, source, i, "rejected")
         if isinstance(c, list) != isinstance(r, list):
@@ -237,11 +251,7 @@ def check_preference(ds, source: str, cfg: DataConfig):
             for name, value in (("chosen", c), ("rejected", r)):
                 if not value or (isinstance(value, str) and not value.strip()):
                     raise _bad_row(source, i, name, "is empty once the shared prompt is removed")
-        is_conv = isinstance(c, list)
-        if conversational is not None and is_conv != conversational:
-            raise _bad_row(source, i, "chosen", "mixes strings and message lists with earlier rows")
-        conversational = is_conv
         rows.append({"prompt": p, "chosen": c, "rejected": r})
     if not rows:
         raise DataError(f"{source}: no rows")
-    return rows
+    return _same_shape(rows, "chosen", source)

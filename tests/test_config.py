@@ -119,8 +119,8 @@ def test_overrides_are_typed_and_do_not_mutate(tmp_path):
     out = C.apply_overrides(raw, ["sft.training.learning_rate=1e-5", "model.dtype=bfloat16", "sft.lora.enabled=true"])
     assert raw == before
     assert raw["sft"]["training"]["learning_rate"] == pytest.approx(2e-3)
-    # YAML 1.1: `1e-5` (no dot) is read as a string; the typed config turns it into a float
-    assert out["sft"]["training"]["learning_rate"] == "1e-5"
+    # YAML 1.1 would read `1e-5` (no dot) as a string; our loader reads a float
+    assert out["sft"]["training"]["learning_rate"] == 1e-5
     assert out["model"]["dtype"] == "bfloat16"
     assert out["sft"]["lora"] == {"enabled": True}
 
@@ -138,7 +138,7 @@ def test_yaml_recipe_float_without_dot_is_coerced(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("sft:\n  data: {path: d.jsonl}\n  training: {learning_rate: 1e-5, weight_decay: 5e-2}\n")
     raw, source = C.load_recipe(str(path))
-    assert raw["sft"]["training"]["learning_rate"] == "1e-5"
+    assert raw["sft"]["training"]["learning_rate"] == 1e-5  # a float already (YAML 1.1 would give a string)
     cfg = resolve(raw, "sft", tmp_path, source=source)
     assert cfg.training.learning_rate == 1e-5
     assert cfg.training.weight_decay == pytest.approx(0.05)
@@ -164,25 +164,22 @@ def test_override_errors():
     assert str(info.value) == "override 'sft.training.learning_rate.x': 'sft.training.learning_rate' is not a section"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG config.apply_overrides: override values are parsed as YAML 1.1, so `no` becomes False and "
-    "save_strategy/eval_strategy='no' cannot be set as the error message suggests (KEY=VALUE)"))
 def test_override_save_strategy_no(tmp_path):
-    raw = C.apply_overrides(demo_raw(), ["sft.training.save_strategy=no"])
+    """YAML 1.1 would read `no` as False; recipes and overrides keep it a string."""
+    raw = C.apply_overrides(demo_raw(), ["sft.training.save_strategy=no", "sft.training.eval_strategy=no",
+                                         "sft.data.split=on", "sft.lora.enabled=true"])
     cfg = resolve(raw, "sft", tmp_path)
-    assert cfg.training.save_strategy == "no"
+    assert cfg.training.save_strategy == "no" and cfg.training.eval_strategy == "no"
+    assert cfg.data.split == "on" and cfg.lora.enabled is True
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG config.apply_overrides: the json round-trip copy raises TypeError (a traceback, not a one-line "
-    "ConfigError) for YAML values that are not JSON, e.g. an unquoted date `revision: 2024-01-01`"))
-def test_recipe_with_unquoted_date_gives_config_error(tmp_path):
+def test_recipe_with_unquoted_date_keeps_it_a_string(tmp_path):
+    """YAML 1.1 would read 2024-01-01 as a date (not JSON, not a revision); recipes keep it a string."""
     path = tmp_path / "r.yaml"
     path.write_text("model: {name_or_path: base, revision: 2024-01-01}\nsft: {data: {path: d.jsonl}}\n")
     raw, source = C.load_recipe(str(path))
-    with pytest.raises(ConfigError) as info:
-        resolve(C.apply_overrides(raw, []), "sft", tmp_path, source=source)
-    assert "model.revision" in str(info.value)
+    cfg = resolve(C.apply_overrides(raw, []), "sft", tmp_path, source=source)
+    assert cfg.model.revision == "2024-01-01"
 
 
 # ----------------------------------------------------------------------------------------------

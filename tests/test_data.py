@@ -93,9 +93,6 @@ def test_txt_paragraphs(tmp_path):
                      {"text": "Third."}]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG data._load: .txt is read with datasets' sample_by='paragraph', which splits on '\\n\\n' only; an odd "
-    "run of trailing blank lines leaves a '\\n' row that check_text then rejects as 'row 3: field text is empty'"))
 def test_txt_trailing_blank_lines_are_not_rows(tmp_path):
     path = tmp_path / "d.txt"
     path.write_text("First paragraph.\n\nSecond paragraph.\n\n\n")
@@ -131,9 +128,6 @@ def test_separate_eval_path(tmp_path):
     assert evaluation == [{"text": "z"}]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG data.load_splits/_load: with a single local file, eval_split is ignored (_load always reads split "
-    "'train'), so the eval set silently IS the training set instead of an error"))
 def test_eval_split_on_a_single_file_does_not_reuse_training_rows(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": "b"}, {"text": "c"}])
     try:
@@ -393,9 +387,6 @@ def test_prompts_missing_column(tmp_path):
         "data.columns, e.g. {prompt: your_column}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG data.check_prompts/check_sft: rows mixing strings and message lists are not checked (unlike "
-    "check_preference), so prepare() crashes in Dataset.from_list with pyarrow ArrowTypeError instead of DataError"))
 @pytest.mark.parametrize("kind, rows", [
     ("prompts", [{"prompt": "Q"}, {"prompt": [USER]}]),
     ("sft", [{"prompt": "Q", "completion": " A"}, {"prompt": [USER], "completion": [ASSISTANT]}]),
