@@ -125,6 +125,10 @@ class DataConfig:
         default_factory=dict,
         metadata={"help": "Map the stage's column names to yours, e.g. {prompt: question, completion: answer}."},
     )
+    skip_empty: bool = field(
+        default=False,
+        metadata={"help": "Pretrain only: drop empty texts (e.g. wikitext's blank lines) instead of failing on them."},
+    )
     num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation (datasets.map)."})
     seed: int = field(default=42, metadata={"help": "Seed for shuffling and the held-out split."})
 
@@ -429,6 +433,18 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is not a section")
             node = nxt
         node[parts[-1]] = value
+    return out
+
+
+SECRET_KEY = re.compile(r"(token|secret|password|api_key)$", re.IGNORECASE)
+
+
+def redact_overrides(overrides: list[str]) -> list[str]:
+    """Overrides as they may be shown or saved: values of token/secret/password keys hidden."""
+    out = []
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        out.append(f"{key}=<redacted>" if sep and SECRET_KEY.search(key.split(".")[-1]) else item)
     return out
 
 

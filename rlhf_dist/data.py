@@ -173,9 +173,12 @@ def _same_shape(rows: list[dict], field: str, source: str) -> list[dict]:
 
 def check_text(ds, source: str, cfg: DataConfig):
     _require_columns(ds, ["text"], source, "pretraining")
-    for i, value in enumerate(ds["text"]):
+    if cfg.skip_empty:
+        ds = ds.filter(lambda row: isinstance(row["text"], str) and bool(row["text"].strip()))
+    texts = ds["text"]
+    for i, value in enumerate(texts):
         _text(value, source, i, "text")
-    return None
+    return [{"text": t} for t in texts] if cfg.skip_empty else None
 
 
 def check_prompts(ds, source: str, cfg: DataConfig):
@@ -233,6 +236,15 @@ def split_prompt(chosen: str | list, rejected: str | list) -> tuple[Any, Any, An
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
+def _prompt_from_messages(prompt: str, chosen: list, rejected: list, source: str, i: int):
+    """A string prompt with message-list answers that repeat it (e.g. UltraFeedback): use the messages."""
+    shared, c, r = split_prompt(chosen, rejected)
+    if shared and shared[-1]["role"] == "user" and shared[-1]["content"].strip() == prompt.strip():
+        return shared, c, r
+    raise _bad_row(source, i, "prompt", "is a string but 'chosen'/'rejected' are message lists; give the prompt "
+                   "as messages too (or leave it out and start both answers with the prompt messages)")
+
+
 def check_preference(ds, source: str, cfg: DataConfig):
     _require_columns(ds, ["chosen", "rejected"], source, "preference pairs")
     has_prompt = "prompt" in ds.column_names
@@ -244,6 +256,8 @@ def check_preference(ds, source: str, cfg: DataConfig):
             raise _bad_row(source, i, "rejected", "must have the same type as 'chosen' (both strings or both messages)")
         if has_prompt:
             p = _text_or_messages(p, source, i, "prompt")
+            if isinstance(p, str) and isinstance(c, list):
+                p, c, r = _prompt_from_messages(p, c, r, source, i)
         else:
             p, c, r = split_prompt(c, r)
             if not p:

@@ -38,22 +38,23 @@ STEPS = {"pretrain": 40, "sft": 40, "reward": 40, "dpo": 30}
 
 def tiny_recipe(tmp_path: Path, tiny_model: Path, demo_data: dict, extra: str = "") -> Path:
     """A four-stage recipe on the tiny model and demo data, a few dozen steps per stage."""
+    common = 'per_device_train_batch_size: 16, save_strategy: "no", seed: 0'
     text = f"""
 model: {{name_or_path: "{tiny_model}", dtype: float32}}
 data: {{eval_fraction: 0.15, seed: 0}}
 pretrain:
   block_size: 32
   data: {{path: "{demo_data['pretrain']}"}}
-  training: {{max_steps: {STEPS['pretrain']}, per_device_train_batch_size: 16, learning_rate: 3.0e-3, save_strategy: "no", seed: 0}}
+  training: {{max_steps: {STEPS['pretrain']}, learning_rate: 3.0e-3, {common}}}
 sft:
   data: {{path: "{demo_data['sft']}"}}
-  training: {{max_steps: {STEPS['sft']}, per_device_train_batch_size: 16, learning_rate: 3.0e-3, max_length: 96, save_strategy: "no", seed: 0}}
+  training: {{max_steps: {STEPS['sft']}, learning_rate: 3.0e-3, max_length: 96, {common}}}
 reward:
   data: {{path: "{demo_data['preference']}"}}
-  training: {{max_steps: {STEPS['reward']}, per_device_train_batch_size: 16, learning_rate: 3.0e-3, max_length: 96, save_strategy: "no", seed: 0}}
+  training: {{max_steps: {STEPS['reward']}, learning_rate: 3.0e-3, max_length: 96, {common}}}
 dpo:
   data: {{path: "{demo_data['preference']}"}}
-  training: {{max_steps: {STEPS['dpo']}, per_device_train_batch_size: 16, learning_rate: 1.0e-3, max_length: 96, save_strategy: "no", seed: 0}}
+  training: {{max_steps: {STEPS['dpo']}, learning_rate: 1.0e-3, max_length: 96, {common}}}
 {extra}
 """
     path = tmp_path / "recipe.yaml"

@@ -450,3 +450,9 @@ def test_cli_unknown_key_exits_2_without_writing(tmp_path):
     assert "did you mean 'learning_rate'" in lines[0]
     assert "sft.training.learnig_rate" in lines[0]
     assert not run.exists()
+
+
+def test_redact_overrides_hides_secret_values_only():
+    assert C.redact_overrides(["sft.training.hub_token=hf_x", "a.b.api_key=k", "sft.training.learning_rate=1e-5",
+                               "x.password=p"]) == ["sft.training.hub_token=<redacted>", "a.b.api_key=<redacted>",
+                                                    "sft.training.learning_rate=1e-5", "x.password=<redacted>"]

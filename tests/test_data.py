@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_dist.config import DataConfig
-from rlhf_dist.data import check_preference, looks_local, load_splits, prepare, split_prompt
+from rlhf_dist.data import check_preference, load_splits, looks_local, prepare, split_prompt
 from rlhf_dist.errors import DataError, UserError
 
 USER = {"role": "user", "content": "What is 2+2?"}
@@ -487,3 +487,23 @@ def test_unsupported_extension(tmp_path):
 ])
 def test_looks_local(path, local):
     assert looks_local(path) is local
+
+
+def test_string_prompt_with_message_answers_that_repeat_it(tmp_path):
+    """UltraFeedback's layout: prompt is a string, chosen/rejected are whole chats starting with it."""
+    path = write_jsonl(tmp_path / "uf.jsonl", [
+        {"prompt": "What is 2+2?", "chosen": [USER, ASSISTANT], "rejected": [USER, WRONG]},
+    ])
+    train, _, _ = load("preference", path)
+    assert train == [{"prompt": [USER], "chosen": [ASSISTANT], "rejected": [WRONG]}]
+    other = write_jsonl(tmp_path / "bad.jsonl", [
+        {"prompt": "Something else", "chosen": [USER, ASSISTANT], "rejected": [USER, WRONG]},
+    ])
+    assert data_error("preference", other).startswith(f"{other} row 1: field 'prompt' is a string but")
+
+
+def test_skip_empty_drops_blank_pretraining_texts(tmp_path):
+    path = write_jsonl(tmp_path / "wiki.jsonl", [{"text": "A line."}, {"text": ""}, {"text": "  "}, {"text": "B."}])
+    assert "row 2: field 'text' is empty" in data_error("pretrain", path)
+    train, _, _ = load("pretrain", path, skip_empty=True)
+    assert train == [{"text": "A line."}, {"text": "B."}]

@@ -74,9 +74,9 @@ def test_sft_labels_keep_eos_and_mask_prompt_and_padding(tiny_model, demo_data):
     from trl import SFTConfig, SFTTrainer
 
     from rlhf_dist.config import DataConfig
+    from rlhf_dist.config import SFTConfig as StageSFT
     from rlhf_dist.data import load_splits
     from rlhf_dist.models import load_causal_lm, load_tokenizer
-    from rlhf_dist.config import SFTConfig as StageSFT
 
     tok = load_tokenizer(str(tiny_model), StageSFT().model)
     assert tok.pad_token_id != tok.eos_token_id
@@ -132,5 +132,45 @@ def test_same_recipe_gives_bit_identical_reward_model(tmp_path, tiny_model, demo
     a = run_stage("reward", rec, tmp_path / "a", "reward.training.max_steps=3")
     b = run_stage("reward", rec, tmp_path / "b", "reward.training.max_steps=3")
     assert a["before"] == b["before"] and a["after"] == b["after"]
-    wa, wb = load_file(tmp_path / "a" / "reward" / "model.safetensors"), load_file(tmp_path / "b" / "reward" / "model.safetensors")
+    wa = load_file(tmp_path / "a" / "reward" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "reward" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _convert(src: Path, dst: Path, fn) -> Path:
+    rows = [fn(json.loads(line)) for line in src.read_text().splitlines()]
+    dst.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dst
+
+
+def test_sft_on_chat_messages(tmp_path, tiny_model, demo_data):
+    """`messages` data goes through the tokenizer's chat template; the answer turn carries the loss."""
+    chats = _convert(demo_data["sft"], tmp_path / "chats.jsonl", lambda r: {"messages": [
+        {"role": "system", "content": "Answer about the villages."},
+        {"role": "user", "content": r["prompt"]},
+        {"role": "assistant", "content": r["completion"].strip()}]})
+    m = run_stage("sft", recipe(tmp_path, tiny_model, demo_data), tmp_path / "run", f"sft.data.path={chats}")
+    assert m["after"]["eval_loss"] < m["before"]["eval_loss"] - 0.5
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo"])
+def test_preference_stages_on_anthropic_hh_strings(tmp_path, tiny_model, demo_data, stage):
+    """HH format: no prompt column; both texts repeat the dialogue up to the last 'Assistant:'."""
+    def hh(r):
+        q = r["prompt"].removeprefix("Question: ").removesuffix("\nAnswer:")
+        head = f"\n\nHuman: {q}\n\nAssistant:"
+        return {"chosen": head + r["chosen"], "rejected": head + r["rejected"]}
+
+    pairs = _convert(demo_data["preference"], tmp_path / "hh.jsonl", hh)
+    m = run_stage(stage, recipe(tmp_path, tiny_model, demo_data), tmp_path / "run", f"{stage}.data.path={pairs}")
+    assert m["after"]["accuracy"] > m["before"]["accuracy"]
+    assert m["after"]["margin"] > m["before"]["margin"]
+
+
+def test_secrets_never_reach_the_saved_config(tmp_path, tiny_model, demo_data):
+    m = run_stage("reward", recipe(tmp_path, tiny_model, demo_data), tmp_path / "run", "reward.training.max_steps=1",
+                  "reward.training.hub_token=hf_SECRETSECRET")
+    assert m["train"]["global_step"] == 1
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert b"hf_SECRETSECRET" not in path.read_bytes(), path

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -17,7 +18,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlhf_dist import rundir
-from rlhf_dist.config import UPSTREAM, StageConfig, apply_overrides, load_recipe, resolve_stage, to_dict
+from rlhf_dist.config import (
+    UPSTREAM,
+    StageConfig,
+    apply_overrides,
+    load_recipe,
+    redact_overrides,
+    resolve_stage,
+    to_dict,
+)
 from rlhf_dist.errors import UserError
 
 log = logging.getLogger("rlhf_dist")
@@ -161,7 +170,7 @@ def model_card(stage: str, cfg: StageConfig, metrics: dict, args: argparse.Names
     before, after = metrics.get("before", {}), metrics.get("after", {})
     rows = "\n".join(f"| {k} | {before.get(k, float('nan')):.4f} | {after.get(k, float('nan')):.4f} |" for k in after)
     what = "LoRA adapter (`adapter/`)" + (" and merged weights" if cfg.lora.merge else "") if cfg.lora.enabled else "full weights"
-    overrides = " ".join(args.overrides)
+    overrides = " ".join(shlex.quote(o) for o in redact_overrides(args.overrides))
     return f"""---
 library_name: transformers
 tags: [rlhf-dist, {stage}]
@@ -175,7 +184,7 @@ Trained by rlhf-dist stage `{stage}` from `{cfg.init_from}` on `{metrics['data']
 |---|---|---|
 {rows}
 
-Reproduce: `rlhf-dist {stage} --recipe {args.recipe} --output {args.output} {overrides}`.
+Reproduce: `rlhf-dist {stage} --recipe {shlex.quote(args.recipe)} --output {shlex.quote(args.output)} {overrides}`.
 The fully resolved configuration is in `config.yaml`; all numbers are in `metrics.json`.
 """
 
