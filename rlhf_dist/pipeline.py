@@ -23,6 +23,7 @@ from pathlib import Path
 from rlhf_dist import rundir
 from rlhf_dist.config import STAGE_ORDER, STAGES, apply_overrides, load_recipe, validate_recipe
 from rlhf_dist.errors import UserError
+from rlhf_dist.plots import plot_run
 
 # The metrics shown in the summary table, per stage (all of them are in each stage's metrics.json).
 HEADLINE = {
@@ -84,7 +85,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
     summary = summarize(output, stages)
     print("\n" + format_summary(summary))
     rundir.write_json(output / "summary.json", summary)
-    print(f"\nwrote {output / 'summary.json'}")
+    histories = {s: json.loads((rundir.stage_dir(output, s) / "log_history.json").read_text()) for s in stages}
+    tmp = output / ".summary.tmp.png"
+    plot_run(histories, tmp)
+    tmp.replace(output / "summary.png")
+    print(f"\nwrote {output / 'summary.json'} and {output / 'summary.png'} (training curves)")
     return 0
 
 

@@ -37,6 +37,7 @@ def test_pipeline_chains_stages_and_rerun_is_a_no_op(tmp_path, tiny_model, demo_
     assert summary["reward"]["after"]["accuracy"] > summary["reward"]["before"]["accuracy"]
     assert summary["dpo"]["after"]["margin"] > summary["dpo"]["before"]["margin"]
     assert "reward    accuracy" in first.stdout  # the summary table
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
     stages = {s: snapshot(out / s) for s in summary}
     again = cli("pipeline", "--recipe", str(rec), "--output", str(out))

@@ -26,6 +26,9 @@ def assert_complete(out: Path, stage: str, weights: bool = True) -> None:
     if weights:
         assert (folder / "model.safetensors").is_file()
     assert not list(folder.rglob("*.bin")), "no pickled files in a stage output"
+    history = json.loads((folder / "log_history.json").read_text())
+    assert any("loss" in entry for entry in history), "the training curve has points"
+    assert (folder / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / f"{stage}.incomplete").exists()
 
 

@@ -28,6 +28,7 @@ from rlhf_dist.config import (
     to_dict,
 )
 from rlhf_dist.errors import UserError
+from rlhf_dist.plots import plot_stage
 
 log = logging.getLogger("rlhf_dist")
 
@@ -135,6 +136,9 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
     ctx = StageContext(stage, cfg, train, evaluation, source, tokenizer, output, work / "final", plan.checkpoint)
     started = time.time()
     metrics = run(ctx)
+    history = metrics.pop("history", [])
+    if "eval_loss" in metrics.get("before", {}):  # train() starts a fresh log; keep the starting point
+        history = [{"step": 0, "eval_loss": metrics["before"]["eval_loss"]}, *history]
 
     # 3. Write the rest of the stage output and make it visible in one rename.
     metrics = {
@@ -150,6 +154,8 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
         rundir.write_text(ctx.final_dir / rundir.STATE_FILE, yaml.safe_dump(resolved, sort_keys=False))
         rundir.write_json(ctx.final_dir / "metrics.json", metrics)
         rundir.write_text(ctx.final_dir / "README.md", model_card(stage, cfg, metrics, args))
+        rundir.write_json(ctx.final_dir / "log_history.json", history)
+        plot_stage(history, ctx.final_dir / "training.png", f"{stage}: {Path(cfg.init_from).name} -> {stage}")
         done = rundir.finalize(output, stage)
         log.info("%s: done -> %s\n%s", stage, done, format_metrics(metrics))
     state.wait_for_everyone()
@@ -183,6 +189,8 @@ Trained by rlhf-dist stage `{stage}` from `{cfg.init_from}` on `{metrics['data']
 | metric (held-out) | before | after |
 |---|---|---|
 {rows}
+
+![training curves](training.png)
 
 Reproduce: `rlhf-dist {stage} --recipe {shlex.quote(args.recipe)} --output {shlex.quote(args.output)} {overrides}`.
 The fully resolved configuration is in `config.yaml`; all numbers are in `metrics.json`.

@@ -44,7 +44,8 @@ def run(ctx: StageContext) -> dict:
             "eval_loss": m["eval_loss"],
         }
 
-    return {"before": report(before), "after": report(after), "train": train_summary(result)}
+    return {"before": report(before), "after": report(after), "train": train_summary(result),
+            "history": trainer.state.log_history}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,7 @@ def run(ctx: StageContext) -> dict:
         return {"eval_loss": m["eval_loss"], "perplexity": perplexity(m["eval_loss"])}
 
     return {"before": report(before), "after": report(after), "train": train_summary(result),
+            "history": trainer.state.log_history,
             "blocks": {"block_size": block, "train": len(train), "eval": len(evaluation)}}
 
 

@@ -54,7 +54,7 @@ def run(ctx: StageContext) -> dict:
     result = trainer.train(resume_from_checkpoint=ctx.checkpoint)
     after = pairwise_eval(trainer)
     save_model(trainer, ctx.tokenizer, ctx.final_dir, cfg, loader)
-    return {"before": before, "after": after, "train": train_summary(result)}
+    return {"before": before, "after": after, "train": train_summary(result), "history": trainer.state.log_history}
 
 
 def main(argv: list[str] | None = None) -> int:

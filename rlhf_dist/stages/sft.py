@@ -39,7 +39,8 @@ def run(ctx: StageContext) -> dict:
             out["token_accuracy"] = m["eval_mean_token_accuracy"]
         return out
 
-    return {"before": report(before), "after": report(after), "train": train_summary(result)}
+    return {"before": report(before), "after": report(after), "train": train_summary(result),
+            "history": trainer.state.log_history}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,63 @@
+"""Training curves as PNG files: one per stage (`OUTPUT/S/training.png`) and one per run (`OUTPUT/summary.png`).
+
+Drawn from the Trainer's `log_history` (also saved as `OUTPUT/S/log_history.json`) with matplotlib's
+file-only backend, so it works on headless machines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def curves(history: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    """{"train loss": (steps, values), "eval loss": (...)} from a Trainer log_history."""
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for entry in history:
+        step = entry.get("step")
+        for key, name in (("loss", "train loss"), ("eval_loss", "eval loss")):
+            if step is not None and isinstance(entry.get(key), (int, float)):
+                out.setdefault(name, ([], []))
+                out[name][0].append(step)
+                out[name][1].append(float(entry[key]))
+    return out
+
+
+def _draw(ax, history: list[dict], title: str) -> None:
+    for name, (steps, values) in curves(history).items():
+        ax.plot(steps, values, marker="o" if name == "eval loss" else None, markersize=4, label=name)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def plot_stage(history: list[dict], path: str | Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    _draw(ax, history, title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_run(histories: dict[str, list[dict]], path: str | Path) -> Path:
+    """One panel per stage, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(len(histories), 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.8), dpi=100, squeeze=False)
+    for ax, (stage, history) in zip(axes[0], histories.items()):
+        _draw(ax, history, stage)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
