@@ -509,9 +509,13 @@ def resolve_stage(raw: dict, source: str, stage: str, output: str, work_dir: str
     try:
         merged = stage_dict(raw, stage, output)
         merged["training"]["output_dir"] = work_dir
-        return build(cls, merged, stage)
+        cfg = build(cls, merged, stage)
     except ConfigError as exc:
         raise _with_source(exc, source) from None
+    # data.num_proc also drives TRL's own tokenisation unless training.dataset_num_proc says otherwise.
+    if cfg.data.num_proc and getattr(cfg.training, "dataset_num_proc", 0) is None:
+        cfg.training.dataset_num_proc = cfg.data.num_proc
+    return cfg
 
 
 def to_dict(cfg: StageConfig) -> dict:

@@ -456,3 +456,10 @@ def test_redact_overrides_hides_secret_values_only():
     assert C.redact_overrides(["sft.training.hub_token=hf_x", "a.b.api_key=k", "sft.training.learning_rate=1e-5",
                                "x.password=p"]) == ["sft.training.hub_token=<redacted>", "a.b.api_key=<redacted>",
                                                     "sft.training.learning_rate=1e-5", "x.password=<redacted>"]
+
+
+def test_data_num_proc_feeds_trl_tokenisation(tmp_path):
+    raw = C.apply_overrides(demo_raw(), ["data.num_proc=3", "dpo.training.dataset_num_proc=1"])
+    assert resolve(raw, "sft", tmp_path).training.dataset_num_proc == 3
+    assert resolve(raw, "dpo", tmp_path).training.dataset_num_proc == 1  # explicit wins
+    assert resolve(raw, "pretrain", tmp_path).data.num_proc == 3
