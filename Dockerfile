@@ -20,12 +20,17 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /opt/rlhf-dist
-# Dependencies first (cached layer), then the package.
-COPY pyproject.toml README.md ./
-COPY rlhf_dist ./rlhf_dist
+# Dependencies first, from pyproject.toml alone (a cached layer that code changes do not rebuild),
+# then the package itself.
+COPY pyproject.toml ./
 RUN pip install --upgrade pip \
     && pip install "torch>=2.13.0" \
-    && pip install ".[tracking]"
+    && python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['tracking']))" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
+COPY README.md ./
+COPY rlhf_dist ./rlhf_dist
+RUN pip install --no-deps .
 COPY launch ./launch
 COPY ds_configs ./ds_configs
 COPY slurm ./slurm

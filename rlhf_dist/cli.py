@@ -46,7 +46,7 @@ def cmd_demo(argv: list[str]) -> int:
     parser.add_argument("--output", default="runs/demo", help="Run directory (default: runs/demo).")
     parser.add_argument("--stages", help="Comma-separated subset of the demo's stages.")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--overwrite", action="store_true", help="Replace stage outputs that differ.")
+    group.add_argument("--overwrite", action="store_true", help="Re-run stages whose output holds a different config.")
     group.add_argument("--resume", action="store_true", help="Continue unfinished stages even if the config changed.")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Override recipe fields.")
     return demo.run_demo(parser.parse_args(argv))

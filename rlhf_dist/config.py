@@ -194,11 +194,16 @@ UPSTREAM = {"pretrain": [], "sft": ["pretrain"], "reward": ["sft", "pretrain"], 
 SHARED_SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "quantization": QuantizationConfig, "data": DataConfig}
 RECIPE_KEYS = ["description", "stages", *SHARED_SECTIONS, *STAGES]
 # Keys of the resolved config that do not change what a stage computes; ignored when deciding
-# whether a run directory holds "the same run".
-VOLATILE_TRAINING_KEYS = {
-    "output_dir", "logging_dir", "run_name", "report_to", "disable_tqdm", "logging_steps",
-    "logging_first_step", "hub_token", "push_to_hub_token", "dataloader_num_workers", "save_total_limit",
-}
+# whether a run directory holds "the same run" (so such a change neither refuses nor re-runs a stage).
+VOLATILE_KEYS = {"run_dir", "data.num_proc"} | {f"training.{k}" for k in (
+    "output_dir", "logging_dir", "run_name", "report_to", "disable_tqdm", "logging_steps", "logging_strategy",
+    "logging_first_step", "log_level", "log_level_replica", "hub_token", "push_to_hub", "hub_model_id", "hub_strategy",
+    "hub_private_repo", "save_strategy", "save_steps", "save_total_limit", "save_only_model", "per_device_eval_batch_size",
+    "eval_accumulation_steps", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+    "dataloader_prefetch_factor", "dataset_num_proc",
+)}
+# Tokenizer-token fields of TRL configs: not secrets, whatever their name ends with.
+TOKENIZER_FIELDS = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token"}
 
 
 def training_defaults() -> dict[str, Any]:
@@ -439,12 +444,17 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 SECRET_KEY = re.compile(r"(token|secret|password|api_key)$", re.IGNORECASE)
 
 
+def is_secret_key(name: str) -> bool:
+    """Field or override names whose values are credentials (hub_token, wandb_api_key, ...)."""
+    return name not in TOKENIZER_FIELDS and bool(SECRET_KEY.search(name))
+
+
 def redact_overrides(overrides: list[str]) -> list[str]:
     """Overrides as they may be shown or saved: values of token/secret/password keys hidden."""
     out = []
     for item in overrides:
         key, sep, _ = item.partition("=")
-        out.append(f"{key}=<redacted>" if sep and SECRET_KEY.search(key.split(".")[-1]) else item)
+        out.append(f"{key}=<redacted>" if sep and is_secret_key(key.split(".")[-1]) else item)
     return out
 
 
@@ -519,37 +529,56 @@ def resolve_stage(raw: dict, source: str, stage: str, output: str, work_dir: str
 
 
 def to_dict(cfg: StageConfig) -> dict:
-    """A plain, YAML-safe dict of a resolved stage config (secrets redacted by TrainingArguments)."""
+    """A plain, YAML-safe dict of a resolved stage config, credentials redacted."""
     out = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if f.name == "training":
+            # TrainingArguments.to_dict turns enums into strings but masks every `*_token` field,
+            # tokenizer tokens included; keep those, and mask only real credentials.
             value = value.to_dict()
+            for key in value:
+                if key in TOKENIZER_FIELDS:
+                    value[key] = getattr(cfg.training, key)
+                elif is_secret_key(key) and value[key] is not None:
+                    value[key] = "<redacted>"
         elif dataclasses.is_dataclass(value):
             value = dataclasses.asdict(value)
         out[f.name] = value
     return json.loads(json.dumps(out, default=str))
 
 
-def fingerprint(resolved: dict) -> str:
-    """Hash of what decides a stage's result (volatile keys such as output_dir left out)."""
-    stable = dict(resolved)
-    stable["training"] = {k: v for k, v in resolved.get("training", {}).items() if k not in VOLATILE_TRAINING_KEYS}
-    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
-def diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two resolved configs (volatile keys ignored)."""
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        if prefix == "training." and key in VOLATILE_TRAINING_KEYS:
+def _stable(resolved: dict) -> dict[str, str]:
+    """Dotted key -> JSON value, volatile keys dropped, the run directory written as ${output}."""
+    run_dir = resolved.get("run_dir")
+    out = {}
+    for key, value in _flatten(resolved).items():
+        if key in VOLATILE_KEYS:
             continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += diff_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
+        text = json.dumps(value, sort_keys=True)
+        out[key] = text.replace(run_dir, "${output}") if run_dir else text
+    return out
+
+
+def fingerprint(resolved: dict) -> str:
+    """Hash of what decides a stage's result; unchanged by volatile keys or by moving the run directory."""
+    return hashlib.sha256(json.dumps(_stable(resolved), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def diff_keys(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (volatile keys ignored)."""
+    a, b = _stable(old), _stable(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def field_help(stage: str) -> list[tuple[str, str, str]]:

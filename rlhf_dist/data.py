@@ -1,7 +1,7 @@
 """Loading datasets and checking every row before any model is loaded.
 
 Sources (`DataConfig.path`): a hub id or local dataset folder (`datasets.load_dataset(path, name,
-split=...)`), or one local file: .jsonl/.json, .parquet, .csv, .txt (one text per line).
+split=...)`), or one local file: .jsonl/.json, .parquet, .csv, .txt (one text per paragraph).
 `columns` maps the names a stage expects to the names in your data.
 
 Formats, after the column mapping:
@@ -258,6 +258,8 @@ def check_preference(ds, source: str, cfg: DataConfig):
             p = _text_or_messages(p, source, i, "prompt")
             if isinstance(p, str) and isinstance(c, list):
                 p, c, r = _prompt_from_messages(p, c, r, source, i)
+            elif isinstance(p, list) and not isinstance(c, list):
+                raise _bad_row(source, i, "chosen", "must be a message list when 'prompt' is one")
         else:
             p, c, r = split_prompt(c, r)
             if not p:
@@ -268,4 +270,4 @@ def check_preference(ds, source: str, cfg: DataConfig):
         rows.append({"prompt": p, "chosen": c, "rejected": r})
     if not rows:
         raise DataError(f"{source}: no rows")
-    return _same_shape(rows, "chosen", source)
+    return _same_shape(_same_shape(rows, "chosen", source), "prompt", source)

@@ -22,8 +22,12 @@ from rlhf_dist.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def check_model_path(path: str, key: str) -> None:
-    """Fail fast (before any loading) on a local model path that does not exist or holds no model."""
+def check_model_path(path: str, key: str, model: ModelConfig) -> None:
+    """Fail fast, before anything is written, on a model that cannot be found.
+
+    Local folders must hold a model; anything else must resolve as a hub id (only its config is
+    fetched, and cached).
+    """
     local = Path(path).expanduser()
     if local.exists():
         if local.is_dir() and not any((local / f).is_file() for f in ("config.json", "adapter_config.json")):
@@ -31,6 +35,14 @@ def check_model_path(path: str, key: str) -> None:
         return
     if looks_local(path):
         raise UserError(f"{key}: model path does not exist: {path}; fix the path or give a hub model id")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{key}: no model '{path}' here or on the hub ({first[:200]}); fix the path or id "
+                        "(gated models need HF_TOKEN in the environment)") from None
 
 
 def torch_dtype(name: str) -> torch.dtype | str:

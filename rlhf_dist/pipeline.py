@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from rlhf_dist import rundir
-from rlhf_dist.config import STAGE_ORDER, STAGES, apply_overrides, load_recipe, validate_recipe
+from rlhf_dist.config import STAGE_ORDER, STAGES, apply_overrides, load_recipe, resolve_stage, validate_recipe
 from rlhf_dist.errors import UserError
 from rlhf_dist.plots import plot_run
 
@@ -44,6 +44,17 @@ def parse_stages(text: str | None, recipe_stages: list[str]) -> list[str]:
     return sorted(stages, key=STAGE_ORDER.index)
 
 
+def validate_stage(raw: dict, source: str, stage: str, output: Path) -> None:
+    """The checks that need no earlier stage's output: the typed config, and that local data files exist."""
+    from rlhf_dist.data import looks_local
+
+    cfg = resolve_stage(raw, source, stage, str(output), str(rundir.work_dir(output, stage)))
+    for key in ("path", "eval_path"):
+        value = getattr(cfg.data, key)
+        if value and looks_local(value) and not Path(value).expanduser().exists():
+            raise UserError(f"{stage}.data.{key}: data file not found: {value}; fix the path (or give a hub dataset id)")
+
+
 def stage_command(stage: str, args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "rlhf_dist", stage, "--recipe", args.recipe, "--output", args.output]
     if args.overwrite:
@@ -63,7 +74,9 @@ def run_pipeline(args: argparse.Namespace) -> int:
     if not stages:
         raise UserError(f"{source}: no stages to run; list them under `stages:` or pass --stages")
     output = Path(args.output).expanduser().resolve()
-    rundir.check_output_root(output, args.overwrite)
+    rundir.check_output_root(output)
+    for stage in stages:  # a typo in the last stage's section fails now, not after hours of the first ones
+        validate_stage(raw, source, stage, output)
 
     for i, stage in enumerate(stages, 1):
         banner = f"[{i}/{len(stages)}] {stage}"

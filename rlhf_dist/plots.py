@@ -23,13 +23,18 @@ def curves(history: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
 
 
 def _draw(ax, history: list[dict], title: str) -> None:
-    for name, (steps, values) in curves(history).items():
+    found = curves(history)
+    for name, (steps, values) in sorted(found.items(), reverse=True):  # train loss first, in the same colour
         ax.plot(steps, values, marker="o" if name == "eval loss" else None, markersize=4, label=name)
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if found:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no losses logged\n(lower training.logging_steps)", ha="center", va="center",
+                transform=ax.transAxes)
 
 
 def plot_stage(history: list[dict], path: str | Path, title: str) -> Path:

@@ -8,9 +8,11 @@ Layout of `--output RUN`::
                               model (safetensors), tokenizer, config.yaml, metrics.json, README.md
 
 A stage directory exists only once everything in it is written, so "complete" is simply "exists".
-Re-running with the same resolved config skips a complete stage and resumes an incomplete one from
-its last checkpoint. A different config is refused unless `--overwrite` (start the stage again) or,
-for an incomplete stage, `--resume` (continue it under the new config).
+Re-running with the same resolved config (see `config.fingerprint`) skips a complete stage and
+resumes an incomplete one from its last checkpoint. A different config is refused unless
+`--overwrite` (run the stage again; the old output is replaced only when the new one is complete)
+or, for an incomplete stage, `--resume` (continue it under the new config). A non-empty folder
+without the marker file is never written into.
 """
 
 from __future__ import annotations
@@ -70,32 +72,31 @@ def last_checkpoint(folder: Path) -> str | None:
     return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1]))) if ckpts else None
 
 
-def check_output_root(output: str | Path, overwrite: bool) -> None:
-    """Refuse a non-empty folder that is not an rlhf-dist run (unless --overwrite)."""
+def check_output_root(output: str | Path) -> None:
+    """Refuse a file, or a non-empty folder that is not an rlhf-dist run (never written into, even with --overwrite)."""
     root = Path(output)
     if root.exists() and not root.is_dir():
         raise RunDirError(f"--output {root} is a file; pass a directory")
-    if root.is_dir() and any(root.iterdir()) and not (root / MARKER).is_file() and not overwrite:
+    if root.is_dir() and any(root.iterdir()) and not (root / MARKER).is_file():
         raise RunDirError(
-            f"--output {root} is not empty and is not an rlhf-dist run directory; choose a new or empty "
-            "directory (or pass --overwrite to write into it anyway)"
+            f"--output {root} is not empty and is not an rlhf-dist run directory; choose a new or empty directory"
         )
 
 
 def plan_stage(output: str | Path, stage: str, resolved: dict, overwrite: bool, resume: bool) -> Plan:
     """Decide, without touching the disk, what running `stage` into `output` should do."""
-    check_output_root(output, overwrite)
+    check_output_root(output)
     done, work = stage_dir(output, stage), work_dir(output, stage)
     if done.exists():
         old = _read_config(done) or {}
-        if fingerprint(old) == fingerprint(resolved) and not overwrite:
+        if fingerprint(old) == fingerprint(resolved):
             return Plan("skip", reason=f"{done} is complete with the same config")
         if not overwrite:
             raise RunDirError(
                 f"{done} holds a different run ({_explain(old, resolved)}); pass --overwrite to replace it, "
                 "or choose another --output"
             )
-        return Plan("fresh", reason=f"--overwrite: replacing {done}")
+        return Plan("fresh", reason=f"--overwrite: {done} will be replaced once the new run is complete")
     if work.exists() and not overwrite:
         old = _read_config(work)
         ckpt = last_checkpoint(work)
@@ -109,28 +110,31 @@ def plan_stage(output: str | Path, stage: str, resolved: dict, overwrite: bool, 
     return Plan("fresh")
 
 
-def prepare(output: str | Path, stage: str, resolved: dict, plan: Plan, is_main: bool) -> Path:
-    """Create the work directory for a 'fresh' or 'resume' plan and record the config. Main process only."""
-    root, done, work = Path(output), stage_dir(output, stage), work_dir(output, stage)
-    if not is_main:
-        return work
+def prepare(output: str | Path, stage: str, resolved: dict, plan: Plan) -> Path:
+    """Create the work directory for a 'fresh' or 'resume' plan and record the config. Main process only.
+
+    A complete output being replaced (--overwrite) stays where it is until `finalize`.
+    """
+    root, work = Path(output), work_dir(output, stage)
     root.mkdir(parents=True, exist_ok=True)
     if not (root / MARKER).exists():
         write_json(root / MARKER, {"created_by": "rlhf-dist", "format": 1})
-    if plan.action == "fresh":
-        if done.exists():
-            shutil.rmtree(done)
-        if work.exists():
-            shutil.rmtree(work)
+    if plan.action == "fresh" and work.exists():
+        shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     write_text(work / STATE_FILE, yaml.safe_dump(resolved, sort_keys=False))
     return work
 
 
 def finalize(output: str | Path, stage: str) -> Path:
-    """Move `STAGE.incomplete/final` to `STAGE` in one rename, then drop the work directory."""
+    """Make `STAGE.incomplete/final` the stage output `STAGE` by renames; the old output goes only after."""
     done, work = stage_dir(output, stage), work_dir(output, stage)
+    old = done.with_name(f"{stage}.replaced")
+    if done.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(done, old)
     os.replace(work / "final", done)
+    shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     return done
 

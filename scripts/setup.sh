@@ -14,7 +14,9 @@ PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 CPU_INDEX="https://download.pytorch.org/whl/cpu"
 
-if [ ! -x .venv/bin/python ]; then
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  # Missing, or left half-made by a failed attempt (e.g. Debian without python3-venv): start again.
+  rm -rf .venv
   echo "setup: creating .venv with $("$PYTHON" --version 2>&1)"
   "$PYTHON" -m venv .venv
 fi
@@ -35,12 +37,14 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 
-# Re-install only when pyproject.toml changed since the last successful set-up.
+# Re-install only when pyproject.toml changed since the last successful set-up. The installed torch
+# is pinned while the rest resolves, so no dependency can swap it for another (CUDA) build.
 stamp=.venv/.rlhf_dist_setup
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(.venv/bin/python -c 'import hashlib,sys; print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest())')"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing rlhf-dist and its dependencies"
-  "${PIP[@]}" -e ".[test]"
+  .venv/bin/python -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' > .venv/torch-pin.txt
+  "${PIP[@]}" -e ".[test]" -c .venv/torch-pin.txt
   echo "$want" > "$stamp"
 fi
 .venv/bin/python - <<'PY'

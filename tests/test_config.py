@@ -81,7 +81,7 @@ def test_demo_values_arrive(tmp_path):
     assert isinstance(sft.training, trl.SFTConfig)
     assert sft.training.learning_rate == pytest.approx(2e-3)
     assert sft.training.max_length == 128
-    assert sft.training.logging_steps == 25  # recipe value wins over our default of 10
+    assert sft.training.logging_steps == 5  # recipe value wins over our default of 10
     assert sft.training.save_total_limit == 2  # our default (training_defaults)
     assert sft.data.path == f"{tmp_path}/data/sft.jsonl"
     assert sft.model.name_or_path == f"{tmp_path}/base_model"

@@ -72,26 +72,31 @@ def test_sft_lora_saves_adapter_and_exact_merge(tmp_path, tiny_model, demo_data)
     assert (a - base).abs().max() > 1e-3  # the adapter did something
 
 
-def test_sft_labels_keep_eos_and_mask_prompt_and_padding(tiny_model, demo_data):
-    """Checklist item 1: the model must learn to stop, so the EOS label is never masked."""
-    from trl import SFTConfig, SFTTrainer
+@pytest.mark.parametrize("pad_is_eos", [False, True], ids=["pad!=eos", "pad==eos"])
+def test_sft_labels_keep_eos_and_mask_prompt_and_padding(tmp_path, tiny_model, demo_data, pad_is_eos):
+    """Checklist item 1: the model must learn to stop, so the EOS label is never masked, even when
+    the tokenizer pads with EOS (Qwen2.5 base, Llama 3)."""
+    from trl import SFTTrainer
 
-    from rlhf_dist.config import DataConfig
-    from rlhf_dist.config import SFTConfig as StageSFT
+    from rlhf_dist.config import load_recipe, resolve_stage
     from rlhf_dist.data import load_splits
     from rlhf_dist.models import load_causal_lm, load_tokenizer
 
-    tok = load_tokenizer(str(tiny_model), StageSFT().model)
-    assert tok.pad_token_id != tok.eos_token_id
-    train, _, _ = load_splits(DataConfig(path=str(demo_data["sft"]), eval_fraction=0.0), "sft", "sft")
-    args = SFTConfig(output_dir="/tmp/unused", bf16=False, activation_checkpointing=False, report_to="none",
-                     per_device_train_batch_size=8, max_length=96)
-    model = load_causal_lm(str(tiny_model), StageSFT())
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train.select(range(8)), processing_class=tok)
+    raw, source = load_recipe(str(recipe(tmp_path, tiny_model, demo_data)))
+    cfg = resolve_stage(raw, source, "sft", str(tmp_path), str(tmp_path / "work"))  # the stage's real config
+    tok = load_tokenizer(str(tiny_model), cfg.model)
+    if pad_is_eos:
+        tok.pad_token = tok.eos_token
+    assert (tok.pad_token_id == tok.eos_token_id) == pad_is_eos
+    train, _, _ = load_splits(cfg.data, "sft", "sft")
+    cfg.training.per_device_train_batch_size = 8
+    trainer = SFTTrainer(model=load_causal_lm(str(tiny_model), cfg), args=cfg.training,
+                         train_dataset=train.select(range(8)), processing_class=tok)
     completions = set(train.select(range(8))["completion"])
     batch = next(iter(trainer.get_train_dataloader()))
-    labels, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
-    for row in range(len(ids)):
+    labels, mask = batch["labels"], batch["attention_mask"]
+    assert (mask.sum(1) < mask.shape[1]).any(), "the batch has padding to check"
+    for row in range(len(labels)):
         n = int(mask[row].sum())
         real = labels[row][:n]
         assert labels[row][n - 1] == tok.eos_token_id, "last real token is EOS and carries a label"

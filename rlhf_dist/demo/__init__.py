@@ -38,7 +38,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from rlhf_dist.pipeline import run_pipeline
 
     output = Path(args.output).expanduser().resolve()
-    rundir.check_output_root(output, args.overwrite)
+    rundir.check_output_root(output)
     output.mkdir(parents=True, exist_ok=True)
     if not (output / rundir.MARKER).exists():
         rundir.write_json(output / rundir.MARKER, {"created_by": "rlhf-dist", "format": 1})

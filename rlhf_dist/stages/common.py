@@ -8,6 +8,7 @@ bad input (config, data, model path, run directory) is checked here before a mod
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 import shlex
@@ -53,7 +54,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", required=True, help="Shipped recipe name (see `rlhf-dist recipes`) or a YAML file.")
     parser.add_argument("--output", required=True, help="Run directory; each stage writes OUTPUT/<stage>.")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--overwrite", action="store_true", help="Replace a stage output that holds a different run.")
+    group.add_argument("--overwrite", action="store_true",
+                       help="Re-run a stage whose output holds a different config (replaced once the new one is complete).")
     group.add_argument("--resume", action="store_true", help="Continue an unfinished stage even if its config changed.")
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="Override recipe fields, e.g. sft.training.learning_rate=1e-5."
@@ -72,6 +74,39 @@ def resolve_init(cfg: StageConfig, stage: str, output: Path) -> str:
     raise UserError(f"{stage}: no model to start from; set model.name_or_path (or {stage}.init_from)")
 
 
+def file_digest(path: str | Path, limit: int = 256 << 20) -> str:
+    """sha256 of a local data file (size and mtime for files over `limit` bytes)."""
+    path = Path(path).expanduser()
+    stat = path.stat()
+    if stat.st_size > limit:
+        return f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}"
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256=" + digest.hexdigest()
+
+
+def input_identity(cfg: StageConfig) -> dict:
+    """What the stage reads, beyond its config: an rlhf-dist model's own fingerprint, local data contents.
+
+    Part of the resolved config, so a re-run notices a re-trained upstream stage or an edited data file.
+    """
+    import yaml
+
+    from rlhf_dist.config import fingerprint
+
+    ident = {}
+    init = Path(cfg.init_from).expanduser()
+    if (init / "metrics.json").is_file() and (init / rundir.STATE_FILE).is_file():
+        ident["init_fingerprint"] = fingerprint(yaml.safe_load((init / rundir.STATE_FILE).read_text()) or {})
+    for key in ("path", "eval_path"):
+        value = getattr(cfg.data, key)
+        if value and Path(value).expanduser().is_file():
+            ident[f"data_{key}"] = file_digest(value)
+    return ident
+
+
 def load_stage_config(stage: str, args: argparse.Namespace) -> tuple[StageConfig, dict]:
     """Resolve the typed config of `stage` (with its starting model) and its plain dict."""
     from rlhf_dist.models import check_model_path
@@ -82,8 +117,9 @@ def load_stage_config(stage: str, args: argparse.Namespace) -> tuple[StageConfig
     cfg = resolve_stage(raw, source, stage, str(output), str(rundir.work_dir(output, stage)))
     cfg.init_from = resolve_init(cfg, stage, output)
     explicit = isinstance(raw.get(stage), dict) and raw[stage].get("init_from")
-    check_model_path(cfg.init_from, f"{stage}.init_from" if explicit else "model.name_or_path")
-    return cfg, to_dict(cfg)
+    check_model_path(cfg.init_from, f"{stage}.init_from" if explicit else "model.name_or_path", cfg.model)
+    resolved = {**to_dict(cfg), "run_dir": str(output), "inputs": input_identity(cfg)}
+    return cfg, resolved
 
 
 def setup_logging() -> None:
@@ -110,30 +146,39 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
     from rlhf_dist.data import load_splits
     from rlhf_dist.models import load_tokenizer
 
-    # 1. Everything that can be wrong with the input is checked before any model is loaded.
+    state = PartialState()  # one process, or one of many under accelerate/torchrun/srun
+    if not state.is_main_process:
+        log.setLevel(logging.WARNING)  # one readable log, from the main process
+
+    # 1. Everything that can be wrong with the input is checked, on every process, before any model
+    #    is loaded or anything is written.
     cfg, resolved = load_stage_config(stage, args)
     output = Path(args.output).expanduser().resolve()
     plan = rundir.plan_stage(output, stage, resolved, args.overwrite, args.resume)
     if plan.action == "skip":
         log.info("%s: %s; skipping", stage, plan.reason)
         return 0
-    train, evaluation, source = load_splits(cfg.data, data_kind, stage)
+    with state.main_process_first():  # the main process fills the datasets cache, the others reuse it
+        train, evaluation, source = load_splits(cfg.data, data_kind, stage)
+    if evaluation is None or len(evaluation) == 0:
+        raise UserError(f"{stage}: no held-out data for the before/after metrics; set {stage}.data.eval_fraction > 0, "
+                        f"{stage}.data.eval_path or {stage}.data.eval_split")
+    tokenizer = load_tokenizer(cfg.init_from, cfg.model)
 
-    # 2. Claim the work directory (main process), then train.
-    state = PartialState()
-    if not state.is_main_process:
-        log.setLevel(logging.WARNING)  # one readable log, from the main process
-    work = rundir.prepare(output, stage, resolved, plan, state.is_main_process)
+    # 2. Claim the work directory (main process, once every process has finished checking), then train.
+    state.wait_for_everyone()
+    if state.is_main_process:
+        rundir.prepare(output, stage, resolved, plan)
     state.wait_for_everyone()
     if plan.reason:
         log.info("%s: %s", stage, plan.reason)
-    log.info("%s: starting from %s; data %s (%d train / %d eval rows)", stage, cfg.init_from, source, len(train),
-             len(evaluation) if evaluation is not None else 0)
-    tokenizer = load_tokenizer(cfg.init_from, cfg.model)
+    log.info("%s: starting from %s; data %s (%d train / %d eval rows); %d process(es)", stage, cfg.init_from,
+             source, len(train), len(evaluation), state.num_processes)
     from transformers import set_seed
 
     set_seed(cfg.training.seed)  # new heads (a reward model's score, LoRA) start the same on every run
-    ctx = StageContext(stage, cfg, train, evaluation, source, tokenizer, output, work / "final", plan.checkpoint)
+    final_dir = rundir.work_dir(output, stage) / "final"
+    ctx = StageContext(stage, cfg, train, evaluation, source, tokenizer, output, final_dir, plan.checkpoint)
     started = time.time()
     metrics = run(ctx)
     history = metrics.pop("history", [])
@@ -144,18 +189,19 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
     metrics = {
         "stage": stage,
         "init_from": cfg.init_from,
-        "data": {"source": source, "train_rows": len(train), "eval_rows": len(evaluation) if evaluation else 0},
+        "world_size": state.num_processes,
+        "data": {"source": source, "train_rows": len(train), "eval_rows": len(evaluation)},
         **metrics,
         "wall_seconds": round(time.time() - started, 1),
     }
     if state.is_main_process:
         import yaml
 
-        rundir.write_text(ctx.final_dir / rundir.STATE_FILE, yaml.safe_dump(resolved, sort_keys=False))
-        rundir.write_json(ctx.final_dir / "metrics.json", metrics)
-        rundir.write_text(ctx.final_dir / "README.md", model_card(stage, cfg, metrics, args))
-        rundir.write_json(ctx.final_dir / "log_history.json", history)
-        plot_stage(history, ctx.final_dir / "training.png", f"{stage}: {Path(cfg.init_from).name} -> {stage}")
+        rundir.write_text(final_dir / rundir.STATE_FILE, yaml.safe_dump(resolved, sort_keys=False))
+        rundir.write_json(final_dir / "metrics.json", metrics)
+        rundir.write_text(final_dir / "README.md", model_card(stage, cfg, metrics, args))
+        rundir.write_json(final_dir / "log_history.json", history)
+        plot_stage(history, final_dir / "training.png", f"{stage}: {Path(cfg.init_from).name} -> {stage}")
         done = rundir.finalize(output, stage)
         log.info("%s: done -> %s\n%s", stage, done, format_metrics(metrics))
     state.wait_for_everyone()

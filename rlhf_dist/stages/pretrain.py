@@ -49,8 +49,9 @@ def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     model = load_causal_lm(cfg.init_from, cfg)
     block = min(cfg.block_size, getattr(model.config, "max_position_embeddings", cfg.block_size))
-    train = group_texts(ctx.train, ctx.tokenizer, block, cfg.data.num_proc, ctx.data_source)
-    evaluation = group_texts(ctx.eval, ctx.tokenizer, block, cfg.data.num_proc, ctx.data_source + " (eval)")
+    with cfg.training.main_process_first(desc="tokenising"):  # ranks share the datasets cache
+        train = group_texts(ctx.train, ctx.tokenizer, block, cfg.data.num_proc, ctx.data_source)
+        evaluation = group_texts(ctx.eval, ctx.tokenizer, block, cfg.data.num_proc, ctx.data_source + " (eval)")
     lora = peft_config(cfg.lora, "CAUSAL_LM")
     if lora is not None:
         from peft import get_peft_model
