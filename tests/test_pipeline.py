@@ -62,11 +62,14 @@ def test_pipeline_chains_stages_and_rerun_is_a_no_op(tmp_path, tiny_model, demo_
 @pytest.mark.slow
 def test_failing_stage_stops_the_pipeline_and_rerun_continues(tmp_path, tiny_model, demo_data):
     rec, out = tiny_recipe(tmp_path, tiny_model, demo_data), tmp_path / "run"
+    bad = _write(tmp_path / "bad_sft.jsonl", [{"prompt": "Q: a?\nA:", "completion": " yes."}] * 4
+                 + [{"prompt": "Q: b?\nA:", "completion": ""}])  # found only when the sft stage reads its rows
     broken = cli("pipeline", "--recipe", str(rec), "--output", str(out), "--stages", "pretrain,sft",
-                 "sft.data.path=" + str(tmp_path / "missing.jsonl"))
+                 f"sft.data.path={bad}")
     assert broken.returncode == 2
     assert (out / "pretrain" / "metrics.json").is_file() and not (out / "sft").exists()
-    assert "data file not found" in broken.stderr and "stage sft failed" in broken.stderr
+    assert "bad_sft.jsonl row 5: field 'completion' is empty" in broken.stderr
+    assert "stage sft failed" in broken.stderr
     done = snapshot(out / "pretrain")
     fixed = cli("pipeline", "--recipe", str(rec), "--output", str(out), "--stages", "pretrain,sft")
     assert fixed.returncode == 0, fixed.stderr[-3000:]

@@ -58,7 +58,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Re-run a stage whose output holds a different config (replaced once the new one is complete).")
     group.add_argument("--resume", action="store_true", help="Continue an unfinished stage even if its config changed.")
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="Override recipe fields, e.g. sft.training.learning_rate=1e-5."
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="Override recipe fields, e.g. sft.training.learning_rate=1e-5 (`rlhf-dist fields STAGE` lists them all).",
     )
 
 
