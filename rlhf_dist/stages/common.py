@@ -244,8 +244,15 @@ The fully resolved configuration is in `config.yaml`; all numbers are in `metric
 """
 
 
-def train_summary(result) -> dict:
-    """The parts of a `TrainOutput` worth keeping."""
+def fit(trainer, ctx: StageContext, evaluate: Callable[[], dict]) -> tuple[dict, dict, dict]:
+    """Evaluate, train (resuming from the last checkpoint if there is one), evaluate again.
+
+    Returns (before, after, extra) where `extra` holds the training figures and the log history.
+    """
+    before = evaluate()
+    result = trainer.train(resume_from_checkpoint=ctx.checkpoint)
+    after = evaluate()
     m = result.metrics
-    return {"global_step": result.global_step, "train_loss": m.get("train_loss"), "train_runtime": m.get("train_runtime")}
+    summary = {"global_step": result.global_step, "train_loss": m.get("train_loss"), "train_runtime": m.get("train_runtime")}
+    return before, after, {"train": summary, "history": trainer.state.log_history}
 

@@ -15,7 +15,7 @@ Writes OUTPUT/dpo: model (merged; plus `adapter/` with LoRA), tokenizer, config.
 from __future__ import annotations
 
 from rlhf_dist.models import load_causal_lm, peft_config, save_model
-from rlhf_dist.stages.common import StageContext, stage_main, train_summary
+from rlhf_dist.stages.common import StageContext, fit, stage_main
 
 STAGE, DATA_KIND = "dpo", "preference"
 
@@ -30,9 +30,7 @@ def run(ctx: StageContext) -> dict:
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=cfg.training, train_dataset=ctx.train,
                          eval_dataset=ctx.eval, processing_class=ctx.tokenizer, peft_config=lora)
 
-    before = trainer.evaluate()
-    result = trainer.train(resume_from_checkpoint=ctx.checkpoint)
-    after = trainer.evaluate()
+    before, after, extra = fit(trainer, ctx, trainer.evaluate)
     save_model(trainer, ctx.tokenizer, ctx.final_dir, cfg, load_causal_lm)
 
     def report(m):
@@ -44,8 +42,7 @@ def run(ctx: StageContext) -> dict:
             "eval_loss": m["eval_loss"],
         }
 
-    return {"before": report(before), "after": report(after), "train": train_summary(result),
-            "history": trainer.state.log_history}
+    return {"before": report(before), "after": report(after), **extra}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from itertools import chain
 
 from rlhf_dist.errors import DataError
 from rlhf_dist.models import load_causal_lm, peft_config, save_model
-from rlhf_dist.stages.common import StageContext, perplexity, stage_main, train_summary
+from rlhf_dist.stages.common import StageContext, fit, perplexity, stage_main
 
 STAGE, DATA_KIND = "pretrain", "pretrain"
 
@@ -60,16 +60,13 @@ def run(ctx: StageContext) -> dict:
     trainer = Trainer(model=model, args=cfg.training, train_dataset=train, eval_dataset=evaluation,
                       data_collator=default_data_collator, processing_class=ctx.tokenizer)
 
-    before = trainer.evaluate()
-    result = trainer.train(resume_from_checkpoint=ctx.checkpoint)
-    after = trainer.evaluate()
+    before, after, extra = fit(trainer, ctx, trainer.evaluate)
     save_model(trainer, ctx.tokenizer, ctx.final_dir, cfg, load_causal_lm)
 
     def report(m):
         return {"eval_loss": m["eval_loss"], "perplexity": perplexity(m["eval_loss"])}
 
-    return {"before": report(before), "after": report(after), "train": train_summary(result),
-            "history": trainer.state.log_history,
+    return {"before": report(before), "after": report(after), **extra,
             "blocks": {"block_size": block, "train": len(train), "eval": len(evaluation)}}
 
 

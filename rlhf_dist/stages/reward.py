@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_dist.models import load_reward_model, peft_config, save_model
-from rlhf_dist.stages.common import StageContext, stage_main, train_summary
+from rlhf_dist.stages.common import StageContext, fit, stage_main
 
 STAGE, DATA_KIND = "reward", "preference"
 
@@ -50,11 +50,9 @@ def run(ctx: StageContext) -> dict:
     trainer = RewardTrainer(model=model, args=cfg.training, train_dataset=ctx.train, eval_dataset=ctx.eval,
                             processing_class=ctx.tokenizer, peft_config=peft_config(cfg.lora, "SEQ_CLS"))
 
-    before = pairwise_eval(trainer)
-    result = trainer.train(resume_from_checkpoint=ctx.checkpoint)
-    after = pairwise_eval(trainer)
+    before, after, extra = fit(trainer, ctx, lambda: pairwise_eval(trainer))
     save_model(trainer, ctx.tokenizer, ctx.final_dir, cfg, loader)
-    return {"before": before, "after": after, "train": train_summary(result), "history": trainer.state.log_history}
+    return {"before": before, "after": after, **extra}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ Writes OUTPUT/sft: model (merged; plus `adapter/` with LoRA), tokenizer, config.
 from __future__ import annotations
 
 from rlhf_dist.models import load_causal_lm, peft_config, save_model
-from rlhf_dist.stages.common import StageContext, perplexity, stage_main, train_summary
+from rlhf_dist.stages.common import StageContext, fit, perplexity, stage_main
 
 STAGE, DATA_KIND = "sft", "sft"
 
@@ -28,9 +28,7 @@ def run(ctx: StageContext) -> dict:
     trainer = SFTTrainer(model=model, args=cfg.training, train_dataset=ctx.train, eval_dataset=ctx.eval,
                          processing_class=ctx.tokenizer, peft_config=peft_config(cfg.lora, "CAUSAL_LM"))
 
-    before = trainer.evaluate()
-    result = trainer.train(resume_from_checkpoint=ctx.checkpoint)
-    after = trainer.evaluate()
+    before, after, extra = fit(trainer, ctx, trainer.evaluate)
     save_model(trainer, ctx.tokenizer, ctx.final_dir, cfg, load_causal_lm)
 
     def report(m):
@@ -39,8 +37,7 @@ def run(ctx: StageContext) -> dict:
             out["token_accuracy"] = m["eval_mean_token_accuracy"]
         return out
 
-    return {"before": report(before), "after": report(after), "train": train_summary(result),
-            "history": trainer.state.log_history}
+    return {"before": report(before), "after": report(after), **extra}
 
 
 def main(argv: list[str] | None = None) -> int:
