@@ -1,0 +1,56 @@
+"""The RL math of the PPO stage: pure functions on [B, T] tensors over response tokens.
+
+* `rewards`    — `first_stop_truncate` (responses end at their first stop token), `RunningMoments`
+  and `normalize_scores` (score normalisation and clipping), `kl_shaped_rewards` (per-token reward:
+  KL penalty on every token, score on the last).
+* `kl`         — `kl_estimate` (k1/k2/k3 estimators), `FixedKLController`, `AdaptiveKLController`.
+* `advantages` — `masked_mean`, `masked_var`, `whiten` (global over ranks via ``reduce``), `gae`,
+  `group_baseline` (RLOO/GRPO), `sequence_advantages_to_tokens`.
+* `losses`     — `ppo_policy_loss`, `value_loss`, `logprobs_from_logits`, `entropy_from_logits`,
+  `explained_variance`.
+
+Conventions: ``mask`` [B, T] is True (or 1) on valid response tokens; padding never affects an
+output at a valid position. ``reduce`` sums a tensor over data-parallel ranks, e.g.
+``lambda t: accelerator.reduce(t, "sum")``; None means one process. Statistics are plain floats.
+Docstrings cite the items of PPO_CHECKLIST.md ("PPO for language models: the details that decide
+whether it works") that they implement.
+"""
+
+from rlhf_dist.rl.advantages import (
+    gae,
+    group_baseline,
+    masked_mean,
+    masked_var,
+    sequence_advantages_to_tokens,
+    whiten,
+)
+from rlhf_dist.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from rlhf_dist.rl.losses import (
+    entropy_from_logits,
+    explained_variance,
+    logprobs_from_logits,
+    ppo_policy_loss,
+    value_loss,
+)
+from rlhf_dist.rl.rewards import RunningMoments, first_stop_truncate, kl_shaped_rewards, normalize_scores
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "RunningMoments",
+    "entropy_from_logits",
+    "explained_variance",
+    "first_stop_truncate",
+    "gae",
+    "group_baseline",
+    "kl_estimate",
+    "kl_shaped_rewards",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_var",
+    "normalize_scores",
+    "ppo_policy_loss",
+    "sequence_advantages_to_tokens",
+    "value_loss",
+    "whiten",
+]

@@ -1,0 +1,189 @@
+"""Masked statistics, whitening, GAE and group baselines over response tokens.
+
+Shapes: every per-token tensor is ``[B, T]`` over RESPONSE tokens only (``T`` = longest response
+in the batch); ``mask`` is ``[B, T]``, bool or 0/1 float, True on valid tokens and False on the
+padding after each response's end (PPO_CHECKLIST item 4). Masked positions never reach an output
+at a valid position: inputs are replaced by 0 there before any arithmetic (``torch.where``, not a
+multiplication, so NaN/inf garbage in the padding cannot leak), and outputs are 0 there.
+
+Distributed statistics: ``reduce`` is an optional callable that SUMS a tensor over the
+data-parallel ranks, e.g. ``lambda t: accelerator.reduce(t, "sum")``. Only sums (token counts,
+sums, sums of squared deviations) are reduced, so N ranks get exactly the statistics of the
+concatenated batch (item 10). It is a collective: every rank must make the same calls.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over data-parallel ranks (``accelerator.reduce(t, "sum")``); None = one process."""
+
+WHITEN_EPS = 1e-8
+
+
+def as_bool_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``mask`` as a bool tensor, after checking it has the shape of ``like``."""
+    if mask.shape != like.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but the tensor it masks has shape {tuple(like.shape)}; "
+                         "both must be [B, T] over response tokens")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _sum_over_ranks(t: torch.Tensor, reduce: Reduce | None) -> torch.Tensor:
+    return t if reduce is None else reduce(t)
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulate statistics in at least float32 (bf16/fp16 sums lose too much)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
+                   reduce: Reduce | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global ``(mean, var, count)`` of ``x`` over valid positions, in two passes.
+
+    Pass 1 reduces ``[count, sum x]``; pass 2 reduces ``sum (x - mean)^2`` about the GLOBAL mean
+    (two small all-reduces; exact and free of the cancellation of ``E[x^2] - E[x]^2``)::
+
+        mean = sum_i x_i / n,    var = sum_i (x_i - mean)^2 / (n - 1 if unbiased else n)
+
+    Raises ValueError (on every rank alike, since it tests reduced values) when there are no
+    valid positions, or only one with ``unbiased=True``.
+    """
+    m = as_bool_mask(mask, x)
+    xs = torch.where(m, x.detach().to(_acc_dtype(x)), 0)
+    sums = _sum_over_ranks(torch.stack([m.sum().to(xs.dtype), xs.sum()]), reduce)
+    count, total = sums[0], sums[1]
+    if count < (2 if unbiased else 1):
+        raise ValueError(f"masked statistics over {int(count)} valid token(s): need at least {2 if unbiased else 1}; "
+                         "check that the mask is not all zeros")
+    mean = total / count
+    sq_dev = _sum_over_ranks(torch.where(m, (xs - mean) ** 2, 0).sum(), reduce)
+    var = sq_dev / (count - 1 if unbiased else count)
+    return mean, var, count
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce | None = None) -> torch.Tensor:
+    """Mean of ``x`` [B, T] over valid positions (all ranks if ``reduce``): ``sum_{mask} x / sum mask``.
+
+    Returns a 0-dim tensor in ``x``'s dtype; differentiable when ``reduce`` is None (with
+    ``reduce`` it is a statistic). Raises ValueError if no position is valid on any rank.
+    """
+    m = as_bool_mask(mask, x)
+    acc = _acc_dtype(x)
+    sums = _sum_over_ranks(torch.stack([torch.where(m, x, 0).sum(dtype=acc), m.sum().to(acc)]), reduce)
+    if sums[1] == 0:
+        raise ValueError("masked_mean over an all-zero mask: no valid token to average")
+    return (sums[0] / sums[1]).to(x.dtype)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduce: Reduce | None = None) -> torch.Tensor:
+    """Variance of ``x`` [B, T] over valid positions (all ranks if ``reduce``); 0-dim, detached.
+
+    ``var = sum_{mask} (x - mean)^2 / (n - 1)`` (``/ n`` if ``unbiased=False``); see `masked_moments`.
+    """
+    _, var, _ = masked_moments(x, mask, unbiased=unbiased, reduce=reduce)
+    return var.to(x.dtype)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce: Reduce | None = None) -> torch.Tensor:
+    """Whiten ``x`` [B, T] with the mean and (unbiased) variance of its valid positions on ALL ranks.
+
+    ``x_hat = (x - mean) * rsqrt(var + 1e-8)``; with ``shift_mean=False`` the mean is added back,
+    ``x_hat + mean`` (only the scale changes). Statistics come from `masked_moments`, so N ranks
+    with ``reduce`` give exactly the result of one process on the whole batch (PPO_CHECKLIST
+    item 10). Returns [B, T] in ``x``'s dtype, 0 at masked positions, detached (whitening is
+    applied to advantages, which are constants of the loss).
+    """
+    m = as_bool_mask(mask, x)
+    mean, var, _ = masked_moments(x, mask, unbiased=True, reduce=reduce)
+    xs = x.detach().to(mean.dtype)
+    out = (xs - mean) * torch.rsqrt(var + WHITEN_EPS)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(m, out, 0).to(x.dtype)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens (PPO_CHECKLIST item 9).
+
+    Schulman et al. 2016 (GAE), in the truncated form of Schulman et al. 2017 (PPO), Eqs. 11-12::
+
+        delta_t = r_t + gamma * V_{t+1} - V_t          (V_{t+1} = 0 after the last valid token)
+        A_t     = delta_t + gamma * lam * A_{t+1}      (A = 0 after the last valid token)
+        returns = A + V
+
+    Args:
+        rewards: [B, T] per-token rewards (e.g. from `kl_shaped_rewards`).
+        values: [B, T] value estimates V_t of the state before token t.
+        mask: [B, T], a prefix mask per row (padding only after the end). A zero inside a row
+            acts as an episode end: nothing is bootstrapped across it.
+        gamma, lam: discount and GAE lambda (the checklist's defaults are 1.0 and 0.95).
+
+    Returns:
+        ``(advantages, returns)``, both [B, T], detached, 0 at masked positions. Appending
+        padding columns (any values) does not change the valid positions.
+    """
+    m = as_bool_mask(mask, rewards)
+    as_bool_mask(mask, values)
+    r = torch.where(m, rewards.detach(), 0)
+    v = torch.where(m, values.detach(), 0)
+    T = r.shape[1]
+    next_adv = torch.zeros_like(r[:, 0])
+    adv_reversed = []
+    for t in reversed(range(T)):
+        next_value = v[:, t + 1] if t + 1 < T else torch.zeros_like(next_adv)
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        next_adv = torch.where(m[:, t], delta + gamma * lam * next_adv, 0)
+        adv_reversed.append(next_adv)
+    advantages = torch.stack(adv_reversed[::-1], dim=1)
+    returns = torch.where(m, advantages + v, 0)
+    return advantages, returns
+
+
+def group_baseline(scores: torch.Tensor, group_size: int, kind: Literal["rloo", "grpo"],
+                   eps: float = 1e-4) -> torch.Tensor:
+    """Per-sequence advantages from the other samples of the same prompt (no value model).
+
+    Rows are grouped consecutively: rows ``[g*k, (g+1)*k)`` are the ``k = group_size`` samples of
+    prompt ``g``. With ``s_i`` the scores of one group:
+
+    * ``"rloo"`` (Ahmadian et al. 2024, "Back to Basics", leave-one-out baseline):
+      ``A_i = s_i - (1 / (k - 1)) * sum_{j != i} s_j``
+    * ``"grpo"`` (Shao et al. 2024, DeepSeekMath, outcome supervision):
+      ``A_i = (s_i - mean(s)) / (std(s) + eps)`` with the UNBIASED std (divisor ``k - 1``, like
+      ``torch.std``). A group of identical scores gives 0, not NaN.
+
+    Args:
+        scores: [N] one score per sequence, N a multiple of ``group_size``.
+        group_size: samples per prompt, at least 2.
+    Returns:
+        [N] advantages in ``scores``' dtype, detached; see `sequence_advantages_to_tokens`.
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"group_baseline expects scores of shape [N], got {tuple(scores.shape)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"group_size must be an integer >= 2 (samples per prompt), got {group_size!r}")
+    if scores.numel() % group_size != 0:
+        raise ValueError(f"{scores.numel()} scores are not a whole number of groups of group_size={group_size}; "
+                         "generate group_size samples for every prompt")
+    groups = scores.detach().reshape(-1, group_size)
+    if kind == "rloo":
+        others_mean = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+        return (groups - others_mean).reshape(-1)
+    if kind == "grpo":
+        centred = groups - groups.mean(dim=1, keepdim=True)
+        return (centred / (groups.std(dim=1, unbiased=True, keepdim=True) + eps)).reshape(-1)
+    raise ValueError(f"unknown group baseline kind {kind!r}; expected 'rloo' or 'grpo'")
+
+
+def sequence_advantages_to_tokens(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-sequence advantage [B] to its valid tokens: ``A[b, t] = adv[b] * mask[b, t]``, [B, T]."""
+    if adv.dim() != 1 or adv.shape[0] != mask.shape[0]:
+        raise ValueError(f"adv must have shape [B] = [{mask.shape[0]}], got {tuple(adv.shape)}")
+    m = mask if mask.dtype == torch.bool else mask != 0
+    return torch.where(m, adv[:, None], 0).to(adv.dtype)
