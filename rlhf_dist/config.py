@@ -152,6 +152,13 @@ class StageConfig:
         },
     )
 
+    def __post_init__(self):
+        q = self.quantization
+        if q.load_in_4bit and q.load_in_8bit:
+            raise ValueError("quantization: load_in_4bit and load_in_8bit are both true; choose one")
+        if (q.load_in_4bit or q.load_in_8bit) and not self.lora.enabled:
+            raise ValueError("quantization needs lora.enabled: true (quantised weights cannot be trained directly)")
+
 
 @dataclass
 class PretrainConfig(StageConfig):

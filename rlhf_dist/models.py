@@ -51,10 +51,8 @@ def torch_dtype(name: str) -> torch.dtype | str:
 
 def bnb_config(q: QuantizationConfig):
     """A transformers BitsAndBytesConfig, or None when no quantisation is asked for."""
-    if not (q.load_in_4bit or q.load_in_8bit):
+    if not (q.load_in_4bit or q.load_in_8bit):  # both at once is refused by StageConfig
         return None
-    if q.load_in_4bit and q.load_in_8bit:
-        raise UserError("quantization: load_in_4bit and load_in_8bit are both true; choose one")
     from transformers import BitsAndBytesConfig
 
     if q.load_in_8bit:
@@ -89,9 +87,7 @@ def _load_kwargs(cfg: StageConfig) -> dict:
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     quant = bnb_config(cfg.quantization)
-    if quant is not None:
-        if not cfg.lora.enabled:
-            raise UserError("quantization needs lora.enabled: true (quantised weights cannot be trained directly)")
+    if quant is not None:  # StageConfig guarantees lora.enabled here
         kwargs["quantization_config"] = quant
         kwargs["dtype"] = getattr(torch, cfg.quantization.compute_dtype)
     return kwargs

@@ -182,3 +182,41 @@ def test_secrets_never_reach_the_saved_config(tmp_path, tiny_model, demo_data):
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
             assert b"hf_SECRETSECRET" not in path.read_bytes(), path
+
+
+def test_qlora_sft_on_a_4bit_base(tmp_path, tiny_model, demo_data):
+    """bitsandbytes NF4 runs on CPU: a 4-bit base with a LoRA adapter trains, and the adapter is merged
+    into an unquantised reload of the base (what the next stage loads)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    m = run_stage("sft", recipe(tmp_path, tiny_model, demo_data), out, "sft.quantization.load_in_4bit=true",
+                  "sft.quantization.compute_dtype=float32", "sft.lora.enabled=true", "sft.lora.dropout=0.0",
+                  "sft.training.learning_rate=1e-2")
+    assert m["after"]["eval_loss"] < m["before"]["eval_loss"] - 0.3
+    assert (out / "sft" / "adapter" / "adapter_model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out / "sft")
+    assert getattr(merged.config, "quantization_config", None) is None, "merged weights are plain, not 4-bit"
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+
+
+def test_quantization_without_lora_is_refused(tmp_path, tiny_model, demo_data, capsys):
+    from rlhf_dist.cli import main
+
+    rec = recipe(tmp_path, tiny_model, demo_data)
+    assert main(["sft", "--recipe", str(rec), "--output", str(tmp_path / "run"), "sft.quantization.load_in_4bit=true"]) == 2
+    err = capsys.readouterr().err
+    assert "sft: quantization needs lora.enabled: true" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists(), "refused before anything is written"
+
+
+def test_dpo_on_conversational_pairs(tmp_path, tiny_model, demo_data):
+    """Message-list pairs with an implicit prompt go through the chat template."""
+    def chat(r):
+        user = {"role": "user", "content": r["prompt"]}
+        return {"chosen": [user, {"role": "assistant", "content": r["chosen"].strip()}],
+                "rejected": [user, {"role": "assistant", "content": r["rejected"].strip()}]}
+
+    pairs = _convert(demo_data["preference"], tmp_path / "chat_pairs.jsonl", chat)
+    m = run_stage("dpo", recipe(tmp_path, tiny_model, demo_data), tmp_path / "run", f"dpo.data.path={pairs}")
+    assert m["after"]["margin"] > m["before"]["margin"] + 0.1
