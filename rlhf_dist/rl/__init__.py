@@ -8,6 +8,10 @@
   `group_baseline` (RLOO/GRPO), `sequence_advantages_to_tokens`.
 * `losses`     — `ppo_policy_loss`, `value_loss`, `logprobs_from_logits`, `entropy_from_logits`,
   `explained_variance`.
+* `rollout`    — the model-facing helpers (import from `rlhf_dist.rl.rollout`): `left_pad`, `generate`
+  (sampling with the KV cache, truncated at the first stop token), `forward_logprobs` (policy and
+  reference, same temperature), `sequence_scores` / `token_values` (reward and value models),
+  `disable_dropout`, `decode_pairs` / `retokenize` (a reward model with another tokenizer).
 
 Conventions: ``mask`` [B, T] is True (or 1) on valid response tokens; padding never affects an
 output at a valid position. ``reduce`` sums a tensor over data-parallel ranks, e.g.
