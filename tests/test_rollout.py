@@ -94,29 +94,30 @@ def gpt2_config(tok, attn: str, **overrides):
     return config
 
 
+def model_zoo(load_llama, gpt2_class, tok, seed: int, **gpt2_overrides) -> dict:
+    """The tiny Llama (rotary positions) and a tiny GPT-2 (absolute positions), each with eager and
+    sdpa attention; "sdpa" names the Llama default."""
+    models = {f"llama-{attn}": load_llama(attn) for attn in ATTN}
+    for attn in ATTN:
+        torch.manual_seed(0)
+        models[f"gpt2-{attn}"] = sharpen(gpt2_class(gpt2_config(tok, attn, **gpt2_overrides)), seed=seed).eval()
+    models["sdpa"] = models["llama-sdpa"]
+    return models
+
+
 @pytest.fixture(scope="module")
 def policies(tiny_model, tok):
     from transformers import GPT2LMHeadModel
 
-    models = {f"llama-{attn}": load_policy(tiny_model, attn) for attn in ATTN}
-    for attn in ATTN:
-        torch.manual_seed(0)
-        models[f"gpt2-{attn}"] = sharpen(GPT2LMHeadModel(gpt2_config(tok, attn)), seed=3).eval()
-    models["sdpa"] = models["llama-sdpa"]
-    return models
+    return model_zoo(lambda attn: load_policy(tiny_model, attn), GPT2LMHeadModel, tok, seed=3)
 
 
 @pytest.fixture(scope="module")
 def classifiers(tiny_model, tok):
     from transformers import GPT2ForSequenceClassification
 
-    models = {f"llama-{attn}": load_classifier(tiny_model, attn) for attn in ATTN}
-    for attn in ATTN:
-        torch.manual_seed(0)
-        models[f"gpt2-{attn}"] = sharpen(GPT2ForSequenceClassification(gpt2_config(tok, attn, num_labels=1)),
-                                         seed=4).eval()
-    models["sdpa"] = models["llama-sdpa"]
-    return models
+    return model_zoo(lambda attn: load_classifier(tiny_model, attn), GPT2ForSequenceClassification, tok, seed=4,
+                     num_labels=1)
 
 
 # ----------------------------------------------------------------------------- padding
