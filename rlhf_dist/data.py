@@ -42,6 +42,12 @@ def looks_local(path: str) -> bool:
     )
 
 
+def check_local_path(path: str, key: str) -> None:
+    """A path that can only be local must exist (hub ids are checked when loaded)."""
+    if looks_local(path) and not Path(path).expanduser().exists():
+        raise DataError(f"{key}: data file not found: {path}; fix the path (or give a hub dataset id)")
+
+
 def _load(path: str, cfg: DataConfig, split: str, key: str):
     import datasets
 
@@ -58,8 +64,7 @@ def _load(path: str, cfg: DataConfig, split: str, key: str):
             ds = datasets.load_dataset("text", data_files=str(local), split="train", sample_by="paragraph")
             return ds.filter(lambda row: bool(row["text"].strip()))
         return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=str(local), split="train")
-    if looks_local(path) and not local.exists():
-        raise DataError(f"{key}: data file not found: {path}; fix the path (or give a hub dataset id)")
+    check_local_path(path, key)
     try:
         return datasets.load_dataset(path, cfg.name, split=split, revision=cfg.revision)
     except (FileNotFoundError, ValueError) as exc:

@@ -46,13 +46,12 @@ def parse_stages(text: str | None, recipe_stages: list[str]) -> list[str]:
 
 def validate_stage(raw: dict, source: str, stage: str, output: Path) -> None:
     """The checks that need no earlier stage's output: the typed config, and that local data files exist."""
-    from rlhf_dist.data import looks_local
+    from rlhf_dist.data import check_local_path
 
     cfg = resolve_stage(raw, source, stage, str(output), str(rundir.work_dir(output, stage)))
     for key in ("path", "eval_path"):
-        value = getattr(cfg.data, key)
-        if value and looks_local(value) and not Path(value).expanduser().exists():
-            raise UserError(f"{stage}.data.{key}: data file not found: {value}; fix the path (or give a hub dataset id)")
+        if getattr(cfg.data, key):
+            check_local_path(getattr(cfg.data, key), f"{stage}.data.{key}")
 
 
 def stage_command(stage: str, args: argparse.Namespace) -> list[str]:

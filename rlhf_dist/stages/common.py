@@ -38,13 +38,11 @@ log = logging.getLogger("rlhf_dist")
 class StageContext:
     """Everything a stage's `run` needs: resolved config, checked data, tokenizer, where to write."""
 
-    stage: str
     cfg: StageConfig
     train: Any
     eval: Any
     data_source: str
     tokenizer: Any
-    output: Path
     final_dir: Path
     checkpoint: str | None
 
@@ -179,7 +177,7 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
 
     set_seed(cfg.training.seed)  # new heads (a reward model's score, LoRA) start the same on every run
     final_dir = rundir.work_dir(output, stage) / "final"
-    ctx = StageContext(stage, cfg, train, evaluation, source, tokenizer, output, final_dir, plan.checkpoint)
+    ctx = StageContext(cfg, train, evaluation, source, tokenizer, final_dir, plan.checkpoint)
     started = time.time()
     metrics = run(ctx)
     history = metrics.pop("history", [])
