@@ -2,7 +2,7 @@
 
     rlhf-dist demo --output runs/demo                       tiny end-to-end pipeline on CPU, offline
     rlhf-dist pipeline --recipe NAME_OR_YAML --output DIR   run a recipe's stages in order
-    rlhf-dist STAGE --recipe NAME_OR_YAML --output DIR      one stage: pretrain, sft, reward, dpo
+    rlhf-dist STAGE --recipe NAME_OR_YAML --output DIR      one stage: pretrain, sft, reward, ppo, dpo
     rlhf-dist recipes                                       list the recipes shipped with the package
     rlhf-dist fields STAGE                                  every config field of a stage, with help
 
@@ -18,7 +18,7 @@ import sys
 
 from rlhf_dist.errors import UserError
 
-STAGE_COMMANDS = ("pretrain", "sft", "reward", "dpo")
+STAGE_COMMANDS = ("pretrain", "sft", "reward", "ppo", "dpo")
 
 
 def _run_parser(prog: str, description: str) -> argparse.ArgumentParser:

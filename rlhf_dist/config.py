@@ -189,15 +189,137 @@ class DPOConfig(StageConfig):
     training: TRLDPOConfig | None = None
 
 
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its help text (shown by `rlhf-dist fields`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class PPOTrainingConfig:
+    """Hyper-parameters of our PPO loop (`rlhf_dist.rl.trainer`); defaults follow the N+ implementation details.
+
+    Batch sizes count rollouts (prompt + sampled response) over ALL processes, so the same recipe
+    computes the same thing on 1 or N processes: a step samples `rollout_batch_size` prompts x
+    `samples_per_prompt` responses, then runs `ppo_epochs` passes of minibatches of
+    `mini_batch_size` rollouts (one optimizer step each), each split into micro-batches of
+    `per_device_train_batch_size` per process (gradient accumulation makes up the rest).
+    """
+
+    output_dir: str = _f("", "Set by --output (the stage's work directory); not a recipe key.")
+    seed: int = _f(42, "Seed for the data order, sampling, minibatch shuffling and new heads.")
+    max_steps: int | None = _f(None, "PPO steps (rollout + update). Default: num_train_epochs passes over the prompts.")
+    num_train_epochs: int = _f(1, "Passes over the training prompts when max_steps is not set.")
+    rollout_batch_size: int = _f(64, "Prompts per PPO step, over all processes (a multiple of the process count).")
+    samples_per_prompt: int = _f(1, "Responses sampled per prompt (the group size k of RLOO/GRPO; >= 2 for those).")
+    generation_batch_size: int = _f(16, "Rollouts generated and scored per forward pass on each process.")
+    mini_batch_size: int = _f(16, "Rollouts per optimizer step, over all processes.")
+    per_device_train_batch_size: int = _f(4, "Rollouts per forward/backward on each process (micro-batch).")
+    ppo_epochs: int = _f(1, "Passes over each step's rollouts (each pass reshuffles the minibatches).")
+    learning_rate: float = _f(3.0e-6, "Adam learning rate of the policy.")
+    value_learning_rate: float | None = _f(None, "Learning rate of the value model / head (default: learning_rate).")
+    adam_epsilon: float = _f(1.0e-5, "Adam epsilon (1e-5, PPO_CHECKLIST item 17).")
+    adam_beta1: float = _f(0.9, "Adam beta1.")
+    adam_beta2: float = _f(0.999, "Adam beta2.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float | None = _f(1.0, "Clip the gradient norm (policy and value together); null = no clipping.")
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = _f("linear", "Learning-rate schedule over all optimizer steps.")
+    warmup_steps: int = _f(0, "Optimizer steps of linear warm-up.")
+    max_prompt_length: int = _f(512, "Longest prompt in tokens; a longer prompt is an error (before training).")
+    max_new_tokens: int = _f(64, "Longest response in tokens.")
+    temperature: float = _f(0.7, "Sampling temperature; also divides the logits of every log-probability (item 13).")
+    top_k: int = _f(0, "Top-k sampling; 0 = off (keep off: the ratio is then exactly 1 at the first minibatch, item 14).")
+    top_p: float = _f(1.0, "Nucleus sampling; 1.0 = off (see top_k).")
+    stop_tokens: list[str] = _f([], "Tokens that end a response besides the tokenizer's EOS (e.g. an end-of-turn token).")
+    missing_eos_penalty: float | None = _f(None, "Subtracted from the score of a response that never stopped (item 5).")
+    reward_normalization: bool = _f(False, "Normalise scores with their running mean and std (item 8).")
+    reward_clip: float | None = _f(None, "Clip (normalised) scores to [-reward_clip, reward_clip].")
+    kl_estimator: Literal["k1", "k2", "k3"] = _f(
+        "k1", "Per-token KL estimator in the reward: k1 = logp - logp_ref, k3 = (r - 1) - log r.")
+    kl_clamp: float | None = _f(10.0, "Clamp each token's KL estimate to [-kl_clamp, kl_clamp].")
+    kl_coef: float = _f(0.05, "KL coefficient beta (the initial value when adaptive_kl).")
+    adaptive_kl: bool = _f(False, "Adapt beta towards kl_target (Ziegler et al. 2019).")
+    kl_target: float = _f(6.0, "Adaptive KL: target KL per response (nats).")
+    kl_horizon: float = _f(10000.0, "Adaptive KL: horizon in rollouts.")
+    advantage_estimator: Literal["gae", "rloo", "grpo"] = _f(
+        "gae", "gae: value model + GAE; rloo / grpo: critic-free group baselines over samples_per_prompt responses.")
+    gamma: float = _f(1.0, "GAE discount.")
+    lam: float = _f(0.95, "GAE lambda.")
+    whiten_advantages: bool = _f(True, "Whiten advantages over all valid tokens of the step (all processes, item 10).")
+    clip_eps: float = _f(0.2, "Policy ratio clip epsilon.")
+    value_clip: float | None = _f(0.2, "Value clip range; null = unclipped value loss.")
+    vf_coef: float = _f(0.1, "Value loss coefficient.")
+    entropy_coef: float = _f(0.0, "Entropy bonus coefficient (0 = off).")
+    loss_aggregation: Literal["token", "sequence"] = _f(
+        "token", "token: every valid token of a minibatch weighs the same; sequence: every response does.")
+    bf16: bool = _f(False, "bfloat16 mixed precision (GPUs that support it; our default turns it on there).")
+    fp16: bool = _f(False, "float16 mixed precision.")
+    activation_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, more time).")
+    use_cpu: bool = _f(False, "Run on CPU even if a GPU is present (always the case without one).")
+    logging_steps: int = _f(1, "Log metrics every N steps (JSONL, TensorBoard, progress bar).")
+    num_sample_completions: int = _f(3, "Sample completions written to the log (samples.jsonl) each logged step.")
+    report_to: list[str] = _f(["tensorboard"], "Trackers besides the JSONL log: tensorboard, or [] for none.")
+    save_steps: int = _f(50, "Write a checkpoint every N steps (0 = only at the end); --resume continues from the last.")
+    save_total_limit: int = _f(2, "Checkpoints kept (older ones are deleted).")
+    eval_max_prompts: int = _f(64, "Held-out prompts used for the before/after reward and KL.")
+
+    def __post_init__(self):
+        positive = ("rollout_batch_size", "samples_per_prompt", "generation_batch_size", "mini_batch_size",
+                    "per_device_train_batch_size", "ppo_epochs", "max_prompt_length", "max_new_tokens",
+                    "logging_steps", "num_train_epochs", "eval_max_prompts")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"training.max_steps must be >= 1 (or null), got {self.max_steps}")
+        if self.temperature <= 0:
+            raise ValueError(f"training.temperature must be > 0, got {self.temperature}")
+        if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
+            raise ValueError(f"training.advantage_estimator={self.advantage_estimator} compares samples of the same "
+                             f"prompt: set training.samples_per_prompt >= 2 (got {self.samples_per_prompt})")
+        rollouts = self.rollout_batch_size * self.samples_per_prompt
+        if rollouts % self.mini_batch_size:
+            raise ValueError(f"training.mini_batch_size={self.mini_batch_size} must divide the rollouts per step "
+                             f"(rollout_batch_size x samples_per_prompt = {rollouts})")
+        if self.bf16 and self.fp16:
+            raise ValueError("training.bf16 and training.fp16 are both true; choose one")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    """RLHF with PPO (or the RLOO/GRPO group baselines): our own sharded rollout-update loop."""
+
+    reward_model: str | None = _f(
+        None, "Reward model (a one-label sequence classifier). Default: the run's reward stage output.")
+    reward_fn: str | None = _f(
+        None, "Instead of a reward model: a Python function module:function(prompts, completions) -> scores.")
+    value_model: str | None = _f(
+        None, "Model the value model starts from (gae only). Default: the reward model (item 18).")
+    value_head: bool = _f(False, "Use a value head on the policy instead of a separate value model.")
+    training: PPOTrainingConfig | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.reward_model and self.reward_fn:
+            raise ValueError("reward_model and reward_fn are both set; choose one source of rewards")
+
+
 STAGES: dict[str, type[StageConfig]] = {
     "pretrain": PretrainConfig,
     "sft": SFTConfig,
     "reward": RewardConfig,
+    "ppo": PPOConfig,
     "dpo": DPOConfig,
 }
-STAGE_ORDER = ["pretrain", "sft", "reward", "dpo"]
+STAGE_ORDER = ["pretrain", "sft", "reward", "ppo", "dpo"]
 # Where a stage takes its starting model from, most preferred first (the first complete one wins).
-UPSTREAM = {"pretrain": [], "sft": ["pretrain"], "reward": ["sft", "pretrain"], "dpo": ["sft", "pretrain"]}
+# (ppo's reward model comes from the reward stage, see PPOConfig.reward_model.)
+UPSTREAM = {"pretrain": [], "sft": ["pretrain"], "reward": ["sft", "pretrain"], "ppo": ["sft", "pretrain"],
+            "dpo": ["sft", "pretrain"]}
 SHARED_SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "quantization": QuantizationConfig, "data": DataConfig}
 RECIPE_KEYS = ["description", "stages", *SHARED_SECTIONS, *STAGES]
 # Keys of the resolved config that do not change what a stage computes; ignored when deciding
@@ -207,7 +329,7 @@ VOLATILE_KEYS = {"run_dir", "data.num_proc"} | {f"training.{k}" for k in (
     "logging_first_step", "log_level", "log_level_replica", "hub_token", "push_to_hub", "hub_model_id", "hub_strategy",
     "hub_private_repo", "save_strategy", "save_steps", "save_total_limit", "save_only_model", "per_device_eval_batch_size",
     "eval_accumulation_steps", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
-    "dataloader_prefetch_factor", "dataset_num_proc",
+    "dataloader_prefetch_factor", "dataset_num_proc", "num_sample_completions", "eval_max_prompts",
 )}
 # Tokenizer-token fields of TRL configs: not secrets, whatever their name ends with.
 TOKENIZER_FIELDS = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token"}
@@ -515,7 +637,10 @@ def stage_dict(raw: dict, stage: str, output: str) -> dict:
         raise ConfigError(f"{stage}.training: expected a mapping of keys, got {training!r}")
     if "output_dir" in training:
         raise ConfigError(f"{stage}.training.output_dir: set by --output; remove it from the recipe")
-    merged["training"] = {**training_defaults(), **training}
+    defaults = training_defaults()
+    if stage == "ppo":  # our own loop: its dataclass has its own defaults; only the device-dependent one applies
+        defaults = {"bf16": defaults["bf16"]}
+    merged["training"] = {**defaults, **training}
     return _substitute(merged, output)
 
 
@@ -543,7 +668,7 @@ def to_dict(cfg: StageConfig) -> dict:
         if f.name == "training":
             # TrainingArguments.to_dict turns enums into strings but masks every `*_token` field,
             # tokenizer tokens included; keep those, and mask only real credentials.
-            value = value.to_dict()
+            value = value.to_dict()  # the HF classes' own, or PPOTrainingConfig's
             for key in value:
                 if key in TOKENIZER_FIELDS:
                     value[key] = getattr(cfg.training, key)

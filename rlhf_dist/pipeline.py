@@ -30,6 +30,7 @@ HEADLINE = {
     "pretrain": ["perplexity", "eval_loss"],
     "sft": ["eval_loss", "perplexity"],
     "reward": ["accuracy", "margin"],
+    "ppo": ["score", "kl", "response_length", "eos_rate"],
     "dpo": ["accuracy", "margin", "logp_chosen", "logp_rejected"],
 }
 
@@ -44,14 +45,19 @@ def parse_stages(text: str | None, recipe_stages: list[str]) -> list[str]:
     return sorted(stages, key=STAGE_ORDER.index)
 
 
-def validate_stage(raw: dict, source: str, stage: str, output: Path) -> None:
-    """The checks that need no earlier stage's output: the typed config, and that local data files exist."""
+def validate_stage(raw: dict, source: str, stage: str, output: Path, stages: list[str]) -> None:
+    """The checks that need no earlier stage's output: the typed config, local data files, ppo's reward."""
     from rlhf_dist.data import check_local_path
 
     cfg = resolve_stage(raw, source, stage, str(output), str(rundir.work_dir(output, stage)))
     for key in ("path", "eval_path"):
         if getattr(cfg.data, key):
             check_local_path(getattr(cfg.data, key), f"{stage}.data.{key}")
+    if stage == "ppo":
+        from rlhf_dist.stages.ppo import resolve_reward
+
+        if cfg.reward_fn or cfg.reward_model or not ("reward" in stages or rundir.is_complete(output, "reward")):
+            resolve_reward(cfg, output)  # else the reward stage of this run will provide the reward model
 
 
 def stage_command(stage: str, args: argparse.Namespace) -> list[str]:
@@ -75,7 +81,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser().resolve()
     rundir.check_output_root(output)
     for stage in stages:  # a typo in the last stage's section fails now, not after hours of the first ones
-        validate_stage(raw, source, stage, output)
+        validate_stage(raw, source, stage, output, stages)
 
     for i, stage in enumerate(stages, 1):
         banner = f"[{i}/{len(stages)}] {stage}"

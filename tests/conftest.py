@@ -33,11 +33,27 @@ def tiny_model(tmp_path_factory) -> Path:
     return tiny.save_tiny(out, synthetic.corpus(0), vocab_size=1000, hidden_size=64, num_layers=2)
 
 
-STEPS = {"pretrain": 40, "sft": 40, "reward": 40, "dpo": 30}
+@pytest.fixture(scope="session")
+def tiny_reward_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny Llama as a one-label sequence classifier (random, seeded score head): a stand-in reward model."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("models") / "tiny_rm"
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+STEPS = {"pretrain": 40, "sft": 40, "reward": 40, "ppo": 4, "dpo": 30}
 
 
 def tiny_recipe(tmp_path: Path, tiny_model: Path, demo_data: dict, extra: str = "") -> Path:
-    """A four-stage recipe on the tiny model and demo data, a few dozen steps per stage."""
+    """A five-stage recipe on the tiny model and demo data, a few dozen steps per stage (ppo: a few)."""
     common = 'per_device_train_batch_size: 16, save_strategy: "no", seed: 0'
     text = f"""
 model: {{name_or_path: "{tiny_model}", dtype: float32}}
@@ -52,6 +68,11 @@ sft:
 reward:
   data: {{path: "{demo_data['preference']}"}}
   training: {{max_steps: {STEPS['reward']}, learning_rate: 3.0e-3, max_length: 96, {common}}}
+ppo:
+  data: {{path: "{demo_data['prompts']}"}}
+  training: {{max_steps: {STEPS['ppo']}, rollout_batch_size: 8, generation_batch_size: 4, mini_batch_size: 8,
+             per_device_train_batch_size: 4, ppo_epochs: 2, learning_rate: 1.0e-4, max_new_tokens: 12,
+             temperature: 1.0, save_steps: 2, seed: 0}}
 dpo:
   data: {{path: "{demo_data['preference']}"}}
   training: {{max_steps: {STEPS['dpo']}, learning_rate: 1.0e-3, max_length: 96, {common}}}

@@ -18,6 +18,7 @@ HF_CLASSES = {
     "pretrain": TrainingArguments,
     "sft": trl.SFTConfig,
     "reward": trl.RewardConfig,
+    "ppo": C.PPOTrainingConfig,  # our own loop's dataclass
     "dpo": trl.DPOConfig,
 }
 DEMO = str(C.shipped_recipes()["demo"])
@@ -69,13 +70,18 @@ def test_shipped_recipe_resolves_every_stage(name, tmp_path):
 
 def test_demo_values_arrive(tmp_path):
     raw = demo_raw()
-    assert C.validate_recipe(raw, DEMO) == ["pretrain", "sft", "reward", "dpo"]
+    assert C.validate_recipe(raw, DEMO) == ["pretrain", "sft", "reward", "ppo", "dpo"]
 
     pre = resolve(raw, "pretrain", tmp_path)
     assert pre.block_size == 64
     assert pre.training.learning_rate == pytest.approx(3e-3)
     assert pre.training.num_train_epochs == 2
     assert pre.data.path == f"{tmp_path}/data/pretrain.jsonl"
+
+    ppo = resolve(raw, "ppo", tmp_path)
+    assert ppo.training.max_steps == 30 and ppo.training.ppo_epochs == 2 and ppo.training.missing_eos_penalty == 1.0
+    assert ppo.training.logging_steps == 1  # our loop's default, not the HF stages' training_defaults
+    assert ppo.data.path == f"{tmp_path}/data/prompts.jsonl" and ppo.reward_fn is None
 
     sft = resolve(raw, "sft", tmp_path)
     assert isinstance(sft.training, trl.SFTConfig)
@@ -213,8 +219,8 @@ def test_unknown_key_in_big_section_points_to_fields(tmp_path):
 def test_unknown_shared_and_stage_keys(tmp_path):
     assert config_error(demo_raw(), "sft", tmp_path, ["data.pathh=x"]) == (
         f"{DEMO}: unknown key 'data.pathh'; did you mean 'path'?")
-    assert config_error(demo_raw(), "sft", tmp_path, ["stages=[sft, ppo]"]) == (
-        f"{DEMO}: unknown key 'stages.ppo'; did you mean 'dpo'?")
+    assert config_error(demo_raw(), "sft", tmp_path, ["stages=[sft, ppoo]"]) == (
+        f"{DEMO}: unknown key 'stages.ppoo'; did you mean 'ppo'?")
 
 
 def test_unknown_key_error_helper():
@@ -319,7 +325,7 @@ def test_coerce_rejects(value, tp, expected):
 def test_load_recipe_by_name_and_path(tmp_path):
     by_name, source = C.load_recipe("demo")
     assert source == DEMO
-    assert by_name["stages"] == ["pretrain", "sft", "reward", "dpo"]
+    assert by_name["stages"] == ["pretrain", "sft", "reward", "ppo", "dpo"]
     assert by_name["pretrain"]["block_size"] == 64
 
     by_path, source2 = C.load_recipe(DEMO)

@@ -24,22 +24,26 @@ def _check_aggregation(aggregation: str) -> None:
         raise ValueError(f"unknown loss aggregation {aggregation!r}; expected 'token' or 'sequence'")
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation,
+              denominator: float | None = None) -> torch.Tensor:
     """Reduce a per-token loss [B, T] to a scalar (PPO_CHECKLIST item 11).
 
-    * ``"token"``: ``sum_{b,t} m_bt * l_bt / sum_{b,t} m_bt``, every valid token of the batch weighs the same.
-    * ``"sequence"``: ``(1/B') sum_b (sum_t m_bt * l_bt / sum_t m_bt)``, every sequence weighs the
-      same whatever its length (B' = rows with at least one valid token).
+    * ``"token"``: ``sum_{b,t} m_bt * l_bt / N``, every valid token weighs the same; N = the valid tokens.
+    * ``"sequence"``: ``(1/N) sum_b (sum_t m_bt * l_bt / sum_t m_bt)``, every sequence weighs the
+      same whatever its length; N = the rows with at least one valid token.
 
-    A mask with no valid token gives 0 (no NaN).
+    ``denominator`` replaces N: pass the count over the WHOLE minibatch (all micro-batches, all
+    ranks) and sum the micro-batch losses, and gradient accumulation over N ranks computes exactly
+    the one-process loss of the minibatch. A mask with no valid token gives 0 (no NaN).
     """
     _check_aggregation(aggregation)
     m = as_bool_mask(mask, per_token)
     masked = torch.where(m, per_token, 0)
     if aggregation == "token":
-        return masked.sum() / m.sum().clamp_min(1)
-    per_seq = masked.sum(dim=1) / m.sum(dim=1).clamp_min(1)
-    return per_seq.sum() / m.any(dim=1).sum().clamp_min(1)
+        total, count = masked.sum(), m.sum().clamp_min(1)
+    else:
+        total, count = (masked.sum(dim=1) / m.sum(dim=1).clamp_min(1)).sum(), m.any(dim=1).sum().clamp_min(1)
+    return total / (count if denominator is None else denominator)
 
 
 def _global_means(per_token: list[torch.Tensor], m: torch.Tensor, reduce: Reduce | None) -> list[float]:
@@ -55,8 +59,8 @@ def _global_means(per_token: list[torch.Tensor], m: torch.Tensor, reduce: Reduce
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip_eps: float, aggregation: Aggregation = "token",
-                    reduce: Reduce | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                    clip_eps: float, aggregation: Aggregation = "token", reduce: Reduce | None = None,
+                    denominator: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate policy loss (Schulman et al. 2017, Eq. 7; PPO_CHECKLIST items 11 and 14).
 
     ::
@@ -77,6 +81,7 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         clip_eps: epsilon (the checklist's default is 0.2).
         aggregation: "token" or "sequence", see `aggregate`.
         reduce: optional sum over ranks, for the statistics only.
+        denominator: see `aggregate` (the token or sequence count of the whole minibatch).
     Returns:
         ``(loss, stats)``: a scalar loss local to this rank (with "token" aggregation and ranks of
         unequal token counts, DDP's mean of local means is not the global token mean); stats over
@@ -95,7 +100,7 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     pg_loss1 = -adv * ratio
     pg_loss2 = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     pg_losses = torch.max(pg_loss1, pg_loss2)
-    loss = aggregate(pg_losses, m, aggregation)
+    loss = aggregate(pg_losses, m, aggregation, denominator)
 
     with torch.no_grad():
         clipfrac, approx_kl, approx_kl_k3, ratio_mean = _global_means(
@@ -107,8 +112,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip_range: float | None, aggregation: Aggregation = "token",
-               reduce: Reduce | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+               clip_range: float | None, aggregation: Aggregation = "token", reduce: Reduce | None = None,
+               denominator: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped value loss (PPO_CHECKLIST item 12; as in the OpenAI baselines / cleanrl PPO)::
 
         v_loss_unclipped = (V - R)^2
@@ -118,7 +123,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
     With ``clip_range=None`` it is ``0.5 * aggregate(v_loss_unclipped)``. Shapes [B, T]: ``values``
     with grad, ``old_values`` (rollout time) and ``returns`` (from `gae`) constants. The value
-    coefficient is applied by the caller.
+    coefficient is applied by the caller; ``denominator`` as in `aggregate`.
 
     Returns ``(loss, stats)``: ``vf_clipfrac`` (share of valid tokens where the clipped loss is
     larger, i.e. the max picked it; 0 without clipping) and ``value_mean``, over all ranks with ``reduce``.
@@ -139,7 +144,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         v_loss_clipped = (v_clipped - ret) ** 2
         v_losses = torch.max(v_loss_unclipped, v_loss_clipped)
         clipped = v_loss_clipped > v_loss_unclipped
-    loss = 0.5 * aggregate(v_losses, m, aggregation)
+    loss = 0.5 * aggregate(v_losses, m, aggregation, denominator)
     with torch.no_grad():
         vf_clipfrac, value_mean = _global_means([clipped, v], m, reduce)
     return loss, {"vf_clipfrac": vf_clipfrac, "value_mean": value_mean}

@@ -156,7 +156,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 # does not compute (PPO_CHECKLIST item 14).
 _NEUTRAL_SAMPLING: dict[str, Any] = {
     "num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_length": 0, "min_new_tokens": 0,
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_new_tokens": 0,
     "encoder_repetition_penalty": 1.0,
 }
 # Settings that have no neutral value other than None, which `generate` does not let a caller

@@ -14,7 +14,7 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,6 +45,8 @@ class StageContext:
     tokenizer: Any
     final_dir: Path
     checkpoint: str | None
+    output: Path | None = None
+    extra: dict = field(default_factory=dict)  # what a stage's `check` prepared for its `run`
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,9 +98,12 @@ def input_identity(cfg: StageConfig) -> dict:
     from rlhf_dist.config import fingerprint
 
     ident = {}
-    init = Path(cfg.init_from).expanduser()
-    if (init / "metrics.json").is_file() and (init / rundir.STATE_FILE).is_file():
-        ident["init_fingerprint"] = fingerprint(yaml.safe_load((init / rundir.STATE_FILE).read_text()) or {})
+    models = {"init": cfg.init_from, "reward_model": getattr(cfg, "reward_model", None),
+              "value_model": getattr(cfg, "value_model", None)}
+    for name, path in models.items():
+        folder = Path(path).expanduser() if path else None
+        if folder and (folder / "metrics.json").is_file() and (folder / rundir.STATE_FILE).is_file():
+            ident[f"{name}_fingerprint"] = fingerprint(yaml.safe_load((folder / rundir.STATE_FILE).read_text()) or {})
     for key in ("path", "eval_path"):
         value = getattr(cfg.data, key)
         if value and Path(value).expanduser().is_file():
@@ -117,6 +122,10 @@ def load_stage_config(stage: str, args: argparse.Namespace) -> tuple[StageConfig
     cfg.init_from = resolve_init(cfg, stage, output)
     explicit = isinstance(raw.get(stage), dict) and raw[stage].get("init_from")
     check_model_path(cfg.init_from, f"{stage}.init_from" if explicit else "model.name_or_path", cfg.model)
+    if stage == "ppo":
+        from rlhf_dist.stages.ppo import resolve_reward
+
+        resolve_reward(cfg, output)
     resolved = {**to_dict(cfg), "run_dir": str(output), "inputs": input_identity(cfg)}
     return cfg, resolved
 
@@ -134,7 +143,13 @@ def setup_logging() -> None:
     datasets.disable_progress_bars()
 
 
-def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], argv: list[str] | None = None) -> int:
+def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], argv: list[str] | None = None,
+               check: Callable[[StageContext], None] | None = None) -> int:
+    """Parse, check, claim the work directory, `run`, then write the outputs and complete the stage.
+
+    ``check(ctx)`` (optional) runs on every process after the data and tokenizer are loaded and
+    before anything is written or any model is loaded: the place for a stage's own input checks.
+    """
     parser = argparse.ArgumentParser(prog=f"rlhf-dist {stage}", description=sys.modules[run.__module__].__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
@@ -163,6 +178,10 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
         raise UserError(f"{stage}: no held-out data for the before/after metrics; set {stage}.data.eval_fraction > 0, "
                         f"{stage}.data.eval_path or {stage}.data.eval_split")
     tokenizer = load_tokenizer(cfg.init_from, cfg.model)
+    final_dir = rundir.work_dir(output, stage) / "final"
+    ctx = StageContext(cfg, train, evaluation, source, tokenizer, final_dir, plan.checkpoint, output)
+    if check is not None:
+        check(ctx)
 
     # 2. Claim the work directory (main process, once every process has finished checking), then train.
     state.wait_for_everyone()
@@ -176,8 +195,6 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
     from transformers import set_seed
 
     set_seed(cfg.training.seed)  # new heads (a reward model's score, LoRA) start the same on every run
-    final_dir = rundir.work_dir(output, stage) / "final"
-    ctx = StageContext(cfg, train, evaluation, source, tokenizer, final_dir, plan.checkpoint)
     started = time.time()
     metrics = run(ctx)
     history = metrics.pop("history", [])

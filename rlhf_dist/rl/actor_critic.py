@@ -1,0 +1,107 @@
+"""The trainable half of PPO as ONE module: the policy, and the value model or a value head on it.
+
+DDP and DeepSpeed synchronise gradients through the wrapped module's ``forward``; calling a
+sub-model directly would bypass them. So the policy and the value function live in one
+`ActorCritic` whose ``forward`` returns everything the update needs from one call::
+
+    logprobs, entropy, values = actor_critic(query_ids, query_mask, response_ids, response_mask)
+
+The same call (without grad) also produces the rollout's ``old_logprobs`` and ``old_values``, so the
+rollout and training forwards are one function and the first minibatch's ratio is exactly 1
+(PPO_CHECKLIST item 14).
+
+Two value functions (item 18):
+
+* ``value_model``: a separate one-label ``*ForSequenceClassification`` initialised from the reward
+  model (the default), scored at every position by `rollout.token_values`;
+* ``value_head``: a `ValueHead` (a linear layer) on the policy's last hidden state, sharing the
+  policy's forward pass (less memory and compute; the value loss then also shapes the policy's trunk).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhf_dist.rl.losses import entropy_from_logits, logprobs_from_logits
+from rlhf_dist.rl.rollout import _accepts_logits_to_keep, _concat, position_ids_from_mask, token_values
+
+
+class ValueHead(nn.Module):
+    """``V(s_t) = w . h_t + b`` on the policy's final hidden state ``h_t`` ([B, T, H] -> [B, T]).
+
+    Initialised with a small normal (std ``1 / sqrt(H + 1)``, lm-human-preferences) and zero bias,
+    kept in float32 whatever the policy's dtype.
+    """
+
+    def __init__(self, hidden_size: int, seed: int = 0):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.summary.weight.copy_(torch.randn(1, hidden_size, generator=generator) / (hidden_size + 1) ** 0.5)
+            self.summary.bias.zero_()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.float()).squeeze(-1)
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.hidden_size)
+
+
+class ActorCritic(nn.Module):
+    """Policy + value function; ``forward`` -> ``(logprobs, entropy, values)``, each [B, T].
+
+    Args:
+        policy: a ``*ForCausalLM`` (or PEFT) model.
+        temperature: the sampling temperature; every log-probability divides the logits by it (item 13).
+        value_model: a one-label sequence classifier, or None.
+        value_head: a `ValueHead`, or None. At most one of the two; neither = no value function
+            (the critic-free RLOO/GRPO estimators), and ``values`` is None.
+    """
+
+    def __init__(self, policy: nn.Module, temperature: float, value_model: nn.Module | None = None,
+                 value_head: ValueHead | None = None):
+        super().__init__()
+        if value_model is not None and value_head is not None:
+            raise ValueError("ActorCritic takes a value_model or a value_head, not both")
+        self.policy = policy
+        self.value_model = value_model
+        self.value_head = value_head
+        self.temperature = float(temperature)
+
+    @property
+    def has_value(self) -> bool:
+        return self.value_model is not None or self.value_head is not None
+
+    def forward(self, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Log-probabilities and entropy of the response under the policy, and the values (item 4: 0 at padding).
+
+        Shapes: queries [B, Lq] left-padded, responses [B, T] right-padded; outputs [B, T]
+        float32, aligned as in `rollout.forward_logprobs` / `rollout.token_values`.
+        """
+        ids, mask = _concat(query_ids, query_mask, response_ids, response_mask)
+        T = response_ids.shape[1]
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask,
+                                  "position_ids": position_ids_from_mask(mask), "use_cache": False}
+        if self.value_head is not None:
+            kwargs["output_hidden_states"] = True
+        elif _accepts_logits_to_keep(self.policy):
+            kwargs["logits_to_keep"] = T + 1  # no [B, Lq, V] logits for the prompt
+        out = self.policy(**kwargs)
+        logits = out.logits[:, -(T + 1):-1].float() / self.temperature  # position Lq-1+t predicts token t
+        valid = response_mask.bool()
+        logprobs = torch.where(valid, logprobs_from_logits(logits, response_ids), 0.0)
+        entropy = torch.where(valid, entropy_from_logits(logits), 0.0)
+        values = None
+        if self.value_head is not None:
+            hidden = out.hidden_states[-1][:, -(T + 1):-1]
+            values = torch.where(valid, self.value_head(hidden), 0.0)
+        elif self.value_model is not None:
+            values = token_values(self.value_model, query_ids, query_mask, response_ids, response_mask)
+        return logprobs, entropy, values

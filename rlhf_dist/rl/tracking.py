@@ -1,0 +1,86 @@
+"""Where the PPO loop's numbers go: a JSONL log, TensorBoard, and sample completions (main process only).
+
+    WORK/log.jsonl        one JSON object per logged step (every metric; `log_history.json` at the end)
+    WORK/samples.jsonl    a few (prompt, completion, score) per logged step
+    WORK/tensorboard/     TensorBoard event files: `tensorboard --logdir OUTPUT/ppo/tensorboard`
+
+On resume from step S, lines of later steps (written after the checkpoint) are dropped first, so
+the logs continue exactly where the checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rlhf_dist.rundir import write_text
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN/inf
+    return value
+
+
+class Tracker:
+    """Writes metrics and samples; a no-op on processes other than the main one."""
+
+    def __init__(self, folder: Path, enabled: bool, report_to: list[str], resume_step: int = 0):
+        self.enabled = enabled
+        self.folder = Path(folder)
+        self.metrics_path = self.folder / "log.jsonl"
+        self.samples_path = self.folder / "samples.jsonl"
+        self.tensorboard = None
+        unknown = [r for r in report_to if r not in ("tensorboard",)]
+        if unknown:
+            raise ValueError(f"unknown tracker(s) {unknown}; training.report_to takes 'tensorboard' or []")
+        if not enabled:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _truncate_jsonl(self.metrics_path, resume_step)
+        _truncate_jsonl(self.samples_path, resume_step)
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: on resume, TensorBoard hides events logged after the checkpoint
+            purge = resume_step + 1 if resume_step else None
+            self.tensorboard = SummaryWriter(str(self.folder / "tensorboard"), purge_step=purge)
+
+    def log(self, step: int, metrics: dict[str, float], samples: list[dict] | None = None) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if samples:
+            with self.samples_path.open("a") as fh:
+                for sample in samples:
+                    fh.write(json.dumps({"step": step, **sample}) + "\n")
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tensorboard.add_scalar(key, value, step)
+            if samples:
+                text = "\n\n".join(f"**prompt** {s['prompt']!r}  \n**completion** {s['completion']!r}  \n"
+                                   f"**score** {s['score']:.3f}" for s in samples)
+                self.tensorboard.add_text("samples", text, step)
+            self.tensorboard.flush()
+
+    def history(self) -> list[dict]:
+        if not self.enabled or not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None

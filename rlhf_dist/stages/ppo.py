@@ -1,0 +1,291 @@
+"""Stage `ppo`: RLHF with our own PPO loop (or the critic-free RLOO / GRPO baselines) on prompts.
+
+Four models (PPO_CHECKLIST items 16-19; dropout off in all of them):
+
+* policy     the SFT output (full weights, or a fresh LoRA adapter on them with lora.enabled);
+* reference  a frozen copy of the SFT model, or, with LoRA, the policy with its adapter disabled
+             (the SFT weights are the base, so that IS the SFT model);
+* reward     a one-label sequence classifier (default: this run's reward stage; it may use another
+             tokenizer: responses are decoded and re-encoded), or a Python function `module:function`;
+* value      a sequence classifier initialised from the reward model (default), or a value head on
+             the policy (`ppo.value_head: true`); none with advantage_estimator rloo / grpo.
+
+The loop itself is `rlhf_dist.rl.trainer.PPOTrainer`. Reported on held-out prompts, before and after:
+the mean score, the KL to the reference, the response length and the EOS rate.
+
+    rlhf-dist ppo --recipe demo --output runs/demo
+    accelerate launch --multi_gpu --num_processes 8 -m rlhf_dist ppo --recipe my.yaml --output runs/x
+    accelerate launch --config_file launch/zero3.yaml -m rlhf_dist ppo --recipe my.yaml --output runs/x
+    rlhf-dist ppo --recipe my.yaml --output runs/x ppo.reward_fn=my_pkg.rewards:score ppo.training.kl_coef=0.02
+
+On Slurm, the same command runs inside the sbatch templates of slurm/.
+Writes OUTPUT/ppo: the policy (safetensors; plus `adapter/` with LoRA), `value_model/` (or
+`value_head.safetensors`), tokenizer, config.yaml, metrics.json, log_history.json (every step),
+samples.jsonl, tensorboard/, training.png, README.md. `--resume` continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from rlhf_dist import rundir
+from rlhf_dist.errors import ConfigError, DataError, UserError
+from rlhf_dist.models import load_causal_lm, load_reward_model, load_tokenizer, peft_config
+from rlhf_dist.stages.common import StageContext, stage_main
+
+STAGE, DATA_KIND = "ppo", "prompts"
+log = logging.getLogger("rlhf_dist")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks, before any model is loaded
+# ---------------------------------------------------------------------------------------------
+
+def resolve_reward(cfg, output: Path) -> None:
+    """Fill in cfg.reward_model (default: OUTPUT/reward) and check the reward source; one-line errors."""
+    from rlhf_dist.rl.reward_fn import load_reward_fn
+
+    if cfg.reward_fn:
+        load_reward_fn(cfg.reward_fn, "ppo.reward_fn")
+    else:
+        if not cfg.reward_model:
+            if not rundir.is_complete(output, "reward"):
+                raise UserError("ppo: no reward; set ppo.reward_model (a reward model), ppo.reward_fn "
+                                "(module:function), or run the reward stage first (it writes OUTPUT/reward)")
+            cfg.reward_model = str(rundir.stage_dir(output, "reward").resolve())
+        check_classifier(cfg.reward_model, "ppo.reward_model", cfg)
+    if cfg.value_model and cfg.training.advantage_estimator == "gae" and not cfg.value_head:
+        check_classifier(cfg.value_model, "ppo.value_model", cfg, causal_ok=True)
+
+
+def check_classifier(path: str, key: str, cfg, causal_ok: bool = False) -> None:
+    """A reward (or value) model must be a sequence classifier with one label (read from its config only)."""
+    from transformers import AutoConfig
+
+    from rlhf_dist.models import check_model_path
+
+    check_model_path(path, key, cfg.model)
+    config = AutoConfig.from_pretrained(path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        if config.num_labels != 1:
+            raise UserError(f"{key}: {path} has a classification head with {config.num_labels} labels; a reward model "
+                            "gives one score (num_labels=1): train it with the reward stage")
+    elif not causal_ok:
+        raise UserError(f"{key}: {path} is a {', '.join(archs) or 'model'} , not a sequence classifier; a reward model "
+                        "gives one score (AutoModelForSequenceClassification, num_labels=1): train it with the reward stage")
+
+
+def encode_prompts(prompts: list, tokenizer, max_length: int, source: str) -> list[list[int]]:
+    """Token ids of each prompt (chat template for message lists); every prompt must fit max_length."""
+    encoded, too_long = [], []
+    for prompt in prompts:
+        if isinstance(prompt, list):
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+        if len(ids) > max_length:
+            too_long.append((len(ids), prompt))
+        encoded.append(list(ids))
+    if too_long:
+        n, example = max(too_long, key=lambda x: x[0])
+        preview = str(example)[:60].replace("\n", " ")
+        raise DataError(f"{source}: {len(too_long)} of {len(prompts)} prompts are longer than ppo.training.max_prompt_length="
+                        f"{max_length} tokens (longest {n}: '{preview}...'); raise the limit or remove those prompts")
+    return encoded
+
+
+def check(ctx: StageContext) -> None:
+    from accelerate import PartialState
+
+    from rlhf_dist.rl.trainer import check_batch_sizes, stop_token_ids
+
+    cfg, a = ctx.cfg, ctx.cfg.training
+    if (Path(cfg.init_from) / "adapter_config.json").is_file() and not (Path(cfg.init_from) / "config.json").is_file():
+        raise UserError(f"ppo: {cfg.init_from} holds only a LoRA adapter; PPO starts from full weights "
+                        "(train sft with lora.merge: true, or merge the adapter first)")
+    try:
+        check_batch_sizes(a, PartialState().num_processes)
+        stop_token_ids(ctx.tokenizer, a.stop_tokens)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    train, held_out = list(ctx.train["prompt"]), list(ctx.eval["prompt"])
+    encoded = encode_prompts(train + held_out, ctx.tokenizer, a.max_prompt_length, ctx.data_source)
+    ctx.extra["train_prompts"], ctx.extra["eval_prompts"] = encoded[:len(train)], encoded[len(train):]
+    if len(ctx.extra["train_prompts"]) < a.rollout_batch_size:
+        raise ConfigError(f"ppo: {len(ctx.extra['train_prompts'])} training prompts are fewer than "
+                          f"ppo.training.rollout_batch_size={a.rollout_batch_size}; lower it or add prompts")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+def make_accelerator(a, world: int):
+    """An Accelerator for our loop: CPU without a GPU, mixed precision, accumulation, DeepSpeed's batch values."""
+    from accelerate import Accelerator
+
+    from rlhf_dist.rl.trainer import micro_batches_per_process
+
+    accumulation = micro_batches_per_process(a, world)
+    accelerator = Accelerator(cpu=a.use_cpu or not torch.cuda.is_available(),
+                              mixed_precision="bf16" if a.bf16 else "fp16" if a.fp16 else "no",
+                              gradient_accumulation_steps=accumulation)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:  # "auto" values: no DataLoader passes through prepare() to fill them in
+        ds = plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = a.per_device_train_batch_size
+        ds["gradient_accumulation_steps"] = accumulation
+        ds["train_batch_size"] = a.per_device_train_batch_size * accumulation * world
+        if ds.get("gradient_clipping", "auto") == "auto":
+            ds["gradient_clipping"] = a.max_grad_norm or 0.0
+    return accelerator
+
+
+def _frozen(model, device):
+    from rlhf_dist.rl.rollout import disable_dropout
+
+    disable_dropout(model)
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+def build_models(ctx: StageContext, accelerator):
+    """(actor_critic, reference or None, RewardSource) on the accelerator's device."""
+    from rlhf_dist.rl.actor_critic import ActorCritic, ValueHead, hidden_size_of
+    from rlhf_dist.rl.reward_fn import load_reward_fn
+    from rlhf_dist.rl.rollout import disable_dropout
+    from rlhf_dist.rl.trainer import RewardSource
+
+    cfg, a, device = ctx.cfg, ctx.cfg.training, accelerator.device
+    policy = load_causal_lm(cfg.init_from, cfg)
+    policy.generation_config.pad_token_id = ctx.tokenizer.pad_token_id
+    reference = None
+    lora = peft_config(cfg.lora, "CAUSAL_LM")
+    if lora is not None:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora)  # reference = this model with the adapter disabled
+    else:
+        reference = _frozen(load_causal_lm(cfg.init_from, cfg), device)
+    disable_dropout(policy)
+
+    if cfg.reward_fn:
+        reward = RewardSource(fn=load_reward_fn(cfg.reward_fn), fn_name=cfg.reward_fn)
+    else:
+        reward_tok = load_tokenizer(cfg.reward_model, cfg.model)
+        same = reward_tok.get_vocab() == ctx.tokenizer.get_vocab() and reward_tok.eos_token == ctx.tokenizer.eos_token
+        rm = _frozen(load_reward_model(cfg.reward_model, _unquantised(cfg), reward_tok), device)
+        reward = RewardSource(model=rm, tokenizer=None if same else reward_tok,
+                              max_length=getattr(rm.config, "max_position_embeddings", None))
+        if not same:
+            log.info("ppo: the reward model's tokenizer differs from the policy's; responses are decoded and re-encoded")
+
+    value_model = value_head = None
+    if a.advantage_estimator == "gae":
+        if cfg.value_head:
+            value_head = ValueHead(hidden_size_of(policy), seed=a.seed)
+        else:
+            # The value model reads the policy's tokens: it can start from the reward model only if that
+            # shares the policy's tokenizer; otherwise it starts from the policy, with a new head.
+            shares_tokens = reward.model is not None and reward.tokenizer is None
+            source = cfg.value_model or (cfg.reward_model if shares_tokens else cfg.init_from)
+            if source == cfg.init_from:
+                log.info("ppo: the value model starts from the policy with a new head (no reward model with the "
+                         "policy's tokenizer to start from)")
+            value_model = load_reward_model(source, cfg, ctx.tokenizer)
+            value_lora = peft_config(cfg.lora, "SEQ_CLS")
+            if value_lora is not None:
+                from peft import get_peft_model
+
+                value_model = get_peft_model(value_model, value_lora)
+            disable_dropout(value_model)
+    return ActorCritic(policy, a.temperature, value_model, value_head), reference, reward
+
+
+def _unquantised(cfg):
+    import dataclasses
+
+    from rlhf_dist.config import LoraConfig, QuantizationConfig
+
+    return dataclasses.replace(cfg, quantization=QuantizationConfig(), lora=LoraConfig())
+
+
+def save_final(trainer, ctx: StageContext) -> None:
+    """Policy (merged with LoRA, plus adapter/), value model or head, tokenizer: safetensors, main process."""
+    from safetensors.torch import save_file
+
+    cfg, acc, out = ctx.cfg, trainer.accelerator, ctx.final_dir
+    state = acc.get_state_dict(trainer.model)  # full weights on the main process, also under ZeRO-3
+    if not acc.is_main_process:
+        return
+    model = trainer.unwrapped
+    part = {name: {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            for name in ("policy", "value_model", "value_head")}
+    if hasattr(model.policy, "peft_config"):
+        from peft import PeftModel
+
+        model.policy.save_pretrained(str(out / "adapter"), state_dict=part["policy"], safe_serialization=True)
+        if cfg.lora.merge:  # reload the base unquantised, apply the adapter, merge
+            base = load_causal_lm(cfg.init_from, _unquantised(cfg))
+            PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload().save_pretrained(
+                str(out), safe_serialization=True)
+    else:
+        model.policy.save_pretrained(str(out), state_dict=part["policy"], safe_serialization=True)
+    if model.value_model is not None:
+        model.value_model.save_pretrained(str(out / "value_model"), state_dict=part["value_model"], safe_serialization=True)
+    if model.value_head is not None:
+        save_file({k: v.contiguous() for k, v in part["value_head"].items()}, str(out / "value_head.safetensors"))
+    ctx.tokenizer.save_pretrained(str(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+def run(ctx: StageContext) -> dict:
+    from accelerate import PartialState
+
+    from rlhf_dist.rl.trainer import PPOTrainer
+
+    a = ctx.cfg.training
+    accelerator = make_accelerator(a, PartialState().num_processes)
+    actor_critic, reference, reward = build_models(ctx, accelerator)
+    work = ctx.final_dir.parent
+    trainer = PPOTrainer(a, accelerator, actor_critic, reference, reward, ctx.tokenizer, ctx.extra["train_prompts"],
+                         ctx.extra["eval_prompts"], work)
+    before_file = work / "before.json"
+    if ctx.checkpoint and before_file.is_file():  # the starting policy's figures, measured by the first attempt
+        import json
+
+        before = json.loads(before_file.read_text())
+    else:
+        before = trainer.evaluate()
+        if accelerator.is_main_process:
+            rundir.write_json(before_file, before)
+    history = trainer.train(resume_from=ctx.checkpoint)
+    after = trainer.evaluate()
+    save_final(trainer, ctx)
+    if accelerator.is_main_process:
+        for name in ("samples.jsonl", "tensorboard"):
+            src = work / name
+            if src.exists():
+                (shutil.copytree if src.is_dir() else shutil.copy2)(src, ctx.final_dir / name)
+    accelerator.wait_for_everyone()
+    last = history[-1] if history else {}
+    train = {"global_step": trainer.step, "optimizer_steps": trainer.optimizer_step,
+             "final_kl": last.get("objective/kl"), "final_score": last.get("objective/scores"),
+             "final_kl_coef": last.get("objective/kl_coef")}
+    return {"before": before, "after": after, "train": train, "history": history}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(STAGE, DATA_KIND, run, argv, check=check)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,250 @@
+"""The PPO stage end to end on the tiny model: first-step invariants, every model option, logs, resume, bad input.
+
+Runs the real stage (`rlhf_dist.cli.main(["ppo", ...])`) in this process with a few steps.
+Multi-process equality (DDP, ZeRO-2, ZeRO-3) is in test_ppo_distributed.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_recipe
+from safetensors.torch import load_file
+
+from rlhf_dist.cli import main
+
+CHECKLIST_23 = ["objective/scores", "objective/kl", "policy/entropy", "policy/approx_kl", "policy/clipfrac",
+                "policy/ratio_mean", "policy/ratio_max", "value/loss", "value/explained_variance",
+                "rollout/response_length", "rollout/eos_rate", "rollout/tokens_per_second"]
+
+
+def run_ppo(tmp_path: Path, tiny_model, demo_data, *overrides: str, reward: Path | None = None, out: Path | None = None,
+            extra: str = "") -> Path:
+    rec = tiny_recipe(tmp_path, tiny_model, demo_data, extra)
+    out = out or tmp_path / "run"
+    args = [*([f"ppo.reward_model={reward}"] if reward else []), *overrides]
+    assert main(["ppo", "--recipe", str(rec), "--output", str(out), *args]) == 0
+    return out / "ppo"
+
+
+def history(stage_dir: Path) -> list[dict]:
+    return json.loads((stage_dir / "log_history.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# At the first minibatch the ratio is 1, and with policy == reference the KL is 0 (items 13, 14, 16, 19)
+# ---------------------------------------------------------------------------------------------
+OPTIONS = {
+    "value model from the reward model": [],
+    "value head on the policy": ["ppo.value_head=true"],
+    "lora (reference = adapter disabled)": ["ppo.lora.enabled=true", "ppo.lora.r=4"],
+    "rloo": ["ppo.training.advantage_estimator=rloo", "ppo.training.samples_per_prompt=2",
+             "ppo.training.rollout_batch_size=4"],
+    "grpo, k3 KL, normalised scores": ["ppo.training.advantage_estimator=grpo", "ppo.training.samples_per_prompt=4",
+                                       "ppo.training.rollout_batch_size=2", "ppo.training.kl_estimator=k3",
+                                       "ppo.training.reward_normalization=true", "ppo.training.reward_clip=3"],
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_first_step_ratio_is_one_and_kl_is_zero(option, tmp_path, tiny_model, tiny_reward_model, demo_data):
+    stage = run_ppo(tmp_path, tiny_model, demo_data, "ppo.training.max_steps=2", "ppo.training.save_steps=0",
+                    *OPTIONS[option], reward=tiny_reward_model)
+    h = history(stage)
+    assert [row["step"] for row in h] == [1, 2]
+    first = h[0]
+    assert first["policy/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-6)  # rollout forward == training forward
+    assert first["objective/kl"] == 0.0  # the policy IS the reference before its first update
+    assert first["objective/non_score_reward"] == 0.0
+    assert h[1]["objective/kl"] != 0.0  # ...and no longer after it
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["before"]["kl"] == 0.0 and metrics["after"]["kl"] != 0.0
+    assert metrics["train"]["optimizer_steps"] == 2 * 2 * (8 // 8)  # steps x ppo_epochs x minibatches
+    critic_free = option.startswith(("rloo", "grpo"))
+    assert ("value/loss" in first) == ("value/explained_variance" in first) == (not critic_free)
+    if option.startswith("value model"):
+        assert (stage / "value_model" / "model.safetensors").is_file()
+    if option.startswith("value head"):
+        assert set(load_file(stage / "value_head.safetensors")) == {"summary.weight", "summary.bias"}
+
+
+def test_lora_policy_trains_only_the_adapter_and_saves_it_merged(tmp_path, tiny_model, tiny_reward_model, demo_data):
+    stage = run_ppo(tmp_path, tiny_model, demo_data, "ppo.training.max_steps=2", "ppo.training.save_steps=0",
+                    "ppo.lora.enabled=true", "ppo.lora.r=4", "ppo.training.learning_rate=1e-2", reward=tiny_reward_model)
+    assert (stage / "adapter" / "adapter_model.safetensors").is_file()
+    base, merged = load_file(tiny_model / "model.safetensors"), load_file(stage / "model.safetensors")
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all("proj" in k for k in changed)  # LoRA targets the linear layers only
+    assert torch.equal(base["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs: JSONL with checklist item 23's metrics, TensorBoard, samples, curves
+# ---------------------------------------------------------------------------------------------
+def test_logs_jsonl_tensorboard_and_samples(tmp_path, tiny_model, tiny_reward_model, demo_data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stage = run_ppo(tmp_path, tiny_model, demo_data, "ppo.training.num_sample_completions=2",
+                    "ppo.training.save_steps=0", reward=tiny_reward_model)
+    h = history(stage)
+    assert len(h) == 4
+    for row in h:
+        missing = [k for k in CHECKLIST_23 if k not in row]
+        assert not missing, missing
+        assert 0.0 <= row["rollout/eos_rate"] <= 1.0 and 1 <= row["rollout/response_length"] <= 12
+        assert row["policy/ratio_max"] >= row["policy/ratio_mean"] > 0
+    samples = [json.loads(line) for line in (stage / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert all(s["prompt"].startswith("Question:") and isinstance(s["score"], float) for s in samples)
+    events = EventAccumulator(str(stage / "tensorboard")).Reload()
+    scores = events.Scalars("objective/scores")
+    assert [e.step for e in scores] == [1, 2, 3, 4]
+    assert [e.value for e in scores] == pytest.approx([row["objective/scores"] for row in h], rel=1e-6)
+    assert (stage / "training.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------------
+# A reward model with another tokenizer: responses are decoded and re-encoded
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def other_tokenizer_reward_model(tmp_path_factory) -> Path:
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_dist.demo import synthetic, tiny
+
+    out = tmp_path_factory.mktemp("rm_other_tok")
+    tok = tiny.build_tokenizer(synthetic.corpus(1)[:3000], vocab_size=600)
+    torch.manual_seed(1)
+    lm = tiny.build_model(tok, hidden_size=32, num_layers=1, num_heads=2, seed=1)
+    lm.save_pretrained(out / "lm")
+    model = AutoModelForSequenceClassification.from_pretrained(out / "lm", num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out / "rm")
+    tok.save_pretrained(out / "rm")
+    return out / "rm"
+
+
+def test_reward_model_with_another_tokenizer(tmp_path, tiny_model, demo_data, other_tokenizer_reward_model):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    stage = run_ppo(tmp_path, tiny_model, demo_data, "ppo.training.max_steps=1", "ppo.training.save_steps=0",
+                    "ppo.training.num_sample_completions=4", reward=other_tokenizer_reward_model)
+    rm = AutoModelForSequenceClassification.from_pretrained(other_tokenizer_reward_model).eval()
+    tok = AutoTokenizer.from_pretrained(other_tokenizer_reward_model)
+    samples = [json.loads(line) for line in (stage / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4
+    for sample in samples:
+        # what the reward stage trained on: prompt + response text, EOS appended when the response stopped
+        text = sample["prompt"] + sample["completion"] + (tok.eos_token if sample["ended"] else "")
+        with torch.no_grad():
+            expected = rm(**tok(text, return_tensors="pt")).logits[0, 0].item()
+        assert sample["score"] == pytest.approx(expected, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: a crash mid-run, then the same command, gives the uninterrupted run's result
+# ---------------------------------------------------------------------------------------------
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_model, tiny_reward_model, demo_data, monkeypatch):
+    from rlhf_dist.rl.trainer import PPOTrainer
+
+    clean = run_ppo(tmp_path, tiny_model, demo_data, reward=tiny_reward_model, out=tmp_path / "clean")
+    crashed_out = tmp_path / "crashed"
+    real_step = PPOTrainer.train_step
+
+    def crash_at_step_4(self, step):
+        if step == 4:
+            raise RuntimeError("simulated crash at step 4")
+        return real_step(self, step)
+
+    monkeypatch.setattr(PPOTrainer, "train_step", crash_at_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_ppo(tmp_path, tiny_model, demo_data, reward=tiny_reward_model, out=crashed_out)
+    work = crashed_out / "ppo.incomplete"
+    assert not (crashed_out / "ppo").exists()
+    assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-2"]
+    # A crash while writing the next checkpoint leaves only a .tmp folder, which resume ignores.
+    (work / "checkpoint-3.tmp").mkdir()
+    (work / "checkpoint-3.tmp" / "model.safetensors").write_bytes(b"half a file")
+    monkeypatch.setattr(PPOTrainer, "train_step", real_step)
+    resumed = run_ppo(tmp_path, tiny_model, demo_data, reward=tiny_reward_model, out=crashed_out)
+
+    for name in ("model.safetensors", "value_model/model.safetensors"):
+        a, b = load_file(clean / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    timing = ("time/", "rollout/tokens_per_second", "rollout/samples_per_second")
+    strip = [{k: v for k, v in row.items() if not k.startswith(timing)} for row in history(clean)]
+    assert strip == [{k: v for k, v in row.items() if not k.startswith(timing)} for row in history(resumed)]
+    after = [json.loads((d / "metrics.json").read_text())["after"] for d in (clean, resumed)]
+    assert after[0] == after[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, before any model is loaded, nothing written
+# ---------------------------------------------------------------------------------------------
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def three_label_model(tiny_model, tmp_path_factory) -> Path:
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path_factory.mktemp("three_labels")
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3).save_pretrained(out)
+    return out
+
+
+def ppo_bad_cases(tmp_path: Path, tiny_reward_model: Path, three_label_model: Path, tiny_model: Path) -> dict:
+    long_prompts = tmp_path / "long.jsonl"
+    long_prompts.write_text("".join(json.dumps({"prompt": "Question: " + "word " * n + "?\nAnswer:"}) + "\n"
+                                    for n in (3, 4, 300, 5, 6, 7)))
+    return {
+        "reward function that cannot be imported": (["ppo.reward_fn=no_such_module.rewards:score"],
+                                                    "ppo.reward_fn: cannot import module 'no_such_module.rewards'"),
+        "reward function name not in the module": (["ppo.reward_fn=rlhf_dist.demo.rewards:kindness"],
+                                                   "has no 'kindness'"),
+        "reward model with a 3-label head": ([f"ppo.reward_model={three_label_model}"], "head with 3 labels"),
+        "reward model that is a causal LM": ([f"ppo.reward_model={tiny_model}"], "not a sequence classifier"),
+        "no reward at all": ([], "ppo: no reward; set ppo.reward_model"),
+        "prompts longer than the maximum": ([f"ppo.reward_model={tiny_reward_model}", f"ppo.data.path={long_prompts}",
+                                             "ppo.data.eval_fraction=0.3", "ppo.training.rollout_batch_size=2",
+                                             "ppo.training.generation_batch_size=2", "ppo.training.mini_batch_size=2",
+                                             "ppo.training.per_device_train_batch_size=2",
+                                             "ppo.training.max_prompt_length=64"],
+                                            "long.jsonl: 1 of 6 prompts are longer than ppo.training.max_prompt_length=64"),
+        "batch that does not split into generation chunks": (
+            [f"ppo.reward_model={tiny_reward_model}", "ppo.training.generation_batch_size=3"],
+            "generation_batch_size=3 does not divide the 8 rollouts per process"),
+        "group baseline with one sample per prompt": (["ppo.reward_fn=rlhf_dist.demo.rewards:politeness",
+                                                       "ppo.training.advantage_estimator=grpo"],
+                                                      "set training.samples_per_prompt >= 2"),
+    }
+
+
+CASES = ["reward function that cannot be imported", "reward function name not in the module",
+         "reward model with a 3-label head", "reward model that is a causal LM", "no reward at all",
+         "prompts longer than the maximum", "batch that does not split into generation chunks",
+         "group baseline with one sample per prompt"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_before_any_model_loads(case, tmp_path, tiny_model, tiny_reward_model, three_label_model,
+                                                demo_data, monkeypatch, capsys):
+    import transformers
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    for auto in ("AutoModelForCausalLM", "AutoModelForSequenceClassification"):
+        monkeypatch.setattr(getattr(transformers, auto), "from_pretrained", no_loading)
+    rec, out = tiny_recipe(tmp_path, tiny_model, demo_data), tmp_path / "run"
+    overrides, expected = ppo_bad_cases(tmp_path, tiny_reward_model, three_label_model, tiny_model)[case]
+    before = snapshot(tmp_path)
+    assert main(["ppo", "--recipe", str(rec), "--output", str(out), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert expected in err, err
+    assert snapshot(tmp_path) == before and not out.exists()
