@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import cli, tiny_recipe
 from safetensors.torch import load_file
 
@@ -28,10 +29,12 @@ def test_pipeline_chains_stages_and_rerun_is_a_no_op(tmp_path, tiny_model, demo_
     first = cli("pipeline", "--recipe", str(rec), "--output", str(out))
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary) == ["pretrain", "sft", "reward", "dpo"]
+    assert list(summary) == ["pretrain", "sft", "reward", "ppo", "dpo"]
     init = {s: json.loads((out / s / "metrics.json").read_text())["init_from"] for s in summary}
     assert init == {"pretrain": str(tiny_model), "sft": str(out / "pretrain"), "reward": str(out / "sft"),
-                    "dpo": str(out / "sft")}
+                    "ppo": str(out / "sft"), "dpo": str(out / "sft")}
+    # ppo's reward model is the reward stage of the run (and its value model starts from it)
+    assert yaml.safe_load((out / "ppo" / "config.yaml").read_text())["reward_model"] == str(out / "reward")
     assert summary["pretrain"]["after"]["perplexity"] < summary["pretrain"]["before"]["perplexity"]
     assert summary["sft"]["after"]["eval_loss"] < summary["sft"]["before"]["eval_loss"]
     assert summary["reward"]["after"]["accuracy"] > summary["reward"]["before"]["accuracy"]
@@ -42,7 +45,7 @@ def test_pipeline_chains_stages_and_rerun_is_a_no_op(tmp_path, tiny_model, demo_
     stages = {s: snapshot(out / s) for s in summary}
     again = cli("pipeline", "--recipe", str(rec), "--output", str(out))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("complete, skipping") == 4
+    assert again.stdout.count("complete, skipping") == 5
     assert {s: snapshot(out / s) for s in summary} == stages  # nothing rewritten
 
     # A changed config is refused for the stage it changes, and nothing is touched...
@@ -220,6 +223,11 @@ def test_demo_meets_its_targets(tmp_path):
     assert s["reward"]["after"]["accuracy"] >= 0.9
     assert s["dpo"]["after"]["accuracy"] > s["dpo"]["before"]["accuracy"]
     assert s["dpo"]["after"]["margin"] > s["dpo"]["before"]["margin"]
+    # PPO: the held-out reward clearly rises while the KL to the SFT model stays bounded
+    ppo = s["ppo"]
+    assert ppo["before"]["kl"] == 0.0
+    assert ppo["after"]["score"] > ppo["before"]["score"] + 0.5, ppo
+    assert 0.0 < ppo["after"]["kl"] < 10.0, ppo
     assert "demo: finished" in result.stdout
     shutil.rmtree(out)
 
@@ -288,6 +296,11 @@ def test_pipeline_checks_every_stage_config_before_running_any(tmp_path, tiny_mo
     assert "did you mean 'beta'" in capsys.readouterr().err
     assert main(["pipeline", "--recipe", str(rec), "--output", str(out), f"dpo.data.path={tmp_path}/gone.jsonl"]) == 2
     assert "dpo.data.path: data file not found" in capsys.readouterr().err
+    # ppo without a reward stage in the run, a reward model or a reward function: refused up front
+    assert main(["pipeline", "--recipe", str(rec), "--output", str(out), "--stages", "sft,ppo"]) == 2
+    assert "ppo: no reward; set ppo.reward_model" in capsys.readouterr().err
+    assert main(["pipeline", "--recipe", str(rec), "--output", str(out), "ppo.reward_fn=nowhere:score"]) == 2
+    assert "ppo.reward_fn: cannot import module 'nowhere'" in capsys.readouterr().err
     assert not out.exists()
 
 

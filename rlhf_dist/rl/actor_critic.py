@@ -45,7 +45,8 @@ class ValueHead(nn.Module):
             self.summary.bias.zero_()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.summary(hidden.float()).squeeze(-1)
+        # float32 unless DeepSpeed cast the whole model to 16 bit; the values come back as float32
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1).float()
 
 
 def hidden_size_of(model: nn.Module) -> int:

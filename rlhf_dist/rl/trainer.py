@@ -237,7 +237,8 @@ class PPOTrainer:
         self.rollouts_per_step = args.rollout_batch_size * args.samples_per_prompt
         self.minibatches = self.rollouts_per_step // args.mini_batch_size
         self.optimizer_steps = self.max_steps * args.ppo_epochs * self.minibatches
-        self.zero3 = _zero_stage(accelerator) == 3
+        self.zero_stage = _zero_stage(accelerator)
+        self.zero3 = self.zero_stage == 3
 
         self.optimizer = torch.optim.AdamW(
             _param_groups(actor_critic, args), betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,

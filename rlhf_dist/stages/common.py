@@ -130,6 +130,26 @@ def load_stage_config(stage: str, args: argparse.Namespace) -> tuple[StageConfig
     return cfg, resolved
 
 
+def process_state():
+    """The accelerate process state (world size, rank), created the same way by every stage.
+
+    Without a GPU it must be created with ``cpu=True``: otherwise ``accelerate launch --multi_gpu``
+    on a CPU machine gives every process a world of one (CPU_NOTES trap 1), and each would train
+    alone. DeepSpeed runs on CPU through its own CPU accelerator instead (``cpu=True`` would quietly
+    turn it into plain DDP), with the gloo backend.
+    """
+    import os
+
+    import torch
+    from accelerate import PartialState
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    on_cpu = not torch.cuda.is_available()
+    if deepspeed and on_cpu:  # DeepSpeed's CPU accelerator; without gloo every process would be rank 0 of 1
+        return PartialState(backend="gloo")
+    return PartialState(cpu=on_cpu)
+
+
 def setup_logging() -> None:
     """Readable logs: our INFO lines and the Trainer's progress bar, not every library's chatter."""
     import warnings
@@ -155,12 +175,10 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()
-    from accelerate import PartialState
-
     from rlhf_dist.data import load_splits
     from rlhf_dist.models import load_tokenizer
 
-    state = PartialState()  # one process, or one of many under accelerate/torchrun/srun
+    state = process_state()  # one process, or one of many under accelerate/torchrun/srun
     if not state.is_main_process:
         log.setLevel(logging.WARNING)  # one readable log, from the main process
 

@@ -26,6 +26,7 @@ samples.jsonl, tensorboard/, training.png, README.md. `--resume` continues from 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 from rlhf_dist import rundir
 from rlhf_dist.errors import ConfigError, DataError, UserError
 from rlhf_dist.models import load_causal_lm, load_reward_model, load_tokenizer, peft_config
-from rlhf_dist.stages.common import StageContext, stage_main
+from rlhf_dist.stages.common import StageContext, process_state, stage_main
 
 STAGE, DATA_KIND = "ppo", "prompts"
 log = logging.getLogger("rlhf_dist")
@@ -100,8 +101,6 @@ def encode_prompts(prompts: list, tokenizer, max_length: int, source: str) -> li
 
 
 def check(ctx: StageContext) -> None:
-    from accelerate import PartialState
-
     from rlhf_dist.rl.trainer import check_batch_sizes, stop_token_ids
 
     cfg, a = ctx.cfg, ctx.cfg.training
@@ -109,7 +108,7 @@ def check(ctx: StageContext) -> None:
         raise UserError(f"ppo: {cfg.init_from} holds only a LoRA adapter; PPO starts from full weights "
                         "(train sft with lora.merge: true, or merge the adapter first)")
     try:
-        check_batch_sizes(a, PartialState().num_processes)
+        check_batch_sizes(a, process_state().num_processes)
         stop_token_ids(ctx.tokenizer, a.stop_tokens)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -125,33 +124,74 @@ def check(ctx: StageContext) -> None:
 # Models
 # ---------------------------------------------------------------------------------------------
 
-def make_accelerator(a, world: int):
-    """An Accelerator for our loop: CPU without a GPU, mixed precision, accumulation, DeepSpeed's batch values."""
+def make_accelerator(a, world: int, hidden_size: int):
+    """An Accelerator for our loop: devices, mixed precision, accumulation, DeepSpeed's "auto" values.
+
+    ``hidden_size`` (the policy's) fills ZeRO's size-dependent "auto" keys, which accelerate can only
+    take from a ``model.config`` (our ActorCritic has none).
+    """
+    import os
+
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     from rlhf_dist.rl.trainer import micro_batches_per_process
 
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    on_cpu = a.use_cpu or not torch.cuda.is_available()
     accumulation = micro_batches_per_process(a, world)
-    accelerator = Accelerator(cpu=a.use_cpu or not torch.cuda.is_available(),
-                              mixed_precision="bf16" if a.bf16 else "fp16" if a.fp16 else "no",
-                              gradient_accumulation_steps=accumulation)
+    accelerator = Accelerator(
+        cpu=on_cpu and not deepspeed,  # cpu=True would quietly replace DeepSpeed by plain DDP
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else [],
+        mixed_precision="bf16" if a.bf16 else "fp16" if a.fp16 else "no",
+        gradient_accumulation_steps=accumulation,
+        step_scheduler_with_optimizer=False,  # we set the learning rate ourselves, once per optimizer step
+    )
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None:  # "auto" values: no DataLoader passes through prepare() to fill them in
+    if plugin is not None:  # no DataLoader passes through prepare() to fill these in
         ds = plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = a.per_device_train_batch_size
         ds["gradient_accumulation_steps"] = accumulation
         ds["train_batch_size"] = a.per_device_train_batch_size * accumulation * world
-        if ds.get("gradient_clipping", "auto") == "auto":
+        if plugin.is_auto("gradient_clipping"):
             ds["gradient_clipping"] = a.max_grad_norm or 0.0
+        h = hidden_size
+        zero = ds.setdefault("zero_optimization", {})
+        for key, value in {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+                           "stage3_param_persistence_threshold": 10 * h}.items():
+            if zero.get(key) == "auto":
+                zero[key] = value
     return accelerator
 
 
-def _frozen(model, device):
+@contextlib.contextmanager
+def replicated_loading():
+    """Load models whole on every process, even under ZeRO-3 (whose zero.Init would partition them).
+
+    For the frozen reference and reward models: they are never passed to DeepSpeed, so partitioned
+    weights would be unusable; each process keeps a full copy instead (no communication in their
+    forwards). The QLoRA issue shrinks them (4-bit) where memory matters.
+    """
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref() if hf_ds._hf_deepspeed_config_weak_ref is not None else None
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if saved is not None:
+            hf_ds.set_hf_deepspeed_config(saved)
+
+
+def _frozen(model, accelerator):
+    """Eval mode, no grad, dropout off, on the device; under DeepSpeed in its 16-bit dtype (as the policy)."""
     from rlhf_dist.rl.rollout import disable_dropout
 
     disable_dropout(model)
     model.requires_grad_(False)
-    return model.eval().to(device)
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None and accelerator.mixed_precision != "no":
+        model = model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[accelerator.mixed_precision])
+    return model.eval().to(accelerator.device)
 
 
 def build_models(ctx: StageContext, accelerator):
@@ -161,7 +201,7 @@ def build_models(ctx: StageContext, accelerator):
     from rlhf_dist.rl.rollout import disable_dropout
     from rlhf_dist.rl.trainer import RewardSource
 
-    cfg, a, device = ctx.cfg, ctx.cfg.training, accelerator.device
+    cfg, a = ctx.cfg, ctx.cfg.training
     policy = load_causal_lm(cfg.init_from, cfg)
     policy.generation_config.pad_token_id = ctx.tokenizer.pad_token_id
     reference = None
@@ -171,7 +211,8 @@ def build_models(ctx: StageContext, accelerator):
 
         policy = get_peft_model(policy, lora)  # reference = this model with the adapter disabled
     else:
-        reference = _frozen(load_causal_lm(cfg.init_from, cfg), device)
+        with replicated_loading():
+            reference = _frozen(load_causal_lm(cfg.init_from, cfg), accelerator)
     disable_dropout(policy)
 
     if cfg.reward_fn:
@@ -179,7 +220,8 @@ def build_models(ctx: StageContext, accelerator):
     else:
         reward_tok = load_tokenizer(cfg.reward_model, cfg.model)
         same = reward_tok.get_vocab() == ctx.tokenizer.get_vocab() and reward_tok.eos_token == ctx.tokenizer.eos_token
-        rm = _frozen(load_reward_model(cfg.reward_model, _unquantised(cfg), reward_tok), device)
+        with replicated_loading():
+            rm = _frozen(load_reward_model(cfg.reward_model, _unquantised(cfg), reward_tok), accelerator)
         reward = RewardSource(model=rm, tokenizer=None if same else reward_tok,
                               max_length=getattr(rm.config, "max_position_embeddings", None))
         if not same:
@@ -248,12 +290,14 @@ def save_final(trainer, ctx: StageContext) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def run(ctx: StageContext) -> dict:
-    from accelerate import PartialState
-
     from rlhf_dist.rl.trainer import PPOTrainer
 
-    a = ctx.cfg.training
-    accelerator = make_accelerator(a, PartialState().num_processes)
+    from transformers import AutoConfig
+
+    a, cfg = ctx.cfg.training, ctx.cfg
+    config = AutoConfig.from_pretrained(cfg.init_from, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    hidden = (config.get_text_config() if hasattr(config, "get_text_config") else config).hidden_size
+    accelerator = make_accelerator(a, process_state().num_processes, hidden)
     actor_critic, reference, reward = build_models(ctx, accelerator)
     work = ctx.final_dir.parent
     trainer = PPOTrainer(a, accelerator, actor_critic, reference, reward, ctx.tokenizer, ctx.extra["train_prompts"],
@@ -278,6 +322,7 @@ def run(ctx: StageContext) -> dict:
     accelerator.wait_for_everyone()
     last = history[-1] if history else {}
     train = {"global_step": trainer.step, "optimizer_steps": trainer.optimizer_step,
+             "distributed_type": str(accelerator.distributed_type.value), "zero_stage": trainer.zero_stage,
              "final_kl": last.get("objective/kl"), "final_score": last.get("objective/scores"),
              "final_kl_coef": last.get("objective/kl_coef")}
     return {"before": before, "after": after, "train": train, "history": history}
