@@ -428,6 +428,30 @@ def test_value_loss_by_hand(V, old_V, R, c, loss, clipfrac):
     assert stats == {"vf_clipfrac": clipfrac, "value_mean": V}
 
 
+def test_value_loss_inside_the_clip_range_is_exactly_unclipped():
+    """float32 values that moved less than the clip range: no clipping counted, not even from rounding
+    (V_old + (V - V_old) need not equal V in the last bit; 1 and N processes would count differently)."""
+    g = torch.Generator().manual_seed(0)
+    old_v = 0.01 * (2 * torch.rand(64, 32, generator=g) - 1)  # |V - V_old| < 0.16, inside the range 0.2
+    v = (0.15 * (2 * torch.rand(64, 32, generator=g) - 1)).requires_grad_()
+    ret = torch.randn(64, 32, generator=g)
+    assert not torch.equal(old_v + (v - old_v), v)  # the rounding this guards against does occur here
+    mask = torch.ones(64, 32, dtype=torch.bool)
+    out, stats = value_loss(v, old_v, ret, mask, clip_range=0.2)
+    assert stats["vf_clipfrac"] == 0.0
+    assert torch.equal(out, 0.5 * ((v - ret) ** 2).mean())
+
+
+def test_value_loss_denominator_sums_micro_batches_to_the_whole_batch():
+    mask, _ = ragged(6, 5, seed=7)
+    v, old_v, ret = randn(6, 5, seed=8), randn(6, 5, seed=9), randn(6, 5, seed=10)
+    for aggregation, count in (("token", float(mask.sum())), ("sequence", 6.0)):
+        whole, _ = value_loss(v, old_v, ret, mask, 0.3, aggregation)
+        parts = [value_loss(v[i:i + 2], old_v[i:i + 2], ret[i:i + 2], mask[i:i + 2], 0.3, aggregation, denominator=count)[0]
+                 for i in (0, 2, 4)]
+        assert sum(parts).item() == pytest.approx(whole.item(), abs=1e-12)
+
+
 def test_value_loss_sequence_aggregation_matches_loop():
     mask, lengths = ragged(4, 6, seed=2)
     v, old_v, ret = randn(4, 6, seed=3), randn(4, 6, seed=4), randn(4, 6, seed=5)

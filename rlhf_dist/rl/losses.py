@@ -140,7 +140,10 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         v_losses = v_loss_unclipped
         clipped = torch.zeros_like(m)
     else:
-        v_clipped = old_v + torch.clamp(v - old_v, -clip_range, clip_range)
+        # Exactly V inside the range: V_old + (V - V_old) may differ from V in the last bit, and the max
+        # below would then count rounding noise as clipping (and differ between 1 and N processes).
+        moved = v - old_v
+        v_clipped = torch.where(moved.abs() > clip_range, old_v + torch.clamp(moved, -clip_range, clip_range), v)
         v_loss_clipped = (v_clipped - ret) ** 2
         v_losses = torch.max(v_loss_unclipped, v_loss_clipped)
         clipped = v_loss_clipped > v_loss_unclipped

@@ -257,6 +257,16 @@ def _unquantised(cfg):
     return dataclasses.replace(cfg, quantization=QuantizationConfig(), lora=LoraConfig())
 
 
+def _untied(module, state: dict) -> dict:
+    """Drop the second name of tied weights (lm_head = embeddings): a gathered ZeRO-3 state dict holds
+    them as separate tensors, so save_pretrained could not tell, and would save both."""
+    if module is None:
+        return state
+    every = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    tied = every - {name for name, _ in module.named_parameters()}
+    return {k: v for k, v in state.items() if k not in tied}
+
+
 def save_final(trainer, ctx: StageContext) -> None:
     """Policy (merged with LoRA, plus adapter/), value model or head, tokenizer: safetensors, main process."""
     from safetensors.torch import save_file
@@ -266,7 +276,7 @@ def save_final(trainer, ctx: StageContext) -> None:
     if not acc.is_main_process:
         return
     model = trainer.unwrapped
-    part = {name: {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+    part = {name: _untied(getattr(model, name), {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
             for name in ("policy", "value_model", "value_head")}
     if hasattr(model.policy, "peft_config"):
         from peft import PeftModel
