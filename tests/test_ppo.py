@@ -38,8 +38,8 @@ def history(stage_dir: Path) -> list[dict]:
 # At the first minibatch the ratio is 1, and with policy == reference the KL is 0 (items 13, 14, 16, 19)
 # ---------------------------------------------------------------------------------------------
 OPTIONS = {
-    "value model from the reward model": [],
-    "value head on the policy": ["ppo.value_head=true"],
+    "value model from the reward model, missing-EOS penalty": ["ppo.training.missing_eos_penalty=2.0"],
+    "value head on the policy, adaptive KL": ["ppo.value_head=true", "ppo.training.adaptive_kl=true"],
     "lora (reference = adapter disabled)": ["ppo.lora.enabled=true", "ppo.lora.r=4"],
     "rloo": ["ppo.training.advantage_estimator=rloo", "ppo.training.samples_per_prompt=2",
              "ppo.training.rollout_batch_size=4"],
@@ -63,6 +63,18 @@ def test_first_step_ratio_is_one_and_kl_is_zero(option, tmp_path, tiny_model, ti
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["before"]["kl"] == 0.0 and metrics["after"]["kl"] != 0.0
     assert metrics["train"]["optimizer_steps"] == 2 * 2 * (8 // 8)  # steps x ppo_epochs x minibatches
+    if "missing-EOS" in option:  # score - penalty on responses that never stopped, at KL 0
+        expected = first["objective/scores"] - 2.0 * (1.0 - first["rollout/eos_rate"])
+        assert first["objective/rlhf_reward"] == pytest.approx(expected, abs=1e-5)
+        assert first["rollout/eos_rate"] < 1.0  # (a random tiny model rarely stops: the penalty is exercised)
+    elif "normalised" in option:  # (s - running mean) / running std, over this first batch only: mean 0
+        assert first["objective/rlhf_reward"] == pytest.approx(0.0, abs=1e-5)
+    else:
+        assert first["objective/rlhf_reward"] == pytest.approx(first["objective/scores"], abs=1e-6)
+    if "adaptive KL" in option:  # Ziegler's controller moves beta towards the target KL (6 nats; here KL is 0: down)
+        assert h[1]["objective/kl_coef"] < h[0]["objective/kl_coef"] == 0.05
+    else:
+        assert h[1]["objective/kl_coef"] == h[0]["objective/kl_coef"] == 0.05
     critic_free = option.startswith(("rloo", "grpo"))
     assert ("value/loss" in first) == ("value/explained_variance" in first) == (not critic_free)
     if option.startswith("value model"):

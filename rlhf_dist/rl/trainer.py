@@ -533,7 +533,7 @@ class PPOTrainer:
         self.moments.load_state_dict(state["moments"])
 
     # -- the loop ------------------------------------------------------------------------------------------
-    def train(self, resume_from: str | None = None, on_step: Callable[[int], None] | None = None) -> list[dict]:
+    def train(self, resume_from: str | None = None) -> list[dict]:
         """Run to max_steps (from a checkpoint if given); returns the logged history."""
         from tqdm.auto import tqdm
 
@@ -555,8 +555,6 @@ class PPOTrainer:
                 bar.update(1)
                 if a.save_steps and self.step % a.save_steps == 0 and self.step < self.max_steps:
                     self.save_checkpoint()
-                if on_step is not None:
-                    on_step(self.step)
         finally:
             bar.close()
             tracker.close()

@@ -300,9 +300,9 @@ def save_final(trainer, ctx: StageContext) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def run(ctx: StageContext) -> dict:
-    from rlhf_dist.rl.trainer import PPOTrainer
-
     from transformers import AutoConfig
+
+    from rlhf_dist.rl.trainer import PPOTrainer
 
     a, cfg = ctx.cfg.training, ctx.cfg
     config = AutoConfig.from_pretrained(cfg.init_from, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
