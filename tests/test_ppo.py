@@ -209,7 +209,8 @@ def three_label_model(tiny_model, tmp_path_factory) -> Path:
     return out
 
 
-def ppo_bad_cases(tmp_path: Path, tiny_reward_model: Path, three_label_model: Path, tiny_model: Path) -> dict:
+def ppo_bad_cases(tmp_path: Path, tiny_reward_model: Path, three_label_model: Path, tiny_model: Path,
+                  other_rm: Path) -> dict:
     long_prompts = tmp_path / "long.jsonl"
     long_prompts.write_text("".join(json.dumps({"prompt": "Question: " + "word " * n + "?\nAnswer:"}) + "\n"
                                     for n in (3, 4, 300, 5, 6, 7)))
@@ -230,6 +231,8 @@ def ppo_bad_cases(tmp_path: Path, tiny_reward_model: Path, three_label_model: Pa
         "batch that does not split into generation chunks": (
             [f"ppo.reward_model={tiny_reward_model}", "ppo.training.generation_batch_size=3"],
             "generation_batch_size=3 does not divide the 8 rollouts per process"),
+        "value model with another vocabulary": ([f"ppo.reward_model={tiny_reward_model}", f"ppo.value_model={other_rm}"],
+                                                f"ppo.value_model: {other_rm} has a vocabulary of 600 tokens"),
         "group baseline with one sample per prompt": (["ppo.reward_fn=rlhf_dist.demo.rewards:politeness",
                                                        "ppo.training.advantage_estimator=grpo"],
                                                       "set training.samples_per_prompt >= 2"),
@@ -239,12 +242,12 @@ def ppo_bad_cases(tmp_path: Path, tiny_reward_model: Path, three_label_model: Pa
 CASES = ["reward function that cannot be imported", "reward function name not in the module",
          "reward model with a 3-label head", "reward model that is a causal LM", "no reward at all",
          "prompts longer than the maximum", "batch that does not split into generation chunks",
-         "group baseline with one sample per prompt"]
+         "value model with another vocabulary", "group baseline with one sample per prompt"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_fails_before_any_model_loads(case, tmp_path, tiny_model, tiny_reward_model, three_label_model,
-                                                demo_data, monkeypatch, capsys):
+                                                other_tokenizer_reward_model, demo_data, monkeypatch, capsys):
     import transformers
 
     def no_loading(*a, **k):
@@ -253,7 +256,8 @@ def test_bad_input_fails_before_any_model_loads(case, tmp_path, tiny_model, tiny
     for auto in ("AutoModelForCausalLM", "AutoModelForSequenceClassification"):
         monkeypatch.setattr(getattr(transformers, auto), "from_pretrained", no_loading)
     rec, out = tiny_recipe(tmp_path, tiny_model, demo_data), tmp_path / "run"
-    overrides, expected = ppo_bad_cases(tmp_path, tiny_reward_model, three_label_model, tiny_model)[case]
+    overrides, expected = ppo_bad_cases(tmp_path, tiny_reward_model, three_label_model, tiny_model,
+                                        other_tokenizer_reward_model)[case]
     before = snapshot(tmp_path)
     assert main(["ppo", "--recipe", str(rec), "--output", str(out), *overrides]) == 2
     err = capsys.readouterr().err.strip()

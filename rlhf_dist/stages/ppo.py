@@ -61,6 +61,18 @@ def resolve_reward(cfg, output: Path) -> None:
         check_classifier(cfg.reward_model, "ppo.reward_model", cfg)
     if cfg.value_model and cfg.training.advantage_estimator == "gae" and not cfg.value_head:
         check_classifier(cfg.value_model, "ppo.value_model", cfg, causal_ok=True)
+        vocab = {path: _text_config(path, cfg).vocab_size for path in (cfg.value_model, cfg.init_from)}
+        if vocab[cfg.value_model] != vocab[cfg.init_from]:
+            raise UserError(f"ppo.value_model: {cfg.value_model} has a vocabulary of {vocab[cfg.value_model]} tokens, "
+                            f"the policy {vocab[cfg.init_from]}; the value model reads the policy's tokens, so start "
+                            "it from a model with the policy's tokenizer (or use ppo.value_head: true)")
+
+
+def _text_config(path: str, cfg):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def check_classifier(path: str, key: str, cfg, causal_ok: bool = False) -> None:
@@ -300,14 +312,10 @@ def save_final(trainer, ctx: StageContext) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def run(ctx: StageContext) -> dict:
-    from transformers import AutoConfig
-
     from rlhf_dist.rl.trainer import PPOTrainer
 
     a, cfg = ctx.cfg.training, ctx.cfg
-    config = AutoConfig.from_pretrained(cfg.init_from, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
-    hidden = (config.get_text_config() if hasattr(config, "get_text_config") else config).hidden_size
-    accelerator = make_accelerator(a, process_state().num_processes, hidden)
+    accelerator = make_accelerator(a, process_state().num_processes, _text_config(cfg.init_from, cfg).hidden_size)
     actor_critic, reference, reward = build_models(ctx, accelerator)
     work = ctx.final_dir.parent
     trainer = PPOTrainer(a, accelerator, actor_critic, reference, reward, ctx.tokenizer, ctx.extra["train_prompts"],
