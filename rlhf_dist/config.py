@@ -246,7 +246,9 @@ class PPOTrainingConfig:
         "gae", "gae: value model + GAE; rloo / grpo: critic-free group baselines over samples_per_prompt responses.")
     gamma: float = _f(1.0, "GAE discount.")
     lam: float = _f(0.95, "GAE lambda.")
-    whiten_advantages: bool = _f(True, "Whiten advantages over all valid tokens of the step (all processes, item 10).")
+    whiten_advantages: bool | None = _f(
+        None, "Whiten advantages over all valid tokens of the step (all processes, item 10). Default: on for gae, "
+        "off for rloo/grpo (their baselines are already centred; whitening would blow up noise in steps without signal).")
     clip_eps: float = _f(0.2, "Policy ratio clip epsilon.")
     value_clip: float | None = _f(0.2, "Value clip range; null = unclipped value loss.")
     vf_coef: float = _f(0.1, "Value loss coefficient.")
@@ -284,6 +286,20 @@ class PPOTrainingConfig:
                              f"(rollout_batch_size x samples_per_prompt = {rollouts})")
         if self.bf16 and self.fp16:
             raise ValueError("training.bf16 and training.fp16 are both true; choose one")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"training.{name} must be within [0, 1], got {getattr(self, name)}")
+        for name in ("clip_eps", "learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"training.{name} must be > 0, got {getattr(self, name)}")
+        if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon <= 0):
+            raise ValueError("training.kl_target and training.kl_horizon must be > 0 with adaptive_kl")
+        unknown = [r for r in self.report_to if r != "tensorboard"]
+        if unknown:
+            raise ValueError(f"training.report_to: unknown tracker(s) {unknown}; the PPO stage logs to JSONL always, and to "
+                             "tensorboard if listed (report_to: [tensorboard] or [])")
+        if self.whiten_advantages is None:
+            self.whiten_advantages = self.advantage_estimator == "gae"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -306,6 +322,10 @@ class PPOConfig(StageConfig):
         super().__post_init__()
         if self.reward_model and self.reward_fn:
             raise ValueError("reward_model and reward_fn are both set; choose one source of rewards")
+        estimator = self.training.advantage_estimator if self.training is not None else "gae"
+        if estimator != "gae" and (self.value_head or self.value_model):
+            raise ValueError(f"value_head / value_model are for advantage_estimator=gae; {estimator} uses no value "
+                             "function: remove them")
 
 
 STAGES: dict[str, type[StageConfig]] = {

@@ -40,7 +40,8 @@ def history(stage_dir: Path) -> list[dict]:
 OPTIONS = {
     "value model from the reward model, missing-EOS penalty": ["ppo.training.missing_eos_penalty=2.0"],
     "value head on the policy, adaptive KL": ["ppo.value_head=true", "ppo.training.adaptive_kl=true"],
-    "lora (reference = adapter disabled)": ["ppo.lora.enabled=true", "ppo.lora.r=4"],
+    "lora (reference = adapter disabled), activation checkpointing": ["ppo.lora.enabled=true", "ppo.lora.r=4",
+                                                                       "ppo.training.activation_checkpointing=true"],
     "rloo": ["ppo.training.advantage_estimator=rloo", "ppo.training.samples_per_prompt=2",
              "ppo.training.rollout_batch_size=4"],
     "grpo, k3 KL, normalised scores": ["ppo.training.advantage_estimator=grpo", "ppo.training.samples_per_prompt=4",
@@ -75,6 +76,8 @@ def test_first_step_ratio_is_one_and_kl_is_zero(option, tmp_path, tiny_model, ti
         assert h[1]["objective/kl_coef"] < h[0]["objective/kl_coef"] == 0.05
     else:
         assert h[1]["objective/kl_coef"] == h[0]["objective/kl_coef"] == 0.05
+    if option.startswith("grpo"):  # the KL is a loss term, not part of the reward
+        assert h[1]["objective/non_score_reward"] == 0.0 and h[1]["objective/kl"] != 0.0
     critic_free = option.startswith(("rloo", "grpo"))
     assert ("value/loss" in first) == ("value/explained_variance" in first) == (not critic_free)
     if option.startswith("value model"):
@@ -186,7 +189,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_model, tiny
     for name in ("model.safetensors", "value_model/model.safetensors"):
         a, b = load_file(clean / name), load_file(resumed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    timing = ("time/", "rollout/tokens_per_second", "rollout/samples_per_second")
+    timing = ("time/", "rollout/tokens_per_second", "train/samples_per_second")
     strip = [{k: v for k, v in row.items() if not k.startswith(timing)} for row in history(clean)]
     assert strip == [{k: v for k, v in row.items() if not k.startswith(timing)} for row in history(resumed)]
     after = [json.loads((d / "metrics.json").read_text())["after"] for d in (clean, resumed)]
@@ -233,6 +236,14 @@ def ppo_bad_cases(tmp_path: Path, tiny_reward_model: Path, three_label_model: Pa
             "generation_batch_size=3 does not divide the 8 rollouts per process"),
         "value model with another vocabulary": ([f"ppo.reward_model={tiny_reward_model}", f"ppo.value_model={other_rm}"],
                                                 f"ppo.value_model: {other_rm} has a vocabulary of 600 tokens"),
+        "unknown tracker": (["ppo.reward_fn=rlhf_dist.demo.rewards:politeness", "ppo.training.report_to=[wandb]"],
+                            "training.report_to: unknown tracker(s) ['wandb']"),
+        "value head with a critic-free estimator": (["ppo.reward_fn=rlhf_dist.demo.rewards:politeness", "ppo.value_head=true",
+                                                     "ppo.training.advantage_estimator=rloo",
+                                                     "ppo.training.samples_per_prompt=2"], "value_head / value_model are for"),
+        "prompt + response longer than the model's positions": (
+            ["ppo.reward_fn=rlhf_dist.demo.rewards:politeness", "ppo.training.max_new_tokens=250"],
+            "+ max_new_tokens (250) exceeds the policy's 256 positions"),
         "group baseline with one sample per prompt": (["ppo.reward_fn=rlhf_dist.demo.rewards:politeness",
                                                        "ppo.training.advantage_estimator=grpo"],
                                                       "set training.samples_per_prompt >= 2"),
@@ -242,7 +253,8 @@ def ppo_bad_cases(tmp_path: Path, tiny_reward_model: Path, three_label_model: Pa
 CASES = ["reward function that cannot be imported", "reward function name not in the module",
          "reward model with a 3-label head", "reward model that is a causal LM", "no reward at all",
          "prompts longer than the maximum", "batch that does not split into generation chunks",
-         "value model with another vocabulary", "group baseline with one sample per prompt"]
+         "value model with another vocabulary", "unknown tracker", "value head with a critic-free estimator",
+         "prompt + response longer than the model's positions", "group baseline with one sample per prompt"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -264,3 +276,13 @@ def test_bad_input_fails_before_any_model_loads(case, tmp_path, tiny_model, tiny
     assert err.startswith("error: ") and "\n" not in err, err
     assert expected in err, err
     assert snapshot(tmp_path) == before and not out.exists()
+
+
+def test_a_log_line_cut_short_by_a_crash_does_not_block_resume(tmp_path):
+    from rlhf_dist.rl.tracking import Tracker
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "x": 1.0}\n{"step": 2, "x": 2.0}\n{"step": 3, "x": 3.0}\n{"step": 4, "x"')
+    tracker = Tracker(tmp_path, enabled=True, report_to=[], resume_step=2)  # resuming from checkpoint-2
+    tracker.log(3, {"x": 30.0})
+    assert tracker.history() == [{"step": 1, "x": 1.0}, {"step": 2, "x": 2.0}, {"step": 3, "x": 30.0}]

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 GLOBAL_BATCH = ["ppo.training.max_steps=3", "ppo.training.rollout_batch_size=16", "ppo.training.generation_batch_size=4",
                 "ppo.training.mini_batch_size=8", "ppo.training.per_device_train_batch_size=2", "ppo.training.ppo_epochs=2",
                 "ppo.training.save_steps=2", "ppo.training.eval_max_prompts=8"]
-TIMING = ("time/", "rollout/tokens_per_second", "rollout/samples_per_second")
+TIMING = ("time/", "rollout/tokens_per_second", "train/samples_per_second")
 
 
 def launch(prefix: list[str], rec: Path, out: Path, reward: Path) -> subprocess.CompletedProcess:

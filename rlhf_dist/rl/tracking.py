@@ -18,11 +18,22 @@ from typing import Any
 from rlhf_dist.rundir import write_text
 
 
+def _rows(path: Path) -> list[dict]:
+    """The complete rows of a JSONL file; a line cut short by a crash while appending is dropped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    write_text(path, "".join(line + "\n" for line in kept))
+    kept = [row for row in _rows(path) if row.get("step", 0) <= last_step]
+    write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def _jsonable(value: Any) -> Any:
@@ -78,7 +89,7 @@ class Tracker:
     def history(self) -> list[dict]:
         if not self.enabled or not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return _rows(self.metrics_path)
 
     def close(self) -> None:
         if self.tensorboard is not None:

@@ -8,7 +8,8 @@ Implementation Details of RLHF with PPO"):
     2. gather       the step's rollouts are gathered, so every process holds all of them (a few MB of
                     token ids and floats) and computes the same global statistics below
     3. score        optional running normalisation and clipping of the scores (item 8)
-    4. reward       per-token reward: -beta * KL on every token, the score on the last one (items 5-7)
+    4. reward       per-token reward: -beta * KL on every token, the score on the last one (items 5-7);
+                    with GRPO the KL is a loss term instead (DeepSeekMath), the reward only the score
     5. advantages   GAE over response tokens (value model), or a group baseline (RLOO/GRPO)
     6. whiten       over every valid token of the step (item 10)
     7. update       ppo_epochs x shuffled minibatches; each process takes its slice of each minibatch,
@@ -237,6 +238,7 @@ class PPOTrainer:
         self.rollouts_per_step = args.rollout_batch_size * args.samples_per_prompt
         self.minibatches = self.rollouts_per_step // args.mini_batch_size
         self.optimizer_steps = self.max_steps * args.ppo_epochs * self.minibatches
+        self.kl_in_loss = args.advantage_estimator == "grpo"
         self.zero_stage = _zero_stage(accelerator)
         self.zero3 = self.zero_stage == 3
 
@@ -354,10 +356,14 @@ class PPOTrainer:
             self.moments.update(scores)
         scores = normalize_scores(scores, self.moments if a.reward_normalization else None, a.reward_clip)
 
-        # 4. KL-shaped per-token reward: -beta * kl_t on every token, score (- EOS penalty) on the last (items 5-7)
+        # 4. KL-shaped per-token reward: -beta * kl_t on every token, score (- EOS penalty) on the last (items 5-7).
+        #    GRPO keeps the KL out of the reward (a k3 loss term in the update, as in DeepSeekMath): normalising
+        #    beta * KL differences inside a group whose scores are all equal would turn KL noise into full-size
+        #    advantages.
         kl = kl_estimate(batch.logprobs, batch.ref_logprobs, a.kl_estimator, a.kl_clamp, mask)
-        rewards, reward_stats = kl_shaped_rewards(scores, kl, mask, self.kl_ctl.value, a.missing_eos_penalty,
-                                                  batch.ended)
+        beta = self.kl_ctl.value
+        rewards, reward_stats = kl_shaped_rewards(scores, kl, mask, 0.0 if self.kl_in_loss else beta,
+                                                  a.missing_eos_penalty, batch.ended)
 
         # 5. advantages: GAE with the value model, or a baseline from the other samples of the prompt
         if a.advantage_estimator == "gae":
@@ -374,11 +380,10 @@ class PPOTrainer:
 
         # 7. ppo_epochs x minibatches
         update_started = time.perf_counter()
-        train_stats = self.update(step, batch, advantages, returns)
+        train_stats = self.update(step, batch, advantages, returns, beta)
         update_seconds = time.perf_counter() - update_started
 
         # 8. log, and adapt beta to this step's KL (Ziegler et al.; a no-op for a fixed coefficient)
-        kl_coef = self.kl_ctl.value
         self.kl_ctl.update(reward_stats["kl"], len(batch))
         lengths = mask.sum(1).float()
         generated_tokens = float(lengths.sum())
@@ -387,7 +392,7 @@ class PPOTrainer:
             "objective/scores": float(batch.scores.float().mean()),
             "objective/scores_std": float(batch.scores.float().std()) if len(batch) > 1 else 0.0,
             "objective/kl": reward_stats["kl"],
-            "objective/kl_coef": kl_coef,
+            "objective/kl_coef": beta,
             "objective/non_score_reward": reward_stats["non_score_reward"],
             "objective/rlhf_reward": reward_stats["rlhf_reward"],
             "policy/entropy": float(masked_mean(batch.entropy, mask)),
@@ -395,7 +400,7 @@ class PPOTrainer:
             "rollout/response_length": float(lengths.mean()),
             "rollout/eos_rate": float(batch.ended.float().mean()),
             "rollout/tokens_per_second": generated_tokens / max(rollout_seconds_all, 1e-9),
-            "rollout/samples_per_second": len(batch) / max(time.perf_counter() - started, 1e-9),
+            "train/samples_per_second": len(batch) / max(time.perf_counter() - started, 1e-9),  # rollout + update
             "time/rollout": rollout_seconds_all,
             "time/update": update_seconds,
             "time/step": time.perf_counter() - started,
@@ -406,7 +411,8 @@ class PPOTrainer:
         return metrics, batch
 
     # -- 7. the update -------------------------------------------------------------------------------
-    def update(self, step: int, batch: Rollouts, advantages: torch.Tensor, returns: torch.Tensor | None) -> dict:
+    def update(self, step: int, batch: Rollouts, advantages: torch.Tensor, returns: torch.Tensor | None,
+               beta: float) -> dict:
         a, acc = self.args, self.accelerator
         per_process = a.mini_batch_size // self.world
         micro = a.per_device_train_batch_size
@@ -443,6 +449,9 @@ class PPOTrainer:
                             loss = loss + a.vf_coef * v_loss
                             micro_stats.update({"value/loss": v_loss.item() * denominator / max(_count(mb, a), 1),
                                                 "value/clipfrac": v_stats["vf_clipfrac"], "value/mean": v_stats["value_mean"]})
+                        if self.kl_in_loss:  # GRPO: beta * k3(pi || pi_ref), differentiable in the policy
+                            kl_t = kl_estimate(logprobs, mb.ref_logprobs, "k3", a.kl_clamp, mb.response_mask)
+                            loss = loss + beta * aggregate(kl_t, mb.response_mask, a.loss_aggregation, denominator)
                         if a.entropy_coef:
                             loss = loss - a.entropy_coef * aggregate(entropy, mb.response_mask, a.loss_aggregation,
                                                                      denominator)
@@ -613,11 +622,11 @@ def check_batch_sizes(args, world: int) -> None:
 
 def stop_token_ids(tokenizer, stop_tokens: list[str]) -> list[int]:
     ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    vocab = tokenizer.get_vocab()
     for token in stop_tokens:
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == tokenizer.unk_token_id:
+        if token not in vocab:
             raise ValueError(f"ppo.training.stop_tokens: '{token}' is not a single token of the policy's tokenizer")
-        ids.append(int(token_id))
+        ids.append(int(vocab[token]))
     return sorted(set(ids))
 
 

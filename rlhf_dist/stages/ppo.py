@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import types
 from pathlib import Path
 
 import torch
@@ -127,9 +128,32 @@ def check(ctx: StageContext) -> None:
     train, held_out = list(ctx.train["prompt"]), list(ctx.eval["prompt"])
     encoded = encode_prompts(train + held_out, ctx.tokenizer, a.max_prompt_length, ctx.data_source)
     ctx.extra["train_prompts"], ctx.extra["eval_prompts"] = encoded[:len(train)], encoded[len(train):]
+    limit = getattr(_text_config(cfg.init_from, cfg), "max_position_embeddings", None)
+    longest = max(len(p) for p in encoded)
+    if limit is not None and longest + a.max_new_tokens > limit:
+        raise ConfigError(f"ppo: the longest prompt ({longest} tokens) + max_new_tokens ({a.max_new_tokens}) exceeds the "
+                          f"policy's {limit} positions (max_position_embeddings); lower ppo.training.max_new_tokens or "
+                          "ppo.training.max_prompt_length")
+    _check_generation_config(cfg)
     if len(ctx.extra["train_prompts"]) < a.rollout_batch_size:
         raise ConfigError(f"ppo: {len(ctx.extra['train_prompts'])} training prompts are fewer than "
                           f"ppo.training.rollout_batch_size={a.rollout_batch_size}; lower it or add prompts")
+
+
+def _check_generation_config(cfg) -> None:
+    """The policy's generation_config.json must not reshape sampling (item 14); checked before loading weights."""
+    from transformers import GenerationConfig
+
+    from rlhf_dist.rl.rollout import _check_generation_config as check_sampling
+
+    try:
+        gen = GenerationConfig.from_pretrained(cfg.init_from, revision=cfg.model.revision)
+    except OSError:  # no generation_config.json: transformers' neutral defaults
+        return
+    try:
+        check_sampling(types.SimpleNamespace(generation_config=gen), {})
+    except ValueError as exc:
+        raise UserError(f"ppo: {cfg.init_from}/generation_config.json: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +193,10 @@ def make_accelerator(a, world: int, hidden_size: int):
             ds["gradient_clipping"] = a.max_grad_norm or 0.0
         h = hidden_size
         zero = ds.setdefault("zero_optimization", {})
+        if plugin.zero_stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+            raise ConfigError("the DeepSpeed config has ZeRO-3 without zero_optimization."
+                              "stage3_gather_16bit_weights_on_model_save: true, so the trained model could not be "
+                              "saved; set it (ds_configs/zero3.json does)")
         for key, value in {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
                            "stage3_param_persistence_threshold": 10 * h}.items():
             if zero.get(key) == "auto":
@@ -226,6 +254,8 @@ def build_models(ctx: StageContext, accelerator):
         with replicated_loading():
             reference = _frozen(load_causal_lm(cfg.init_from, cfg), accelerator)
     disable_dropout(policy)
+    if a.activation_checkpointing:  # recompute activations in the backward pass: less memory, ~30% more time
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     if cfg.reward_fn:
         reward = RewardSource(fn=load_reward_fn(cfg.reward_fn), fn_name=cfg.reward_fn)
@@ -258,6 +288,8 @@ def build_models(ctx: StageContext, accelerator):
 
                 value_model = get_peft_model(value_model, value_lora)
             disable_dropout(value_model)
+            if a.activation_checkpointing:
+                value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return ActorCritic(policy, a.temperature, value_model, value_head), reference, reward
 
 
@@ -295,7 +327,8 @@ def save_final(trainer, ctx: StageContext) -> None:
 
         model.policy.save_pretrained(str(out / "adapter"), state_dict=part["policy"], safe_serialization=True)
         if cfg.lora.merge:  # reload the base unquantised, apply the adapter, merge
-            base = load_causal_lm(cfg.init_from, _unquantised(cfg))
+            with replicated_loading():  # only this process loads it: no ZeRO-3 collectives
+                base = load_causal_lm(cfg.init_from, _unquantised(cfg))
             PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload().save_pretrained(
                 str(out), safe_serialization=True)
     else:
