@@ -434,46 +434,58 @@ class PPOTrainer:
                     idx = mine[j:j + micro]
                     mb = batch.select(idx)
                     width = mb.response_ids.shape[1]
-                    mb_adv = advantages[idx][:, :width]
+                    mb_returns = None if returns is None else returns[idx][:, :width]
                     with acc.accumulate(self.model):
-                        with acc.autocast():
-                            logprobs, entropy, values = self.model(mb.query_ids, mb.query_mask, mb.response_ids,
-                                                                   mb.response_mask)
-                        pg_loss, pg_stats = ppo_policy_loss(logprobs, mb.logprobs, mb_adv, mb.response_mask, a.clip_eps,
-                                                            a.loss_aggregation, denominator=denominator)
-                        loss = pg_loss
-                        micro_stats = {"policy/pg_loss": pg_loss.item() * denominator / max(_count(mb, a), 1)}
-                        if returns is not None:
-                            v_loss, v_stats = value_loss(values, mb.values, returns[idx][:, :width], mb.response_mask,
-                                                         a.value_clip, a.loss_aggregation, denominator=denominator)
-                            loss = loss + a.vf_coef * v_loss
-                            micro_stats.update({"value/loss": v_loss.item() * denominator / max(_count(mb, a), 1),
-                                                "value/clipfrac": v_stats["vf_clipfrac"], "value/mean": v_stats["value_mean"]})
-                        if self.kl_in_loss:  # GRPO: beta * k3(pi || pi_ref), differentiable in the policy
-                            kl_t = kl_estimate(logprobs, mb.ref_logprobs, "k3", a.kl_clamp, mb.response_mask)
-                            loss = loss + beta * aggregate(kl_t, mb.response_mask, a.loss_aggregation, denominator)
-                        if a.entropy_coef:
-                            loss = loss - a.entropy_coef * aggregate(entropy, mb.response_mask, a.loss_aggregation,
-                                                                     denominator)
+                        loss, micro_stats = self.loss(mb, advantages[idx][:, :width], mb_returns, denominator, beta)
                         acc.backward(loss * scale)
                         if acc.sync_gradients:
-                            grad_norm = None
-                            if a.max_grad_norm is not None:
-                                grad_norm = acc.clip_grad_norm_(self.model.parameters(), a.max_grad_norm)
-                            self.optimizer.step()
-                            self.optimizer.zero_grad(set_to_none=True)
-                            self.optimizer_step += 1
-                            if grad_norm is not None:
-                                stats.add({"train/grad_norm": float(grad_norm)}, 1.0)
+                            self.optimizer_update(stats)
                     tokens = float(mb.response_mask.sum())
-                    micro_stats.update({f"policy/{name}": value for name, value in pg_stats.items()})
                     stats.add(micro_stats, tokens)
                     if epoch == 0 and k == 0:
-                        first.add({"policy/ratio_first_minibatch": pg_stats["ratio_mean"]}, tokens)
+                        first.add({"policy/ratio_first_minibatch": micro_stats["policy/ratio_mean"]}, tokens)
         out = stats.reduce(acc)
         out.update(first.reduce(acc))
         out["train/lr"] = self.base_lrs[0] * self._lr_factor(max(self.optimizer_step - 1, 0))
         return out
+
+    def loss(self, mb: Rollouts, advantages: torch.Tensor, returns: torch.Tensor | None, denominator: float,
+             beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """The PPO objective on one micro-batch, normalised by the whole minibatch's ``denominator``.
+
+        ``loss = pg_loss + vf_coef * v_loss (gae) + beta * k3 KL (grpo) - entropy_coef * entropy``;
+        the stats are this micro-batch's means (losses re-normalised by its own count).
+        """
+        a = self.args
+        with self.accelerator.autocast():
+            logprobs, entropy, values = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
+        mask, aggregation = mb.response_mask, a.loss_aggregation
+        share = max(_count(mb, a), 1) / denominator  # of the minibatch's tokens (or sequences)
+        pg_loss, pg_stats = ppo_policy_loss(logprobs, mb.logprobs, advantages, mask, a.clip_eps, aggregation,
+                                            denominator=denominator)
+        loss = pg_loss
+        stats = {"policy/pg_loss": pg_loss.item() / share, **{f"policy/{k}": v for k, v in pg_stats.items()}}
+        if returns is not None:
+            v_loss, v_stats = value_loss(values, mb.values, returns, mask, a.value_clip, aggregation, denominator=denominator)
+            loss = loss + a.vf_coef * v_loss
+            stats.update({"value/loss": v_loss.item() / share, "value/clipfrac": v_stats["vf_clipfrac"],
+                          "value/mean": v_stats["value_mean"]})
+        if self.kl_in_loss:  # GRPO: beta * k3(pi || pi_ref), differentiable in the policy
+            kl = kl_estimate(logprobs, mb.ref_logprobs, "k3", a.kl_clamp, mask)
+            loss = loss + beta * aggregate(kl, mask, aggregation, denominator)
+        if a.entropy_coef:
+            loss = loss - a.entropy_coef * aggregate(entropy, mask, aggregation, denominator)
+        return loss, stats
+
+    def optimizer_update(self, stats: "WeightedMeans") -> None:
+        """Clip the accumulated gradients, step Adam, zero them (under DeepSpeed the engine did all of it)."""
+        if self.args.max_grad_norm is not None:
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            if grad_norm is not None:  # the pre-clip global norm (DeepSpeed reports its own)
+                stats.add({"train/grad_norm": float(grad_norm)}, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_step += 1
 
     # -- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()
