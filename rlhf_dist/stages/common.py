@@ -138,14 +138,13 @@ def process_state():
     alone. DeepSpeed runs on CPU through its own CPU accelerator instead (``cpu=True`` would quietly
     turn it into plain DDP), with the gloo backend.
     """
-    import os
-
     import torch
     from accelerate import PartialState
 
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    from rlhf_dist.rl.distributed import launched_with_deepspeed
+
     on_cpu = not torch.cuda.is_available()
-    if deepspeed and on_cpu:  # DeepSpeed's CPU accelerator; without gloo every process would be rank 0 of 1
+    if launched_with_deepspeed() and on_cpu:  # DeepSpeed's CPU accelerator; without gloo every process would be rank 0 of 1
         return PartialState(backend="gloo")
     return PartialState(cpu=on_cpu)
 

@@ -26,7 +26,6 @@ samples.jsonl, tensorboard/, training.png, README.md. `--resume` continues from 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import types
@@ -37,6 +36,7 @@ import torch
 from rlhf_dist import rundir
 from rlhf_dist.errors import ConfigError, DataError, UserError
 from rlhf_dist.models import load_causal_lm, load_reward_model, load_tokenizer, peft_config
+from rlhf_dist.rl.distributed import make_accelerator, replicated_loading, untied
 from rlhf_dist.stages.common import StageContext, process_state, stage_main
 
 STAGE, DATA_KIND = "ppo", "prompts"
@@ -160,69 +160,6 @@ def _check_generation_config(cfg) -> None:
 # Models
 # ---------------------------------------------------------------------------------------------
 
-def make_accelerator(a, world: int, hidden_size: int):
-    """An Accelerator for our loop: devices, mixed precision, accumulation, DeepSpeed's "auto" values.
-
-    ``hidden_size`` (the policy's) fills ZeRO's size-dependent "auto" keys, which accelerate can only
-    take from a ``model.config`` (our ActorCritic has none).
-    """
-    import os
-
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    from rlhf_dist.rl.trainer import micro_batches_per_process
-
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    on_cpu = a.use_cpu or not torch.cuda.is_available()
-    accumulation = micro_batches_per_process(a, world)
-    accelerator = Accelerator(
-        cpu=on_cpu and not deepspeed,  # cpu=True would quietly replace DeepSpeed by plain DDP
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else [],
-        mixed_precision="bf16" if a.bf16 else "fp16" if a.fp16 else "no",
-        gradient_accumulation_steps=accumulation,
-        step_scheduler_with_optimizer=False,  # we set the learning rate ourselves, once per optimizer step
-    )
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None:  # no DataLoader passes through prepare() to fill these in
-        ds = plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = a.per_device_train_batch_size
-        ds["gradient_accumulation_steps"] = accumulation
-        ds["train_batch_size"] = a.per_device_train_batch_size * accumulation * world
-        if plugin.is_auto("gradient_clipping"):
-            ds["gradient_clipping"] = a.max_grad_norm or 0.0
-        h = hidden_size
-        zero = ds.setdefault("zero_optimization", {})
-        if plugin.zero_stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
-            raise ConfigError("the DeepSpeed config has ZeRO-3 without zero_optimization."
-                              "stage3_gather_16bit_weights_on_model_save: true, so the trained model could not be "
-                              "saved; set it (ds_configs/zero3.json does)")
-        for key, value in {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
-                           "stage3_param_persistence_threshold": 10 * h}.items():
-            if zero.get(key) == "auto":
-                zero[key] = value
-    return accelerator
-
-
-@contextlib.contextmanager
-def replicated_loading():
-    """Load models whole on every process, even under ZeRO-3 (whose zero.Init would partition them).
-
-    For the frozen reference and reward models: they are never passed to DeepSpeed, so partitioned
-    weights would be unusable; each process keeps a full copy instead (no communication in their
-    forwards). The QLoRA issue shrinks them (4-bit) where memory matters.
-    """
-    from transformers.integrations import deepspeed as hf_ds
-
-    saved = hf_ds._hf_deepspeed_config_weak_ref() if hf_ds._hf_deepspeed_config_weak_ref is not None else None
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if saved is not None:
-            hf_ds.set_hf_deepspeed_config(saved)
-
-
 def _frozen(model, accelerator):
     """Eval mode, no grad, dropout off, on the device; under DeepSpeed in its 16-bit dtype (as the policy)."""
     from rlhf_dist.rl.rollout import disable_dropout
@@ -301,16 +238,6 @@ def _unquantised(cfg):
     return dataclasses.replace(cfg, quantization=QuantizationConfig(), lora=LoraConfig())
 
 
-def _untied(module, state: dict) -> dict:
-    """Drop the second name of tied weights (lm_head = embeddings): a gathered ZeRO-3 state dict holds
-    them as separate tensors, so save_pretrained could not tell, and would save both."""
-    if module is None:
-        return state
-    every = {name for name, _ in module.named_parameters(remove_duplicate=False)}
-    tied = every - {name for name, _ in module.named_parameters()}
-    return {k: v for k, v in state.items() if k not in tied}
-
-
 def save_final(trainer, ctx: StageContext) -> None:
     """Policy (merged with LoRA, plus adapter/), value model or head, tokenizer: safetensors, main process."""
     from safetensors.torch import save_file
@@ -320,7 +247,7 @@ def save_final(trainer, ctx: StageContext) -> None:
     if not acc.is_main_process:
         return
     model = trainer.unwrapped
-    part = {name: _untied(getattr(model, name), {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+    part = {name: untied(getattr(model, name), {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
             for name in ("policy", "value_model", "value_head")}
     if hasattr(model.policy, "peft_config"):
         from peft import PeftModel
