@@ -3,6 +3,7 @@
     rlhf-dist demo --output runs/demo                       tiny end-to-end pipeline on CPU, offline
     rlhf-dist pipeline --recipe NAME_OR_YAML --output DIR   run a recipe's stages in order
     rlhf-dist STAGE --recipe NAME_OR_YAML --output DIR      one stage: pretrain, sft, reward, ppo, dpo
+    rlhf-dist launch STAGE --strategy ddp|zero2|zero3 ...   one stage on several processes/machines (accelerate)
     rlhf-dist recipes                                       list the recipes shipped with the package
     rlhf-dist fields STAGE                                  every config field of a stage, with help
 
@@ -32,10 +33,18 @@ def _run_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def cmd_pipeline(argv: list[str]) -> int:
     from rlhf_dist import pipeline
+    from rlhf_dist.launch import add_launch_arguments
 
     parser = _run_parser("rlhf-dist pipeline", pipeline.__doc__)
     parser.add_argument("--stages", help="Comma-separated stages to run (default: the recipe's `stages`).")
+    add_launch_arguments(parser)  # with --strategy, each stage runs through `rlhf-dist launch`
     return pipeline.run_pipeline(parser.parse_args(argv))
+
+
+def cmd_launch(argv: list[str]) -> int:
+    from rlhf_dist import launch
+
+    return launch.main(argv)
 
 
 def cmd_demo(argv: list[str]) -> int:
@@ -73,7 +82,8 @@ def cmd_fields(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"pipeline": cmd_pipeline, "demo": cmd_demo, "recipes": cmd_recipes, "fields": cmd_fields}
+COMMANDS = {"pipeline": cmd_pipeline, "launch": cmd_launch, "demo": cmd_demo, "recipes": cmd_recipes,
+            "fields": cmd_fields}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -359,7 +359,7 @@ def training_defaults() -> dict[str, Any]:
     """Our defaults for the `training` section, applied under the user's values.
 
     TRL configs default to bf16 and gradient checkpointing even on CPU; we pick bf16 only where
-    the GPU supports it and leave checkpointing off unless asked.
+    the GPU supports it and leave checkpointing off unless asked, and run on CPU where there is no GPU.
     """
     import torch
 
@@ -372,6 +372,9 @@ def training_defaults() -> dict[str, Any]:
         "logging_steps": 10,
         "save_total_limit": 2,
         "dataloader_pin_memory": cuda,
+        # Without a GPU: CPU processes with gloo, so `accelerate launch` of N processes is N ranks, not N
+        # unsynchronised single-process runs (CPU_NOTES traps 1 and 2).
+        "use_cpu": not cuda,
     }
 
 

@@ -8,6 +8,7 @@ written to OUT/summary.json.
 
     rlhf-dist pipeline --recipe demo --output runs/demo
     rlhf-dist pipeline --recipe my.yaml --output runs/x --stages sft,dpo sft.training.num_train_epochs=2
+    rlhf-dist pipeline --recipe my.yaml --output runs/x --strategy zero2 --num-processes 8   (via `rlhf-dist launch`)
 """
 
 from __future__ import annotations
@@ -61,12 +62,18 @@ def validate_stage(raw: dict, source: str, stage: str, output: Path, stages: lis
 
 
 def stage_command(stage: str, args: argparse.Namespace) -> list[str]:
-    cmd = [sys.executable, "-m", "rlhf_dist", stage, "--recipe", args.recipe, "--output", args.output]
+    """`python -m rlhf_dist STAGE ...`, or with --strategy the `rlhf-dist launch` command for it."""
+    stage_args = ["--recipe", args.recipe, "--output", args.output]
     if args.overwrite:
-        cmd.append("--overwrite")
+        stage_args.append("--overwrite")
     if args.resume:
-        cmd.append("--resume")
-    return cmd + list(args.overrides)
+        stage_args.append("--resume")
+    stage_args += list(args.overrides)
+    if getattr(args, "strategy", None):
+        from rlhf_dist import launch
+
+        return launch.command(stage, args, stage_args)
+    return [sys.executable, "-m", "rlhf_dist", stage, *stage_args]
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
@@ -80,6 +87,10 @@ def run_pipeline(args: argparse.Namespace) -> int:
         raise UserError(f"{source}: no stages to run; list them under `stages:` or pass --stages")
     output = Path(args.output).expanduser().resolve()
     rundir.check_output_root(output)
+    if getattr(args, "strategy", None):
+        from rlhf_dist.launch import check_launch_arguments
+
+        check_launch_arguments(args)
     for stage in stages:  # a typo in the last stage's section fails now, not after hours of the first ones
         validate_stage(raw, source, stage, output, stages)
 
@@ -94,6 +105,10 @@ def run_pipeline(args: argparse.Namespace) -> int:
         print(f"\n{'=' * 20} {banner}: starting from {cfg.init_from} {'=' * 20}", flush=True)
         started = time.time()
         code = subprocess.call(stage_command(stage, args))
+        if code == 0 and getattr(args, "strategy", None) and args.machine_rank == 0:
+            from rlhf_dist.launch import check_world_size, processes_per_machine
+
+            check_world_size(output, stage, processes_per_machine(args) * args.num_machines, started)
         if code != 0:
             print(f"error: stage {stage} failed (exit {code}); fix the cause and re-run the same command to "
                   f"continue from {stage}", file=sys.stderr)

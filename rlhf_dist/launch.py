@@ -1,0 +1,129 @@
+"""`rlhf-dist launch`: the exact `accelerate launch` command for a stage and a strategy, built for you.
+
+    rlhf-dist launch ppo --recipe my.yaml --output runs/x --strategy zero3 --num-processes 8
+    rlhf-dist launch sft --recipe my.yaml --output runs/x --strategy ddp --num-processes 8 \\
+        --num-machines 2 --machine-rank 0 --main-process-ip 10.0.0.1 --dry-run
+
+It runs ``accelerate launch --config_file launch/<strategy>.yaml [--deepspeed_config_file
+ds_configs/<strategy>.json] --num_processes <total> ... -m rlhf_dist STAGE --recipe R --output O ...``
+with absolute paths (so it works from any directory), or prints it with ``--dry-run``. Afterwards it
+checks that the stage really ran on as many processes as asked: on a machine without GPUs a wrong
+flag silently starts one process (CPU_NOTES trap 1), and a silently smaller world trains a different
+run. ``--num-processes`` counts processes per machine (GPUs per node); accelerate gets the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from rlhf_dist import rundir
+from rlhf_dist.config import STAGE_ORDER, load_recipe
+from rlhf_dist.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent  # a clone or editable install holds launch/ and ds_configs/ here
+
+
+def strategies() -> dict[str, Path]:
+    """Strategy name -> accelerate config file (launch/<name>.yaml)."""
+    folder = ROOT / "launch"
+    if not folder.is_dir():
+        raise UserError(f"no launch configs at {folder}; install rlhf-dist from a clone (pip install -e .) or use the "
+                        "container image, which ship launch/ and ds_configs/")
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose processes and machines (shared by `launch` and `pipeline`)."""
+    parser.add_argument("--strategy", help="ddp, zero2, zero3, ... (a file launch/<strategy>.yaml).")
+    parser.add_argument("--num-processes", type=int, default=None,
+                        help="Processes per machine (default: the GPUs here, else 1).")
+    parser.add_argument("--num-machines", type=int, default=1, help="Machines (nodes) in the job.")
+    parser.add_argument("--machine-rank", type=int, default=0, help="This machine's rank, 0 .. num-machines-1.")
+    parser.add_argument("--main-process-ip", help="Address of machine 0 (needed with --num-machines > 1).")
+    parser.add_argument("--main-process-port", type=int, default=29500, help="Rendezvous port on machine 0.")
+
+
+def processes_per_machine(args: argparse.Namespace) -> int:
+    if args.num_processes is not None:
+        return args.num_processes
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+def check_launch_arguments(args: argparse.Namespace) -> None:
+    known = strategies()
+    if args.strategy not in known:
+        close = difflib.get_close_matches(str(args.strategy), list(known), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UserError(f"--strategy: unknown strategy '{args.strategy}'; {hint}choose from {', '.join(known)}")
+    if args.num_processes is not None and args.num_processes < 1:
+        raise UserError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.num_machines < 1:
+        raise UserError(f"--num-machines must be >= 1, got {args.num_machines}")
+    if not 0 <= args.machine_rank < args.num_machines:
+        raise UserError(f"--machine-rank {args.machine_rank} is not within 0 .. {args.num_machines - 1} "
+                        f"(--num-machines {args.num_machines})")
+    if args.num_machines > 1 and not args.main_process_ip:
+        raise UserError("--num-machines > 1 needs --main-process-ip (the address of machine 0)")
+
+
+def command(stage: str, args: argparse.Namespace, stage_args: list[str]) -> list[str]:
+    """The accelerate command line for `stage`; `stage_args` follow `-m rlhf_dist STAGE`."""
+    config = strategies()[args.strategy]
+    total = processes_per_machine(args) * args.num_machines
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", str(total),
+           "--num_machines", str(args.num_machines), "--machine_rank", str(args.machine_rank)]
+    if args.num_machines > 1:
+        cmd += ["--main_process_ip", args.main_process_ip, "--main_process_port", str(args.main_process_port)]
+    deepspeed = ROOT / "ds_configs" / f"{args.strategy}.json"
+    if deepspeed.is_file():  # absolute, so the launch works from any directory
+        cmd += ["--deepspeed_config_file", str(deepspeed)]
+    return [*cmd, "-m", "rlhf_dist", stage, *stage_args]
+
+
+def check_world_size(output: Path, stage: str, expected: int, started: float) -> None:
+    """After a launch: the stage's metrics must report the world size asked for (machine 0 only)."""
+    metrics_file = rundir.stage_dir(output, stage) / "metrics.json"
+    if not metrics_file.is_file() or metrics_file.stat().st_mtime < started:
+        return  # skipped (already complete) or written by another machine's file system
+    got = json.loads(metrics_file.read_text()).get("world_size")
+    if got != expected:
+        raise UserError(f"{stage} ran on {got} process(es), not the {expected} asked for; check the accelerate set-up "
+                        f"(on a machine without GPUs use --strategy ddp, never --cpu) before trusting {metrics_file.parent}")
+
+
+def main(argv: list[str]) -> int:
+    import time
+
+    from rlhf_dist.stages.common import add_run_arguments
+
+    parser = argparse.ArgumentParser(prog="rlhf-dist launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=STAGE_ORDER)
+    add_run_arguments(parser)
+    add_launch_arguments(parser)
+    parser.add_argument("--dry-run", action="store_true", help="Print the command instead of running it.")
+    args = parser.parse_intermixed_args(argv)  # the stage first, overrides after the flags
+    if args.strategy is None:
+        parser.error("--strategy is required")
+    check_launch_arguments(args)
+    load_recipe(args.recipe)  # a missing recipe fails here, not in N processes
+    stage_args = ["--recipe", args.recipe, "--output", args.output, *(["--overwrite"] if args.overwrite else []),
+                  *(["--resume"] if args.resume else []), *args.overrides]
+    cmd = command(args.stage, args, stage_args)
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    started = time.time()
+    code = subprocess.call(cmd)
+    if code == 0 and args.machine_rank == 0:
+        check_world_size(Path(args.output).expanduser().resolve(), args.stage,
+                         processes_per_machine(args) * args.num_machines, started)
+    return code
