@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -26,16 +27,21 @@ from rlhf_dist import rundir
 from rlhf_dist.config import STAGE_ORDER, load_recipe
 from rlhf_dist.errors import UserError
 
-ROOT = Path(__file__).resolve().parent.parent  # a clone or editable install holds launch/ and ds_configs/ here
+
+def config_root() -> Path:
+    """The folder holding launch/ and ds_configs/: $RLHF_DIST_HOME (the container sets it), else the clone
+    this package runs from (pip install -e .), else the current directory."""
+    candidates = [os.environ.get("RLHF_DIST_HOME"), Path(__file__).resolve().parent.parent, Path.cwd()]
+    for folder in (Path(c) for c in candidates if c):
+        if (folder / "launch").is_dir() and (folder / "ds_configs").is_dir():
+            return folder
+    raise UserError("no launch/ and ds_configs/ folders found; run from a clone of rlhf-dist (pip install -e .), "
+                    "set RLHF_DIST_HOME to one, or use the container image")
 
 
 def strategies() -> dict[str, Path]:
     """Strategy name -> accelerate config file (launch/<name>.yaml)."""
-    folder = ROOT / "launch"
-    if not folder.is_dir():
-        raise UserError(f"no launch configs at {folder}; install rlhf-dist from a clone (pip install -e .) or use the "
-                        "container image, which ship launch/ and ds_configs/")
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+    return {p.stem: p for p in sorted((config_root() / "launch").glob("*.yaml"))}
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,9 +88,11 @@ def command(stage: str, args: argparse.Namespace, stage_args: list[str]) -> list
            "--num_machines", str(args.num_machines), "--machine_rank", str(args.machine_rank)]
     if args.num_machines > 1:
         cmd += ["--main_process_ip", args.main_process_ip, "--main_process_port", str(args.main_process_port)]
-    deepspeed = ROOT / "ds_configs" / f"{args.strategy}.json"
+    deepspeed = config_root() / "ds_configs" / f"{args.strategy}.json"
     if deepspeed.is_file():  # absolute, so the launch works from any directory
         cmd += ["--deepspeed_config_file", str(deepspeed)]
+        if args.num_machines > 1:  # one torchrun per machine, not DeepSpeed's pdsh runner (ssh + hostfile)
+            cmd += ["--deepspeed_multinode_launcher", "standard"]
     return [*cmd, "-m", "rlhf_dist", stage, *stage_args]
 
 

@@ -41,6 +41,7 @@ def test_multi_node_dry_run_counts_all_processes(tmp_path, capsys):
     text = " ".join(cmd)
     assert "--num_processes 16 --num_machines 2 --machine_rank 1" in text  # accelerate takes the total
     assert "--main_process_ip 10.0.0.1 --main_process_port 29500" in text
+    assert "--deepspeed_multinode_launcher standard" in text  # not DeepSpeed's ssh/pdsh runner
 
 
 @pytest.mark.parametrize("args, expected", [
