@@ -4,6 +4,7 @@
     rlhf-dist pipeline --recipe NAME_OR_YAML --output DIR   run a recipe's stages in order
     rlhf-dist STAGE --recipe NAME_OR_YAML --output DIR      one stage: pretrain, sft, reward, ppo, dpo
     rlhf-dist launch STAGE --strategy ddp|zero2|zero3 ...   one stage on several processes/machines (accelerate)
+    rlhf-dist slurm render|submit --stage S --nodes N ...   sbatch scripts for a stage or a chain of stages
     rlhf-dist recipes                                       list the recipes shipped with the package
     rlhf-dist fields STAGE                                  every config field of a stage, with help
 
@@ -47,6 +48,12 @@ def cmd_launch(argv: list[str]) -> int:
     return launch.main(argv)
 
 
+def cmd_slurm(argv: list[str]) -> int:
+    from rlhf_dist import slurm
+
+    return slurm.main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from rlhf_dist import demo
 
@@ -82,8 +89,8 @@ def cmd_fields(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"pipeline": cmd_pipeline, "launch": cmd_launch, "demo": cmd_demo, "recipes": cmd_recipes,
-            "fields": cmd_fields}
+COMMANDS = {"pipeline": cmd_pipeline, "launch": cmd_launch, "slurm": cmd_slurm, "demo": cmd_demo,
+            "recipes": cmd_recipes, "fields": cmd_fields}
 
 
 def main(argv: list[str] | None = None) -> int:
