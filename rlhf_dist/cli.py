@@ -24,7 +24,7 @@ STAGE_COMMANDS = ("pretrain", "sft", "reward", "ppo", "dpo")
 
 
 def _run_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    from rlhf_dist.stages.common import add_run_arguments
+    from rlhf_dist.recipe import add_run_arguments
 
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -19,13 +19,12 @@ import difflib
 import json
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
-from rlhf_dist import rundir
-from rlhf_dist.config import STAGE_ORDER, load_recipe
+from rlhf_dist import preempt, rundir
 from rlhf_dist.errors import UserError
+from rlhf_dist.recipe import STAGE_ORDER, apply_overrides, load_recipe
 
 
 def config_root() -> Path:
@@ -80,6 +79,21 @@ def check_launch_arguments(args: argparse.Namespace) -> None:
         raise UserError("--num-machines > 1 needs --main-process-ip (the address of machine 0)")
 
 
+def check_world_fits(raw: dict, source: str, stages: list[str], world: int, what: str) -> None:
+    """Global batch sizes (PPO's) must split evenly over `world` processes; checked before anything starts."""
+    if "ppo" not in stages:
+        return
+    from rlhf_dist.config import resolve_stage
+    from rlhf_dist.rl.trainer import check_batch_sizes
+
+    cfg = resolve_stage(raw, source, "ppo", "OUTPUT", "OUTPUT/ppo.incomplete")
+    try:
+        check_batch_sizes(cfg.training, world)
+    except ValueError as exc:
+        raise UserError(f"{source}: {what} = {world} processes, but {exc}; choose a process/node count that divides "
+                        "the batch sizes, or change them") from None
+
+
 def command(stage: str, args: argparse.Namespace, stage_args: list[str]) -> list[str]:
     """The accelerate command line for `stage`; `stage_args` follow `-m rlhf_dist STAGE`."""
     config = strategies()[args.strategy]
@@ -87,7 +101,11 @@ def command(stage: str, args: argparse.Namespace, stage_args: list[str]) -> list
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", str(total),
            "--num_machines", str(args.num_machines), "--machine_rank", str(args.machine_rank)]
     if args.num_machines > 1:
-        cmd += ["--main_process_ip", args.main_process_ip, "--main_process_port", str(args.main_process_port)]
+        # c10d rendezvous (launch/*.yaml say same_network: false, so accelerate passes an endpoint, not a master
+        # address); machine 0 hosts the store, named outright: guessing it from host names fails on hosts with
+        # several names, and when all "machines" are one host (a test cluster) every one of them would guess itself.
+        cmd += ["--main_process_ip", args.main_process_ip, "--main_process_port", str(args.main_process_port),
+                "--rdzv_backend", "c10d", "--rdzv_conf", f"is_host={int(args.machine_rank == 0)}"]
     deepspeed = config_root() / "ds_configs" / f"{args.strategy}.json"
     if deepspeed.is_file():  # absolute, so the launch works from any directory
         cmd += ["--deepspeed_config_file", str(deepspeed)]
@@ -110,7 +128,7 @@ def check_world_size(output: Path, stage: str, expected: int, started: float) ->
 def main(argv: list[str]) -> int:
     import time
 
-    from rlhf_dist.stages.common import add_run_arguments
+    from rlhf_dist.recipe import add_run_arguments
 
     parser = argparse.ArgumentParser(prog="rlhf-dist launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,16 +140,27 @@ def main(argv: list[str]) -> int:
     if args.strategy is None:
         parser.error("--strategy is required")
     check_launch_arguments(args)
-    load_recipe(args.recipe)  # a missing recipe fails here, not in N processes
+    raw, source = load_recipe(args.recipe)  # a missing recipe fails here, not in N processes
+    world = processes_per_machine(args) * args.num_machines
+    check_world_fits(apply_overrides(raw, args.overrides), source, [args.stage], world,
+                     f"{args.num_machines} machine(s) x {processes_per_machine(args)} process(es)")
     stage_args = ["--recipe", args.recipe, "--output", args.output, *(["--overwrite"] if args.overwrite else []),
                   *(["--resume"] if args.resume else []), *args.overrides]
     cmd = command(args.stage, args, stage_args)
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
+    where = f"machine {args.machine_rank} of {args.num_machines}, {world} process(es) in all"
+    if args.num_machines > 1:
+        where += f", rendezvous {args.main_process_ip}:{args.main_process_port}"
+    print(f"rlhf-dist launch: {args.stage} with {args.strategy} on {where}", file=sys.stderr, flush=True)
     started = time.time()
-    code = subprocess.call(cmd)
+    code, preempted = preempt.run_forwarding(cmd)
+    output = Path(args.output).expanduser().resolve()
+    if preempted and not rundir.is_complete(output, args.stage):
+        print(f"rlhf-dist launch: {args.stage} stopped on request (USR1, exit {code}); re-run with --resume to continue "
+              "from its last checkpoint", file=sys.stderr, flush=True)
+        return preempt.PREEMPTED
     if code == 0 and args.machine_rank == 0:
-        check_world_size(Path(args.output).expanduser().resolve(), args.stage,
-                         processes_per_machine(args) * args.num_machines, started)
+        check_world_size(output, args.stage, world, started)
     return code

@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from rlhf_dist import rundir
+from rlhf_dist import preempt, rundir
 from rlhf_dist.config import STAGE_ORDER, STAGES, apply_overrides, load_recipe, resolve_stage, validate_recipe
 from rlhf_dist.errors import UserError
 from rlhf_dist.plots import plot_run
@@ -88,9 +87,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser().resolve()
     rundir.check_output_root(output)
     if getattr(args, "strategy", None):
-        from rlhf_dist.launch import check_launch_arguments
+        from rlhf_dist.launch import check_launch_arguments, check_world_fits, processes_per_machine
 
         check_launch_arguments(args)
+        check_world_fits(raw, source, stages, processes_per_machine(args) * args.num_machines,
+                         f"{args.num_machines} machine(s) x {processes_per_machine(args)} process(es)")
     for stage in stages:  # a typo in the last stage's section fails now, not after hours of the first ones
         validate_stage(raw, source, stage, output, stages)
 
@@ -104,7 +105,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
             continue
         print(f"\n{'=' * 20} {banner}: starting from {cfg.init_from} {'=' * 20}", flush=True)
         started = time.time()
-        code = subprocess.call(stage_command(stage, args))
+        code, preempted = preempt.run_forwarding(stage_command(stage, args))
+        if preempted:  # the job is about to end: start no further stage
+            where = "complete" if rundir.is_complete(output, stage) else "checkpointed"
+            print(f"{banner}: {where}, stopping on request (USR1); re-run the same command with --resume to continue",
+                  file=sys.stderr, flush=True)
+            return preempt.PREEMPTED
         if code == 0 and getattr(args, "strategy", None) and args.machine_rank == 0:
             from rlhf_dist.launch import check_world_size, processes_per_machine
 

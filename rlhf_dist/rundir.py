@@ -26,7 +26,6 @@ from pathlib import Path
 
 import yaml
 
-from rlhf_dist.config import diff_keys, fingerprint
 from rlhf_dist.errors import RunDirError
 
 MARKER = "rlhf_dist_run.json"
@@ -62,6 +61,8 @@ def _read_config(folder: Path) -> dict | None:
 
 
 def _explain(old: dict, new: dict) -> str:
+    from rlhf_dist.config import diff_keys  # not at the top: importing config imports transformers
+
     keys = diff_keys(old, new)
     shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
     return f"differs in {shown}" if keys else "differs"
@@ -85,6 +86,8 @@ def check_output_root(output: str | Path) -> None:
 
 def plan_stage(output: str | Path, stage: str, resolved: dict, overwrite: bool, resume: bool) -> Plan:
     """Decide, without touching the disk, what running `stage` into `output` should do."""
+    from rlhf_dist.config import fingerprint  # not at the top: importing config imports transformers
+
     check_output_root(output)
     done, work = stage_dir(output, stage), work_dir(output, stage)
     if done.exists():

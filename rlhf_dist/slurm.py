@@ -63,7 +63,7 @@ def check_safe(flag: str, value: str | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rlhf_dist.stages.common import add_run_arguments
+    from rlhf_dist.recipe import add_run_arguments
 
     parser = argparse.ArgumentParser(prog="rlhf-dist slurm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check(args: argparse.Namespace) -> tuple[list[str], Path]:
     """Validate everything; return the stages and the absolute output folder for the scripts."""
-    from rlhf_dist.launch import check_launch_arguments
+    from rlhf_dist.launch import check_launch_arguments, check_world_fits
     from rlhf_dist.pipeline import parse_stages
 
     if args.nodes < 1:
@@ -113,13 +113,15 @@ def check(args: argparse.Namespace) -> tuple[list[str], Path]:
     if not TIME.fullmatch(args.time):
         raise UserError(f"--time {args.time!r} is not a Slurm time limit; write MM, HH:MM:SS or D-HH:MM:SS (e.g. 1-00:00:00)")
     raw, source = load_recipe(args.recipe)
-    apply_overrides(raw, args.overrides)  # a malformed KEY=VALUE fails now, not on the cluster
+    raw = apply_overrides(raw, args.overrides)  # a malformed KEY=VALUE fails now, not on the cluster
     recipe_stages = validate_recipe(raw, source)
     if args.stage is not None and args.stage not in STAGE_ORDER:
         raise UserError(f"--stage: unknown stage '{args.stage}'; choose from {', '.join(STAGE_ORDER)}")
     stages = [args.stage] if args.stage else parse_stages(args.stages, recipe_stages)
     if not stages:
         raise UserError("no stages to run: pass --stage STAGE or --stages a,b,c (the recipe lists none)")
+    check_world_fits(raw, source, stages, args.nodes * args.gpus_per_node,
+                     f"--nodes {args.nodes} x --gpus-per-node {args.gpus_per_node}")
     out_dir = Path(args.out_dir).expanduser() if args.out_dir else Path(args.output).expanduser() / "slurm"
     out_dir = Path(os.path.abspath(out_dir))
     check_safe("--out-dir", str(out_dir))

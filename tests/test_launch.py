@@ -21,11 +21,11 @@ def dry_run(capsys, *args: str) -> list[str]:
                                                  ("zero3_offload", "zero3_offload.json")])
 def test_dry_run_builds_the_accelerate_command(strategy, deepspeed, tmp_path, capsys):
     cmd = dry_run(capsys, "ppo", "--recipe", "demo", "--output", str(tmp_path / "run"), "--strategy", strategy,
-                  "--num-processes", "4", "ppo.training.kl_coef=0.1", "model.name_or_path=my model")
+                  "--num-processes", "2", "ppo.training.kl_coef=0.1", "model.name_or_path=my model")
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     flags = dict(zip(cmd[3:cmd.index("-m", 3):2], cmd[4:cmd.index("-m", 3):2]))
     assert flags["--config_file"] == str(REPO / "launch" / f"{strategy}.yaml")
-    assert flags["--num_processes"] == "4" and flags["--num_machines"] == "1" and flags["--machine_rank"] == "0"
+    assert flags["--num_processes"] == "2" and flags["--num_machines"] == "1" and flags["--machine_rank"] == "0"
     if deepspeed:  # absolute: the YAML's relative path would only work from the repository root
         assert flags["--deepspeed_config_file"] == str(REPO / "ds_configs" / deepspeed)
     else:
@@ -42,6 +42,10 @@ def test_multi_node_dry_run_counts_all_processes(tmp_path, capsys):
     assert "--num_processes 16 --num_machines 2 --machine_rank 1" in text  # accelerate takes the total
     assert "--main_process_ip 10.0.0.1 --main_process_port 29500" in text
     assert "--deepspeed_multinode_launcher standard" in text  # not DeepSpeed's ssh/pdsh runner
+    assert "--rdzv_backend c10d --rdzv_conf is_host=0" in text  # machine 0 hosts the rendezvous store, said outright
+    cmd = dry_run(capsys, "sft", "--recipe", "demo", "--output", str(tmp_path), "--strategy", "ddp",
+                  "--num-processes", "1", "--num-machines", "2", "--main-process-ip", "n1")
+    assert "--rdzv_backend c10d --rdzv_conf is_host=1" in " ".join(cmd)
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -51,10 +55,16 @@ def test_multi_node_dry_run_counts_all_processes(tmp_path, capsys):
      "--machine-rank 2 is not within 0 .. 1"),
     (["--strategy", "ddp", "--num-processes", "0"], "--num-processes must be >= 1"),
     (["--strategy", "ddp", "--recipe", "no_such_recipe"], "recipe 'no_such_recipe' is neither a file nor a shipped recipe"),
+    (["--strategy", "ddp", "--num-processes", "3", "--stage", "ppo"],
+     "1 machine(s) x 3 process(es) = 3 processes, but ppo.training: rollout_batch_size=32 is not a multiple of the 3"),
 ])
 def test_bad_launch_input_is_one_line_and_launches_nothing(args, expected, tmp_path, capsys):
     recipe = [] if "--recipe" in args else ["--recipe", "demo"]
-    assert main(["launch", "sft", *recipe, "--output", str(tmp_path / "run"), *args]) == 2
+    stage = "sft"
+    if "--stage" in args:
+        i = args.index("--stage")
+        stage, args = args[i + 1], args[:i] + args[i + 2:]
+    assert main(["launch", stage, *recipe, "--output", str(tmp_path / "run"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and expected in err, err
     assert not (tmp_path / "run").exists()

@@ -51,6 +51,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from rlhf_dist import preempt
 from rlhf_dist.rl.actor_critic import ActorCritic
 from rlhf_dist.rl.advantages import gae, group_baseline, masked_mean, sequence_advantages_to_tokens, whiten
 from rlhf_dist.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
@@ -574,8 +575,12 @@ class PPOTrainer:
                 bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
                                 ratio=f"{metrics['policy/ratio_mean']:.3f}")
                 bar.update(1)
-                if a.save_steps and self.step % a.save_steps == 0 and self.step < self.max_steps:
+                saved = a.save_steps and self.step % a.save_steps == 0 and self.step < self.max_steps
+                if saved:
                     self.save_checkpoint()
+                if preempt.requested():  # a collective: every process asks after every step
+                    checkpoint = self.work_dir / f"checkpoint-{self.step}" if saved else self.save_checkpoint()
+                    raise preempt.Preempted(self.step, checkpoint)
         finally:
             bar.close()
             tracker.close()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhf_dist import rundir
+from rlhf_dist import preempt, rundir
 from rlhf_dist.config import (
     UPSTREAM,
     StageConfig,
@@ -30,6 +30,7 @@ from rlhf_dist.config import (
 )
 from rlhf_dist.errors import UserError
 from rlhf_dist.plots import plot_stage
+from rlhf_dist.recipe import add_run_arguments
 
 log = logging.getLogger("rlhf_dist")
 
@@ -47,20 +48,6 @@ class StageContext:
     checkpoint: str | None
     output: Path | None = None
     extra: dict = field(default_factory=dict)  # what a stage's `check` prepared for its `run`
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags shared by every stage command and `pipeline`."""
-    parser.add_argument("--recipe", required=True, help="Shipped recipe name (see `rlhf-dist recipes`) or a YAML file.")
-    parser.add_argument("--output", required=True, help="Run directory; each stage writes OUTPUT/<stage>.")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--overwrite", action="store_true",
-                       help="Re-run a stage whose output holds a different config (replaced once the new one is complete).")
-    group.add_argument("--resume", action="store_true", help="Continue an unfinished stage even if its config changed.")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
-        help="Override recipe fields, e.g. sft.training.learning_rate=1e-5 (`rlhf-dist fields STAGE` lists them all).",
-    )
 
 
 def resolve_init(cfg: StageConfig, stage: str, output: Path) -> str:
@@ -173,6 +160,7 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     args = parser.parse_args(argv)
+    preempt.install()  # USR1 (Slurm's warning before preemption) -> checkpoint and stop, not death
     setup_logging()
     from rlhf_dist.data import load_splits
     from rlhf_dist.models import load_tokenizer
@@ -213,7 +201,12 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
 
     set_seed(cfg.training.seed)  # new heads (a reward model's score, LoRA) start the same on every run
     started = time.time()
-    metrics = run(ctx)
+    try:
+        metrics = run(ctx)
+    except preempt.Preempted as stop:
+        log.warning("%s: %s; continue with the same command and --resume", stage, stop)
+        state.wait_for_everyone()
+        return preempt.exit_status()
     history = metrics.pop("history", [])
     if "eval_loss" in metrics.get("before", {}):  # train() starts a fresh log; keep the starting point
         history = [{"step": 0, "eval_loss": metrics["before"]["eval_loss"]}, *history]
@@ -280,9 +273,14 @@ def fit(trainer, ctx: StageContext, evaluate: Callable[[], dict]) -> tuple[dict,
     """Evaluate, train (resuming from the last checkpoint if there is one), evaluate again.
 
     Returns (before, after, extra) where `extra` holds the training figures and the log history.
+    Raises `preempt.Preempted` once the checkpoint is saved if a USR1 stopped the training.
     """
     before = evaluate()
+    stop = preempt.trainer_callback()
+    trainer.add_callback(stop)
     result = trainer.train(resume_from_checkpoint=ctx.checkpoint)
+    if stop.stopped_at is not None:
+        raise preempt.Preempted(stop.stopped_at, Path(trainer.args.output_dir) / f"checkpoint-{stop.stopped_at}")
     after = evaluate()
     m = result.metrics
     summary = {"global_step": result.global_step, "train_loss": m.get("train_loss"), "train_runtime": m.get("train_runtime")}

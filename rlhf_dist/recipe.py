@@ -1,0 +1,109 @@
+"""Recipes on disk and the flags of a run: what the light commands (`launch`, `--help`) need.
+
+Nothing here imports torch, transformers or TRL, so `rlhf-dist launch` starts in a moment on every
+node; the typed stage configs built from a recipe are in `rlhf_dist.config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_dist.errors import ConfigError
+
+STAGE_ORDER = ["pretrain", "sft", "reward", "ppo", "dpo"]
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML as people write configs: `no`/`on` and dates stay strings, `1e-5` is a float.
+
+    PyYAML follows YAML 1.1, where `save_strategy: no` would be False and `revision: 2024-01-01` a date.
+    """
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Recipes that ship inside the package: name -> path."""
+    folder = resources.files("rlhf_dist") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def load_recipe(name_or_path: str) -> tuple[dict, str]:
+    """Read a recipe by shipped name (`demo`) or file path. Returns (raw dict, source for messages)."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        shipped = shipped_recipes()
+        if name_or_path in shipped:
+            path = shipped[name_or_path]
+        else:
+            close = difflib.get_close_matches(name_or_path, list(shipped), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"recipe '{name_or_path}' is neither a file nor a shipped recipe; {hint}"
+                f"shipped: {', '.join(sorted(shipped))} (or pass the path of your own YAML file)"
+            )
+    try:
+        raw = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections (model, data, sft, ...)")
+    return raw, str(path)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a copy of the raw recipe."""
+    out = json.loads(json.dumps(raw, default=str))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not KEY=VALUE; write e.g. sft.training.learning_rate=1e-5")
+        key, _, text = item.partition("=")
+        try:
+            value = parse_yaml(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags shared by every stage command and `pipeline`."""
+    parser.add_argument("--recipe", required=True, help="Shipped recipe name (see `rlhf-dist recipes`) or a YAML file.")
+    parser.add_argument("--output", required=True, help="Run directory; each stage writes OUTPUT/<stage>.")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true",
+                       help="Re-run a stage whose output holds a different config (replaced once the new one is complete).")
+    group.add_argument("--resume", action="store_true", help="Continue an unfinished stage even if its config changed.")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="Override recipe fields, e.g. sft.training.learning_rate=1e-5 (`rlhf-dist fields STAGE` lists them all).",
+    )
