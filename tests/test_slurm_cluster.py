@@ -88,7 +88,8 @@ def test_two_node_pipeline_chain(cluster, tmp_path, tiny_model, demo_data):
         for rank, text in enumerate(logs):
             assert re.search(rf"{stage} with ddp on machine {rank} of 2, 2 process\(es\) in all, rendezvous n1:\d+",
                              text), text[-2000:]
-        assert f"{stage}: done ->" in logs[0] and "done ->" not in logs[1]  # machine 0 writes the output, once
+        # The main process writes the output, once; c10d numbers processes by arrival, so it may be on either node.
+        assert sum(f"{stage}: done ->" in text for text in logs) == 1
         # One process group of two: the stage reports world size 2, trained and saved.
         metrics = json.loads((out / stage / "metrics.json").read_text())
         assert metrics["world_size"] == 2
@@ -125,10 +126,11 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path, tiny_mod
     assert record["JobState"] == "COMPLETED"
     err, log0, log1 = job_err(out, job), node_log(out, job, 0), node_log(out, job, 1)
     assert f"job {job} restart 0" in err and f"job {job} restart 1" in err and "requeueing job" in err
-    stopped = [int(s) for s in re.findall(r"sft: preempted at step (\d+)", log0)]
+    stopped = [int(s) for s in re.findall(r"sft: preempted at step (\d+)", log0)]  # every process says so
     assert len(stopped) == 1 and 1 <= stopped[0] < max_steps, log0[-3000:]
+    assert re.findall(r"sft: preempted at step (\d+)", log1) == [str(stopped[0])]  # both stopped at the same step
     assert "got USR1" in log0 and "got USR1" in log1  # each node's launcher passed it on
-    assert f"resuming from {out / 'sft.incomplete' / f'checkpoint-{stopped[0]}'}" in log0
+    assert f"resuming from {out / 'sft.incomplete' / f'checkpoint-{stopped[0]}'}" in log0 + log1
     metrics = json.loads((out / "sft" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["train"]["global_step"] == max_steps  # where an uninterrupted run ends
