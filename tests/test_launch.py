@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, cli, tiny_recipe
@@ -33,6 +36,25 @@ def test_dry_run_builds_the_accelerate_command(strategy, deepspeed, tmp_path, ca
     assert cmd[cmd.index("-m", 3):] == ["-m", "rlhf_dist", "ppo", "--recipe", "demo", "--output", str(tmp_path / "run"),
                                         "ppo.training.kl_coef=0.1", "model.name_or_path=my model"]
     assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_launch_sh_runs_rlhf_dist_launch(tmp_path, capsys):
+    """launch/launch.sh (the script whose header shows the usage) gives exactly `rlhf-dist launch`'s command."""
+    script = REPO / "launch" / "launch.sh"
+    lint = subprocess.run([str(Path(sys.executable).parent / "shellcheck"), str(script)], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout
+    out = str(tmp_path / "my run")
+    env = {**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1", "NUM_MACHINES": "2", "MACHINE_RANK": "1",
+           "MAIN_PROCESS_IP": "10.0.0.1"}
+    done = subprocess.run(["bash", str(script), "sft", "zero3", "8", "--", "--recipe", "demo", "--output", out,
+                           "sft.training.learning_rate=1e-5"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    expected = dry_run(capsys, "sft", "--recipe", "demo", "--output", out, "--strategy", "zero3", "--num-processes", "8",
+                       "--num-machines", "2", "--machine-rank", "1", "--main-process-ip", "10.0.0.1",
+                       "sft.training.learning_rate=1e-5")
+    assert shlex.split(done.stdout.strip()) == expected
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "launch/launch.sh STAGE STRATEGY [NUM_PROCESSES]" in usage.stderr
 
 
 def test_multi_node_dry_run_counts_all_processes(tmp_path, capsys):
