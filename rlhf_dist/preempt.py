@@ -24,6 +24,8 @@ PREEMPTED = 75  # EX_TEMPFAIL: the stage stopped early on request, its checkpoin
 LAUNCHER_ENV = "RLHF_DIST_FORWARDS_USR1"  # set for the processes under run_forwarding, which reports PREEMPTED itself
 SIGNAL = signal.SIGUSR1
 
+REPEAT_SECONDS = 10  # the launcher passes the signal on again this often until its processes end
+
 _requested = False
 
 
@@ -115,15 +117,18 @@ def run_forwarding(cmd: list[str]) -> tuple[int, bool]:
     """Run `cmd`, passing USR1 on to every process under it; returns (exit code, whether USR1 came)."""
     got = False
 
-    def forward(signum, frame):
-        nonlocal got
-        got = True
-        print("rlhf-dist: got USR1; asking the training processes to checkpoint and stop", file=sys.stderr, flush=True)
+    def pass_on():
         for pid in descendants(proc.pid):
             try:
                 os.kill(pid, SIGNAL)  # launchers ignore it (inherited SIG_IGN); training processes act on it
             except ProcessLookupError:
                 pass
+
+    def forward(signum, frame):
+        nonlocal got
+        got = True
+        print("rlhf-dist: got USR1; asking the training processes to checkpoint and stop", file=sys.stderr, flush=True)
+        pass_on()
 
     def ignore_usr1():  # in the child, before exec: an ignored signal stays ignored across exec
         signal.signal(SIGNAL, signal.SIG_IGN)
@@ -133,7 +138,16 @@ def run_forwarding(cmd: list[str]) -> tuple[int, bool]:
         proc = subprocess.Popen(cmd, preexec_fn=ignore_usr1, env={**os.environ, LAUNCHER_ENV: "1"})
         signal.signal(SIGNAL, forward)
         try:
-            code = proc.wait()
+            waited = 0.0
+            while True:
+                try:
+                    code = proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    waited = waited + 1.0 if got else 0.0
+                    if waited >= REPEAT_SECONDS:  # again, for processes that were still starting up (they ignore it
+                        pass_on()                 # until their handler is installed); a repeated request changes nothing
+                        waited = 0.0
         except KeyboardInterrupt:
             proc.wait()
             raise

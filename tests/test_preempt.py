@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_recipe
 from safetensors.torch import load_file
@@ -96,8 +97,9 @@ CHILD = """
 import sys, time
 from pathlib import Path
 from rlhf_dist import preempt
-preempt.install()
 Path(sys.argv[1], "ready").write_text("ready")
+time.sleep(float(sys.argv[2]))  # still starting up: USR1 is ignored (inherited SIG_IGN) until install()
+preempt.install()
 for _ in range(600):
     if preempt.requested_here():
         Path(sys.argv[1], "stopped").write_text("stopped on USR1")
@@ -109,20 +111,23 @@ sys.exit(3)
 # handler for USR1, so without the launcher's SIG_IGN it would die of the signal and orphan its child.
 MIDDLE = """
 import subprocess, sys
-child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], start_new_session=True)
+child = subprocess.Popen([sys.executable, "-c", *sys.argv[1:]], start_new_session=True)
 sys.exit(child.wait())
 """
 DRIVER = """
 import sys
-from rlhf_dist.preempt import run_forwarding
-code, got = run_forwarding([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]])
+from rlhf_dist import preempt
+preempt.REPEAT_SECONDS = 2
+code, got = preempt.run_forwarding([sys.executable, "-c", *sys.argv[1:]])
 print(code, got)
 """
 
 
-def test_launcher_forwards_usr1_to_processes_in_other_sessions(tmp_path):
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, MIDDLE, CHILD, str(tmp_path)], stdout=subprocess.PIPE,
-                              text=True)
+@pytest.mark.parametrize("startup_seconds", [0.0, 3.0])
+def test_launcher_forwards_usr1_to_processes_in_other_sessions(startup_seconds, tmp_path):
+    """With a 3 s start-up the first signal is lost (the handler is not installed yet): the repeat reaches it."""
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, MIDDLE, CHILD, str(tmp_path), str(startup_seconds)],
+                              stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (tmp_path / "ready").exists():
         assert time.time() < deadline and driver.poll() is None, "the child did not start"
