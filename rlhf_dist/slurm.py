@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-task", type=int, default=8, help="CPUs for the task on each node (default 8).")
     parser.add_argument("--preempt-signal-seconds", type=int, default=120,
                         help="Send USR1 this many seconds before the time limit, to requeue (default 120).")
-    parser.add_argument("--main-process-port", type=int, default=29500, help="Rendezvous port on the head node.")
+    parser.add_argument("--main-process-port", type=int, default=None,
+                        help="Rendezvous port on the head node (default: 20000 + job id mod 40000, so jobs sharing a "
+                             "node do not collide).")
     parser.add_argument("--job-name-prefix", default="rlhf-", help="Job names are PREFIX + stage (default rlhf-).")
     parser.add_argument("--out-dir", help="Where the scripts go (default OUTPUT/slurm); logs go to OUT_DIR/logs.")
     return parser
@@ -103,7 +105,7 @@ def check(args: argparse.Namespace) -> tuple[list[str], Path]:
         raise UserError(f"--cpus-per-task must be >= 1, got {args.cpus_per_task}")
     if not 1 <= args.preempt_signal_seconds <= 65535:
         raise UserError(f"--preempt-signal-seconds must be within 1 .. 65535, got {args.preempt_signal_seconds}")
-    if not 1 <= args.main_process_port <= 65535:
+    if args.main_process_port is not None and not 1 <= args.main_process_port <= 65535:
         raise UserError(f"--main-process-port must be within 1 .. 65535, got {args.main_process_port}")
     ns = argparse.Namespace(strategy=args.strategy, num_processes=args.gpus_per_node, num_machines=args.nodes,
                             machine_rank=0, main_process_ip="head-node")
@@ -141,7 +143,7 @@ def render_stage(args: argparse.Namespace, stage: str, out_dir: Path) -> str:
     job_name = args.job_name_prefix + stage
     groups = [[stage], ["--recipe", recipe], ["--output", output], ["--strategy", args.strategy],
               ["--num-processes", str(args.gpus_per_node)], ["--num-machines", str(args.nodes)],
-              ["--main-process-port", str(args.main_process_port)], *([o] for o in args.overrides)]
+              *([o] for o in args.overrides)]
     container = ""
     if args.container:
         mounts = sorted({output, *([os.path.dirname(recipe)] if os.path.isabs(recipe) else []), str(out_dir)})
@@ -166,6 +168,7 @@ def render_stage(args: argparse.Namespace, stage: str, out_dir: Path) -> str:
         "preempt_seconds": str(args.preempt_signal_seconds),
         "launch_args": "\n    ".join(shlex.join(g) for g in groups),
         "container_args": container,
+        "port": str(args.main_process_port) if args.main_process_port else "$((20000 + SLURM_JOB_ID % 40000))",
     }
     return fill((template_dir() / "stage.sbatch.tmpl").read_text(), values)
 

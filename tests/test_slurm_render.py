@@ -137,6 +137,7 @@ def test_two_nodes_get_ranks_0_and_1(rendered, stubs):
         assert args[:2] == ["launch", "sft"]
         assert args[args.index("--machine-rank") + 1] == str(node)
         assert args[args.index("--main-process-ip") + 1] == "n1"  # the head node, the same for both
+        assert args[args.index("--main-process-port") + 1] == str(20000 + 4242 % 40000)  # from the job id
         assert args[args.index("--num-machines") + 1] == "2" and args[args.index("--num-processes") + 1] == "1"
         assert "sft.training.max_steps=3" in args and "--resume" not in args
     assert "--kill-on-bad-exit=1" in (stubs / "srun.args").read_text().split()
