@@ -274,8 +274,31 @@ def fit(trainer, ctx: StageContext, evaluate: Callable[[], dict]) -> tuple[dict,
 
     Returns (before, after, extra) where `extra` holds the training figures and the log history.
     Raises `preempt.Preempted` once the checkpoint is saved if a USR1 stopped the training.
+
+    The "before" evaluation runs inside train(), once the model is wrapped and before the first step. Earlier,
+    Trainer.evaluate() prepares the bare model for evaluation, and accelerate then never wraps it in DDP: each
+    process would train alone. Under DeepSpeed the Trainer refuses it (ZeRO-1/2), or builds an inference
+    engine that train() cannot train (ZeRO-3). It is kept in the work directory: a resumed run reports the
+    starting model's metrics, not the checkpoint's.
     """
-    before = evaluate()
+    import json
+
+    from transformers import TrainerCallback
+
+    saved = Path(trainer.args.output_dir) / "before.json"
+    before = json.loads(saved.read_text()) if ctx.checkpoint and saved.is_file() else {}
+
+    class EvaluateFirst(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if before:
+                return
+            logged = len(state.log_history)
+            before.update(evaluate())
+            del state.log_history[logged:]  # stage_main puts it in the history as step 0
+            if trainer.is_world_process_zero():
+                rundir.write_json(saved, before)
+
+    trainer.add_callback(EvaluateFirst())
     stop = preempt.trainer_callback()
     trainer.add_callback(stop)
     result = trainer.train(resume_from_checkpoint=ctx.checkpoint)
@@ -283,6 +306,9 @@ def fit(trainer, ctx: StageContext, evaluate: Callable[[], dict]) -> tuple[dict,
         raise preempt.Preempted(stop.stopped_at, Path(trainer.args.output_dir) / f"checkpoint-{stop.stopped_at}")
     after = evaluate()
     m = result.metrics
-    summary = {"global_step": result.global_step, "train_loss": m.get("train_loss"), "train_runtime": m.get("train_runtime")}
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    summary = {"global_step": result.global_step, "train_loss": m.get("train_loss"), "train_runtime": m.get("train_runtime"),
+               "distributed_type": str(trainer.accelerator.distributed_type.value),
+               "zero_stage": int(plugin.zero_stage) if plugin is not None else 0}
     return before, after, {"train": summary, "history": trainer.state.log_history}
 
