@@ -133,30 +133,46 @@ def peft_config(lora: LoraConfig, task_type: str):
     )
 
 
+def base_config(cfg: StageConfig) -> StageConfig:
+    """`cfg` for loading the plain base model: no quantisation, no LoRA (to merge an adapter into, or frozen)."""
+    return dataclasses.replace(cfg, quantization=QuantizationConfig(), lora=LoraConfig())
+
+
 def save_model(trainer, tokenizer, out_dir: Path, cfg: StageConfig, loader) -> list[str]:
     """Save the trained model into `out_dir` (safetensors). Returns what was written.
 
-    `loader(path, cfg)` loads the stage's model; it reloads the base unquantised to merge a QLoRA adapter.
+    `loader(path, cfg)` loads the stage's model. A LoRA adapter is merged into a fresh, unquantised load
+    of the base (on the main process only): the trained model may be 4-bit (QLoRA) or partitioned
+    (ZeRO-3), and merging in place would change the model the trainer still holds.
     """
+    from rlhf_dist.rl.distributed import replicated_loading
+
     out_dir = Path(out_dir)
     written = []
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    acc = trainer.accelerator
+    model = acc.unwrap_model(trainer.model)
     is_peft = hasattr(model, "peft_config")
-    if not is_peft:
-        trainer.save_model(str(out_dir))
+    plugin = acc.state.deepspeed_plugin
+    if not is_peft and plugin is not None and plugin.zero_stage < 3:
+        # ZeRO-1/2 keep whole weights on every process. trainer.save_model would pass save_pretrained a cloned
+        # state dict in which tied weights (lm_head = embeddings) are two tensors, and both would be saved.
+        if trainer.is_world_process_zero():
+            model.save_pretrained(str(out_dir), safe_serialization=True)
+        acc.wait_for_everyone()
+        written.append("model")
+    elif not is_peft:
+        trainer.save_model(str(out_dir))  # under ZeRO-3 this gathers the partitioned weights
         written.append("model")
     else:
         trainer.save_model(str(out_dir / "adapter"))
         written.append("adapter")
     if trainer.is_world_process_zero():
         if is_peft and cfg.lora.merge:
-            if cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit:
-                from peft import PeftModel
+            from peft import PeftModel
 
-                base = loader(cfg.init_from, dataclasses.replace(cfg, quantization=QuantizationConfig()))
-                merged = PeftModel.from_pretrained(base, str(out_dir / "adapter")).merge_and_unload()
-            else:
-                merged = model.merge_and_unload()
+            with replicated_loading():  # only this process loads it: no ZeRO-3 partitioning, no collectives
+                base = loader(cfg.init_from, base_config(cfg))
+            merged = PeftModel.from_pretrained(base, str(out_dir / "adapter")).merge_and_unload()
             merged.save_pretrained(str(out_dir), safe_serialization=True)
             written.append("merged")
         tokenizer.save_pretrained(str(out_dir))

@@ -35,7 +35,7 @@ import torch
 
 from rlhf_dist import rundir
 from rlhf_dist.errors import ConfigError, DataError, UserError
-from rlhf_dist.models import load_causal_lm, load_reward_model, load_tokenizer, peft_config
+from rlhf_dist.models import base_config, load_causal_lm, load_reward_model, load_tokenizer, peft_config
 from rlhf_dist.rl.distributed import make_accelerator, replicated_loading, untied
 from rlhf_dist.stages.common import StageContext, process_state, stage_main
 
@@ -200,7 +200,7 @@ def build_models(ctx: StageContext, accelerator):
         reward_tok = load_tokenizer(cfg.reward_model, cfg.model)
         same = reward_tok.get_vocab() == ctx.tokenizer.get_vocab() and reward_tok.eos_token == ctx.tokenizer.eos_token
         with replicated_loading():
-            rm = _frozen(load_reward_model(cfg.reward_model, _unquantised(cfg), reward_tok), accelerator)
+            rm = _frozen(load_reward_model(cfg.reward_model, base_config(cfg), reward_tok), accelerator)
         reward = RewardSource(model=rm, tokenizer=None if same else reward_tok,
                               max_length=getattr(rm.config, "max_position_embeddings", None))
         if not same:
@@ -230,14 +230,6 @@ def build_models(ctx: StageContext, accelerator):
     return ActorCritic(policy, a.temperature, value_model, value_head), reference, reward
 
 
-def _unquantised(cfg):
-    import dataclasses
-
-    from rlhf_dist.config import LoraConfig, QuantizationConfig
-
-    return dataclasses.replace(cfg, quantization=QuantizationConfig(), lora=LoraConfig())
-
-
 def save_final(trainer, ctx: StageContext) -> None:
     """Policy (merged with LoRA, plus adapter/), value model or head, tokenizer: safetensors, main process."""
     from safetensors.torch import save_file
@@ -255,7 +247,7 @@ def save_final(trainer, ctx: StageContext) -> None:
         model.policy.save_pretrained(str(out / "adapter"), state_dict=part["policy"], safe_serialization=True)
         if cfg.lora.merge:  # reload the base unquantised, apply the adapter, merge
             with replicated_loading():  # only this process loads it: no ZeRO-3 collectives
-                base = load_causal_lm(cfg.init_from, _unquantised(cfg))
+                base = load_causal_lm(cfg.init_from, base_config(cfg))
             PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload().save_pretrained(
                 str(out), safe_serialization=True)
     else:
