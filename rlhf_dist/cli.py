@@ -5,6 +5,7 @@
     rlhf-dist STAGE --recipe NAME_OR_YAML --output DIR      one stage: pretrain, sft, reward, ppo, dpo
     rlhf-dist launch STAGE --strategy ddp|zero2|zero3 ...   one stage on several processes/machines (accelerate)
     rlhf-dist slurm render|submit --stage S --nodes N ...   sbatch scripts for a stage or a chain of stages
+    rlhf-dist plan --model M --stage S --gpu-memory GB ...  memory per GPU of each strategy, what fits, the command
     rlhf-dist recipes                                       list the recipes shipped with the package
     rlhf-dist fields STAGE                                  every config field of a stage, with help
 
@@ -54,6 +55,12 @@ def cmd_slurm(argv: list[str]) -> int:
     return slurm.main(argv)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    from rlhf_dist import plan
+
+    return plan.main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from rlhf_dist import demo
 
@@ -89,7 +96,7 @@ def cmd_fields(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"pipeline": cmd_pipeline, "launch": cmd_launch, "slurm": cmd_slurm, "demo": cmd_demo,
+COMMANDS = {"pipeline": cmd_pipeline, "launch": cmd_launch, "slurm": cmd_slurm, "plan": cmd_plan, "demo": cmd_demo,
             "recipes": cmd_recipes, "fields": cmd_fields}
 
 
