@@ -111,8 +111,8 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path, tiny_mod
     job = cluster.run("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
     deadline = time.time() + 300
     while time.time() < deadline:  # training has begun: the signal handler is installed
-        try:
-            if "sft: starting from" in node_log(out, job, 0):
+        try:  # the main process logs it; with c10d it may be on either node
+            if any("sft: starting from" in node_log(out, job, node) for node in (0, 1)):
                 break
         except ValueError:  # no log yet
             pass
