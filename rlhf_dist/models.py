@@ -45,6 +45,36 @@ def check_model_path(path: str, key: str, model: ModelConfig) -> None:
                         "(gated models need HF_TOKEN in the environment)") from None
 
 
+def check_lora_targets(path: str, key: str, cfg: StageConfig, classifier: bool = False) -> None:
+    """LoRA target modules that name no module of the model fail here, before anything is written or loaded
+    (PEFT would fail only after the run directory is claimed and the weights are read). Uses the config and
+    the model built on the meta device: no weights."""
+    lora = cfg.lora
+    if not lora.enabled or lora.target_modules == "all-linear":
+        return
+    import re
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        return  # not a full model folder (e.g. an adapter): PEFT checks it when it loads
+    auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    names = [name for name, _ in model.named_modules() if name]
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    hint = f"layers of {path}: {', '.join(linear)}; or use 'all-linear'"
+    if isinstance(lora.target_modules, str):  # PEFT: a string is a regular expression over full module names
+        if not any(re.fullmatch(lora.target_modules, name) for name in names):
+            raise UserError(f"{key}: the pattern '{lora.target_modules}' matches no module ({hint})")
+        return
+    missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise UserError(f"{key}: {', '.join(repr(t) for t in missing)} names no module ({hint})")
+
+
 def torch_dtype(name: str) -> torch.dtype | str:
     return "auto" if name == "auto" else getattr(torch, name)
 

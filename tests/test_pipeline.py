@@ -152,12 +152,17 @@ def bad_cases(tmp_path: Path, tiny_model: Path, demo_data: dict):
         "model id found nowhere": (["sft", "model.name_or_path=checkpoints/sft"], "no model 'checkpoints/sft' here"),
         "no held-out data": (["sft", "sft.data.eval_fraction=0"], "no held-out data"),
         "string prompt with message answers": (["dpo", f"dpo.data.path={mixed}"], "mixed.jsonl row 1: field 'prompt'"),
+        "lora target that names no layer": (["sft", "sft.lora.enabled=true", "sft.lora.target_modules=[q_proj, nope_proj]"],
+                                            "sft.lora.target_modules: 'nope_proj' names no module (layers of"),
+        "lora pattern that matches no layer": (["reward", "reward.lora.enabled=true", "reward.lora.target_modules=.*qq_proj"],
+                                               "reward.lora.target_modules: the pattern '.*qq_proj' matches no module"),
     }
 
 
 @pytest.mark.parametrize("case", ["wrong type", "unknown key", "missing dataset file", "preference row without chosen",
                                   "empty text", "model path does not exist", "model id found nowhere",
-                                  "no held-out data", "string prompt with message answers"])
+                                  "no held-out data", "string prompt with message answers",
+                                  "lora target that names no layer", "lora pattern that matches no layer"])
 def test_bad_input_fails_fast_with_one_line(case, tmp_path, tiny_model, demo_data, monkeypatch, capsys):
     import rlhf_dist.models
 
