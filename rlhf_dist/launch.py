@@ -94,6 +94,14 @@ def check_world_fits(raw: dict, source: str, stages: list[str], world: int, what
                         "the batch sizes, or change them") from None
 
 
+def check_launch_world(args: argparse.Namespace, raw: dict, source: str, stages: list[str]) -> int:
+    """`check_world_fits` for the machines and processes that `args` ask for; returns that world size."""
+    per_machine = processes_per_machine(args)
+    world = per_machine * args.num_machines
+    check_world_fits(raw, source, stages, world, f"{args.num_machines} machine(s) x {per_machine} process(es)")
+    return world
+
+
 def command(stage: str, args: argparse.Namespace, stage_args: list[str]) -> list[str]:
     """The accelerate command line for `stage`; `stage_args` follow `-m rlhf_dist STAGE`."""
     config = strategies()[args.strategy]
@@ -141,9 +149,7 @@ def main(argv: list[str]) -> int:
         parser.error("--strategy is required")
     check_launch_arguments(args)
     raw, source = load_recipe(args.recipe)  # a missing recipe fails here, not in N processes
-    world = processes_per_machine(args) * args.num_machines
-    check_world_fits(apply_overrides(raw, args.overrides), source, [args.stage], world,
-                     f"{args.num_machines} machine(s) x {processes_per_machine(args)} process(es)")
+    world = check_launch_world(args, apply_overrides(raw, args.overrides), source, [args.stage])
     stage_args = ["--recipe", args.recipe, "--output", args.output, *(["--overwrite"] if args.overwrite else []),
                   *(["--resume"] if args.resume else []), *args.overrides]
     cmd = command(args.stage, args, stage_args)

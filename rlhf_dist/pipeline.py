@@ -87,11 +87,10 @@ def run_pipeline(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser().resolve()
     rundir.check_output_root(output)
     if getattr(args, "strategy", None):
-        from rlhf_dist.launch import check_launch_arguments, check_world_fits, processes_per_machine
+        from rlhf_dist.launch import check_launch_arguments, check_launch_world
 
         check_launch_arguments(args)
-        check_world_fits(raw, source, stages, processes_per_machine(args) * args.num_machines,
-                         f"{args.num_machines} machine(s) x {processes_per_machine(args)} process(es)")
+        world = check_launch_world(args, raw, source, stages)
     for stage in stages:  # a typo in the last stage's section fails now, not after hours of the first ones
         validate_stage(raw, source, stage, output, stages)
 
@@ -112,9 +111,9 @@ def run_pipeline(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             return preempt.PREEMPTED
         if code == 0 and getattr(args, "strategy", None) and args.machine_rank == 0:
-            from rlhf_dist.launch import check_world_size, processes_per_machine
+            from rlhf_dist.launch import check_world_size
 
-            check_world_size(output, stage, processes_per_machine(args) * args.num_machines, started)
+            check_world_size(output, stage, world, started)
         if code != 0:
             print(f"error: stage {stage} failed (exit {code}); fix the cause and re-run the same command to "
                   f"continue from {stage}", file=sys.stderr)

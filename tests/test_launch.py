@@ -105,3 +105,13 @@ def test_ddp_launch_on_cpu_really_starts_two_processes(stage, tmp_path, tiny_mod
     metrics = json.loads((out / stage / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert sorted(p.name for p in out.iterdir()) == sorted(["rlhf_dist_run.json", stage])
+
+
+def test_pipeline_with_a_strategy_refuses_a_world_the_batches_do_not_split_over(tmp_path, capsys):
+    """The same check as `launch`, for every stage of the pipeline, before any stage starts."""
+    assert main(["pipeline", "--recipe", "demo", "--output", str(tmp_path / "run"), "--strategy", "ddp",
+                 "--num-processes", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "1 machine(s) x 3 process(es) = 3 processes, but ppo.training: rollout_batch_size=32" in err, err
+    assert not (tmp_path / "run").exists()
