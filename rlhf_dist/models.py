@@ -75,6 +75,20 @@ def check_lora_targets(path: str, key: str, cfg: StageConfig, classifier: bool =
         raise UserError(f"{key}: {', '.join(repr(t) for t in missing)} names no module ({hint})")
 
 
+def check_quantization(key: str, cfg: StageConfig) -> None:
+    """4-bit or 8-bit weights need bitsandbytes importable: fail here, before anything is written or loaded."""
+    q = cfg.quantization
+    if not (q.load_in_4bit or q.load_in_8bit):
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken native library (RuntimeError/OSError)
+        bits = 4 if q.load_in_4bit else 8
+        raise UserError(f"{key}.load_in_{bits}bit: bitsandbytes cannot be imported ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0][:120] if str(exc).strip() else 'no message'}); "
+                        f"pip install 'bitsandbytes>=0.50', or set {key}.load_in_{bits}bit=false") from None
+
+
 def torch_dtype(name: str) -> torch.dtype | str:
     return "auto" if name == "auto" else getattr(torch, name)
 

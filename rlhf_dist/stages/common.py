@@ -100,7 +100,7 @@ def input_identity(cfg: StageConfig) -> dict:
 
 def load_stage_config(stage: str, args: argparse.Namespace) -> tuple[StageConfig, dict]:
     """Resolve the typed config of `stage` (with its starting model) and its plain dict."""
-    from rlhf_dist.models import check_lora_targets, check_model_path
+    from rlhf_dist.models import check_lora_targets, check_model_path, check_quantization
 
     output = Path(args.output).expanduser().resolve()
     raw, source = load_recipe(args.recipe)
@@ -109,6 +109,7 @@ def load_stage_config(stage: str, args: argparse.Namespace) -> tuple[StageConfig
     cfg.init_from = resolve_init(cfg, stage, output)
     explicit = isinstance(raw.get(stage), dict) and raw[stage].get("init_from")
     check_model_path(cfg.init_from, f"{stage}.init_from" if explicit else "model.name_or_path", cfg.model)
+    check_quantization(f"{stage}.quantization", cfg)
     check_lora_targets(cfg.init_from, f"{stage}.lora.target_modules", cfg, classifier=stage == "reward")
     if stage == "ppo":
         from rlhf_dist.stages.ppo import resolve_reward
