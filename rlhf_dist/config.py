@@ -321,6 +321,9 @@ class PPOConfig(StageConfig):
     value_model: str | None = _f(
         None, "Model the value model starts from (gae only). Default: the reward model (item 18).")
     value_head: bool = _f(False, "Use a value head on the policy instead of a separate value model.")
+    value_adapter: bool | None = _f(
+        None, "With LoRA: the value function is its own adapter + a value head on the policy's (4-bit) base. "
+              "Default: true with lora.enabled unless value_model or value_head is set.")
     training: PPOTrainingConfig | None = None
 
     def __post_init__(self):
@@ -328,9 +331,20 @@ class PPOConfig(StageConfig):
         if self.reward_model and self.reward_fn:
             raise ValueError("reward_model and reward_fn are both set; choose one source of rewards")
         estimator = self.training.advantage_estimator if self.training is not None else "gae"
-        if estimator != "gae" and (self.value_head or self.value_model):
-            raise ValueError(f"value_head / value_model are for advantage_estimator=gae; {estimator} uses no value "
-                             "function: remove them")
+        if estimator != "gae" and (self.value_head or self.value_model or self.value_adapter):
+            raise ValueError(f"value_head / value_model / value_adapter are for advantage_estimator=gae; {estimator} uses "
+                             "no value function: remove them")
+        if self.value_adapter and (self.value_head or self.value_model):
+            raise ValueError("value_adapter, value_head and value_model are three kinds of value function; set one")
+
+    @property
+    def uses_value_adapter(self) -> bool:
+        """value_adapter resolved: explicit, else on with LoRA and GAE when no other value function is set.
+        (Not resolved in __post_init__: `models.base_config` turns LoRA off on a copy of this config.)"""
+        if self.value_adapter is not None:
+            return self.value_adapter
+        estimator = self.training.advantage_estimator if self.training is not None else "gae"
+        return bool(self.lora.enabled and estimator == "gae" and not self.value_head and not self.value_model)
 
 
 STAGES: dict[str, type[StageConfig]] = {

@@ -15,7 +15,10 @@ Two value functions (item 18):
 * ``value_model``: a separate one-label ``*ForSequenceClassification`` initialised from the reward
   model (the default), scored at every position by `rollout.token_values`;
 * ``value_head``: a `ValueHead` (a linear layer) on the policy's last hidden state, sharing the
-  policy's forward pass (less memory and compute; the value loss then also shapes the policy's trunk).
+  policy's forward pass (less memory and compute; the value loss then also shapes the policy's trunk);
+* ``value_head`` with ``value_adapter``: the head reads the last hidden state of a second pass through
+  the policy's (LoRA) base with the value function's own adapter (`rlhf_dist.rl.adapters`): one base
+  for policy, value and reference, and the value loss does not touch the policy's weights.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlhf_dist.rl.adapters import POLICY, use_adapter
 from rlhf_dist.rl.losses import entropy_from_logits, logprobs_from_logits
 from rlhf_dist.rl.rollout import _accepts_logits_to_keep, _concat, position_ids_from_mask, token_values
 
@@ -49,6 +53,12 @@ class ValueHead(nn.Module):
         return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1).float()
 
 
+def _quant_state_key(key: str, frozen: set[str]) -> bool:
+    """bitsandbytes stores a 4-bit weight's constants next to it (`...weight.absmax`, `...weight.quant_map`, ...)."""
+    head, sep, _ = key.partition(".weight.")
+    return bool(sep) and head + ".weight" in frozen
+
+
 def hidden_size_of(model: nn.Module) -> int:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(config.hidden_size)
@@ -63,17 +73,42 @@ class ActorCritic(nn.Module):
         value_model: a one-label sequence classifier, or None.
         value_head: a `ValueHead`, or None. At most one of the two; neither = no value function
             (the critic-free RLOO/GRPO estimators), and ``values`` is None.
+        value_adapter: with ``value_head`` on a PEFT policy: the name of the adapter the value pass uses
+            (the policy pass then uses the adapter `adapters.POLICY`).
     """
 
     def __init__(self, policy: nn.Module, temperature: float, value_model: nn.Module | None = None,
-                 value_head: ValueHead | None = None):
+                 value_head: ValueHead | None = None, value_adapter: str | None = None):
         super().__init__()
         if value_model is not None and value_head is not None:
             raise ValueError("ActorCritic takes a value_model or a value_head, not both")
+        if value_adapter is not None and (value_head is None or not hasattr(policy, "peft_config")):
+            raise ValueError("value_adapter needs a value_head and a PEFT policy")
         self.policy = policy
         self.value_model = value_model
         self.value_head = value_head
+        self.value_adapter = value_adapter
         self.temperature = float(temperature)
+
+    def state_dict(self, *args, **kwargs):
+        """With a PEFT policy, only what trains (adapters, value head, value model): the frozen base -- 4-bit weights
+        that would not load back, gigabytes per checkpoint -- is loaded from the stage's model again on resume."""
+        state = super().state_dict(*args, **kwargs)
+        if not hasattr(self.policy, "peft_config"):
+            return state
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        frozen = {prefix + name for name, p in self.policy.named_parameters(prefix="policy") if not p.requires_grad}
+        return type(state)((k, v) for k, v in state.items() if k not in frozen and not _quant_state_key(k, frozen))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if not hasattr(self.policy, "peft_config"):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        frozen = {name for name, p in self.policy.named_parameters(prefix="policy") if not p.requires_grad}
+        missing = [k for k in result.missing_keys if k not in frozen and not _quant_state_key(k, frozen)]
+        if missing or result.unexpected_keys:  # checked whatever `strict` says: callers pass strict=False for the base
+            raise RuntimeError(f"ActorCritic checkpoint: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        return result
 
     @property
     def has_value(self) -> bool:
@@ -90,17 +125,29 @@ class ActorCritic(nn.Module):
         T = response_ids.shape[1]
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask,
                                   "position_ids": position_ids_from_mask(mask), "use_cache": False}
-        if self.value_head is not None:
+        shared_pass = self.value_head is not None and self.value_adapter is None
+        if shared_pass:
             kwargs["output_hidden_states"] = True
         elif _accepts_logits_to_keep(self.policy):
             kwargs["logits_to_keep"] = T + 1  # no [B, Lq, V] logits for the prompt
-        out = self.policy(**kwargs)
+        if self.value_adapter is not None:
+            with use_adapter(self.policy, POLICY):
+                out = self.policy(**kwargs)
+        else:
+            out = self.policy(**kwargs)
         logits = out.logits[:, -(T + 1):-1].float() / self.temperature  # position Lq-1+t predicts token t
         valid = response_mask.bool()
         logprobs = torch.where(valid, logprobs_from_logits(logits, response_ids), 0.0)
         entropy = torch.where(valid, entropy_from_logits(logits), 0.0)
         values = None
-        if self.value_head is not None:
+        if self.value_adapter is not None:  # the backbone only: no vocabulary logits for the value pass
+            inner = self.policy.get_base_model()
+            backbone = getattr(inner, inner.base_model_prefix)
+            with use_adapter(self.policy, self.value_adapter):
+                hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=kwargs["position_ids"],
+                                  use_cache=False).last_hidden_state[:, -(T + 1):-1]
+            values = torch.where(valid, self.value_head(hidden), 0.0)
+        elif self.value_head is not None:
             hidden = out.hidden_states[-1][:, -(T + 1):-1]
             values = torch.where(valid, self.value_head(hidden), 0.0)
         elif self.value_model is not None:

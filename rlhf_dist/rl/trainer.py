@@ -53,6 +53,7 @@ from torch import nn
 
 from rlhf_dist import preempt
 from rlhf_dist.rl.actor_critic import ActorCritic
+from rlhf_dist.rl.adapters import no_adapter
 from rlhf_dist.rl.advantages import gae, group_baseline, masked_mean, sequence_advantages_to_tokens, whiten
 from rlhf_dist.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_dist.rl.losses import aggregate, explained_variance, ppo_policy_loss, value_loss
@@ -322,7 +323,7 @@ class PPOTrainer:
         if self.reference is not None:
             return forward_logprobs(self.reference, q_ids, q_mask, r_ids, r_mask, self.args.temperature)
         policy = self.unwrapped.policy
-        with policy.disable_adapter():  # the SFT weights (merged into the base): PPO_CHECKLIST item 19
+        with no_adapter(policy):  # the SFT weights (merged into the base): PPO_CHECKLIST item 19
             return forward_logprobs(policy, q_ids, q_mask, r_ids, r_mask, self.args.temperature)
 
     def score(self, q_ids, q_mask, r_ids, r_mask, ended) -> torch.Tensor:
@@ -548,7 +549,9 @@ class PPOTrainer:
 
     def load_checkpoint(self, folder: str | Path) -> None:
         folder = Path(folder)
-        self.accelerator.load_state(str(folder))
+        # A PEFT policy's checkpoint holds only what trains (ActorCritic.state_dict): the frozen base is not in it.
+        peft = hasattr(self.unwrapped.policy, "peft_config")
+        self.accelerator.load_state(str(folder), **({"strict": False} if peft else {}))
         state = json.loads((folder / STATE_FILE).read_text())
         self.step, self.optimizer_step = int(state["step"]), int(state["optimizer_step"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -607,9 +610,13 @@ def _zero_stage(accelerator) -> int:
 
 
 def _param_groups(model: ActorCritic, args) -> list[dict]:
-    policy = [p for p in model.policy.parameters() if p.requires_grad]
-    value_modules = [m for m in (model.value_model, model.value_head) if m is not None]
-    value = [p for m in value_modules for p in m.parameters() if p.requires_grad]
+    """The policy's trainable weights at learning_rate; the value function's (model, head, adapter) at value_learning_rate."""
+    policy, value = [], []
+    adapter = f".{model.value_adapter}." if model.value_adapter else None
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            is_value = name.startswith(("value_model.", "value_head.")) or (adapter is not None and adapter in name)
+            (value if is_value else policy).append(p)
     groups = [{"params": policy, "lr": args.learning_rate}]
     if value:
         groups.append({"params": value, "lr": args.value_learning_rate or args.learning_rate})

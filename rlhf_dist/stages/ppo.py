@@ -120,6 +120,9 @@ def check(ctx: StageContext) -> None:
     if (Path(cfg.init_from) / "adapter_config.json").is_file() and not (Path(cfg.init_from) / "config.json").is_file():
         raise UserError(f"ppo: {cfg.init_from} holds only a LoRA adapter; PPO starts from full weights "
                         "(train sft with lora.merge: true, or merge the adapter first)")
+    if cfg.value_adapter and not cfg.lora.enabled:
+        raise ConfigError("ppo.value_adapter: the value adapter sits on the policy's LoRA base; set ppo.lora.enabled: true, "
+                          "or use ppo.value_head / ppo.value_model")
     try:
         check_batch_sizes(a, process_state().num_processes)
         stop_token_ids(ctx.tokenizer, a.stop_tokens)
@@ -166,14 +169,33 @@ def _frozen(model, accelerator):
 
     disable_dropout(model)
     model.requires_grad_(False)
-    if getattr(accelerator.state, "deepspeed_plugin", None) is not None and accelerator.mixed_precision != "no":
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None and accelerator.mixed_precision != "no" and not quantized:
         model = model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[accelerator.mixed_precision])
     return model.eval().to(accelerator.device)
 
 
+def _frozen_reward_model(path: str, cfg, tokenizer):
+    """The reward model, frozen: in 4 bit (or 8) when the stage quantises its base (QLoRA), else as saved."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_dist.models import _load_kwargs
+
+    if not (cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit):
+        return load_reward_model(path, base_config(cfg), tokenizer)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_load_kwargs(cfg))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model  # no prepare_model_for_kbit_training: nothing of it trains
+
+
 def build_models(ctx: StageContext, accelerator):
-    """(actor_critic, reference or None, RewardSource) on the accelerator's device."""
+    """(actor_critic, reference or None, RewardSource) on the accelerator's device.
+
+    With LoRA the policy, the reference (adapters disabled) and, by default, the value function (its own
+    adapter + a value head) share one base, loaded once (in 4 bit with QLoRA): `rlhf_dist.rl.adapters`.
+    """
     from rlhf_dist.rl.actor_critic import ActorCritic, ValueHead, hidden_size_of
+    from rlhf_dist.rl.adapters import POLICY, VALUE, adapter_aware_checkpointing, make_trainable
     from rlhf_dist.rl.reward_fn import load_reward_fn
     from rlhf_dist.rl.rollout import disable_dropout
     from rlhf_dist.rl.trainer import RewardSource
@@ -183,16 +205,23 @@ def build_models(ctx: StageContext, accelerator):
     policy.generation_config.pad_token_id = ctx.tokenizer.pad_token_id
     reference = None
     lora = peft_config(cfg.lora, "CAUSAL_LM")
+    value_adapter = None
     if lora is not None:
         from peft import get_peft_model
 
-        policy = get_peft_model(policy, lora)  # reference = this model with the adapter disabled
+        policy = get_peft_model(policy, lora, adapter_name=POLICY)  # reference = this model with the adapters disabled
+        if cfg.uses_value_adapter:
+            policy.add_adapter(VALUE, peft_config(cfg.lora, "CAUSAL_LM"))
+            make_trainable(policy, (POLICY, VALUE))  # PEFT leaves only the active adapter trainable
+            value_adapter = VALUE
     else:
         with replicated_loading():
             reference = _frozen(load_causal_lm(cfg.init_from, cfg), accelerator)
     disable_dropout(policy)
     if a.activation_checkpointing:  # recompute activations in the backward pass: less memory, ~30% more time
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if value_adapter is not None:
+            adapter_aware_checkpointing(policy)
 
     if cfg.reward_fn:
         reward = RewardSource(fn=load_reward_fn(cfg.reward_fn), fn_name=cfg.reward_fn)
@@ -200,7 +229,7 @@ def build_models(ctx: StageContext, accelerator):
         reward_tok = load_tokenizer(cfg.reward_model, cfg.model)
         same = reward_tok.get_vocab() == ctx.tokenizer.get_vocab() and reward_tok.eos_token == ctx.tokenizer.eos_token
         with replicated_loading():
-            rm = _frozen(load_reward_model(cfg.reward_model, base_config(cfg), reward_tok), accelerator)
+            rm = _frozen(_frozen_reward_model(cfg.reward_model, cfg, reward_tok), accelerator)
         reward = RewardSource(model=rm, tokenizer=None if same else reward_tok,
                               max_length=getattr(rm.config, "max_position_embeddings", None))
         if not same:
@@ -208,7 +237,7 @@ def build_models(ctx: StageContext, accelerator):
 
     value_model = value_head = None
     if a.advantage_estimator == "gae":
-        if cfg.value_head:
+        if cfg.value_head or value_adapter is not None:
             value_head = ValueHead(hidden_size_of(policy), seed=a.seed)
         else:
             # The value model reads the policy's tokens: it can start from the reward model only if that
@@ -227,7 +256,49 @@ def build_models(ctx: StageContext, accelerator):
             disable_dropout(value_model)
             if a.activation_checkpointing:
                 value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return ActorCritic(policy, a.temperature, value_model, value_head), reference, reward
+    actor_critic = ActorCritic(policy, a.temperature, value_model, value_head, value_adapter)
+    ctx.extra["memory"] = model_memory(actor_critic, reference, reward.model)
+    return actor_critic, reference, reward
+
+
+def model_memory(actor_critic, reference, reward_model) -> dict:
+    """Bytes the PPO models hold as loaded (shared tensors counted once) against separate models.
+
+    ``separate_bytes``: each role on its own at the precision it was loaded in (policy = base + its adapter,
+    reference = base, value = base + value adapter + head, or the value model; reward); ``separate_16bit_bytes``:
+    policy, reference, value and reward as four full 16-bit models (a value adapter counts as a value model the
+    size of the base). Logged, and kept in metrics.json.
+    """
+    from rlhf_dist.rl.adapters import POLICY, lora_bytes, unique_bytes
+
+    ac = actor_critic
+    peft = hasattr(ac.policy, "peft_config")
+    adapters = {name: lora_bytes(ac.policy, name) for name in (ac.policy.peft_config if peft else ())}
+    base_model = ac.policy.get_base_model() if peft else ac.policy
+    base = unique_bytes(base_model) - sum(adapters.values())
+    n_base = sum(_logical_numel(p) for name, p in base_model.named_parameters() if "lora_" not in name)
+    reference_bytes = base if reference is None else unique_bytes(reference)
+    reward = unique_bytes(reward_model)
+    n_reward = sum(_logical_numel(p) for p in reward_model.parameters()) if reward_model is not None else 0
+    if ac.value_model is not None:
+        value, n_value = unique_bytes(ac.value_model), sum(_logical_numel(p) for p in ac.value_model.parameters())
+    elif ac.value_adapter is not None:
+        value, n_value = base + adapters[ac.value_adapter] + unique_bytes(ac.value_head), n_base
+    elif ac.value_head is not None:  # on the policy's own pass: only the head is extra
+        value, n_value = unique_bytes(ac.value_head), 0
+    else:
+        value, n_value = 0, 0
+    held = unique_bytes(ac, reference, reward_model)
+    separate = base + adapters.get(POLICY, 0) + reference_bytes + value + reward
+    separate_16bit = 2 * (2 * n_base + n_value + n_reward)
+    return {"held_bytes": held, "separate_bytes": separate, "separate_16bit_bytes": separate_16bit,
+            "saved_vs_separate": round(1 - held / separate, 4), "saved_vs_separate_16bit": round(1 - held / separate_16bit, 4)}
+
+
+def _logical_numel(p) -> int:
+    """Number of weights a parameter stands for (a bitsandbytes 4-bit weight packs two per byte)."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else p.numel()
 
 
 def save_final(trainer, ctx: StageContext) -> None:
@@ -242,9 +313,17 @@ def save_final(trainer, ctx: StageContext) -> None:
     part = {name: untied(getattr(model, name), {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
             for name in ("policy", "value_model", "value_head")}
     if hasattr(model.policy, "peft_config"):
-        from peft import PeftModel
+        from peft import PeftModel, get_peft_model_state_dict
 
-        model.policy.save_pretrained(str(out / "adapter"), state_dict=part["policy"], safe_serialization=True)
+        from rlhf_dist.rl.adapters import POLICY
+
+        model.policy.save_pretrained(str(out / "adapter"), state_dict=part["policy"], selected_adapters=[POLICY],
+                                     safe_serialization=True)
+        if model.value_adapter is not None:  # value_adapter/: the value function's adapter (its head: value_head.safetensors)
+            (out / "value_adapter").mkdir(parents=True, exist_ok=True)
+            weights = get_peft_model_state_dict(model.policy, state_dict=part["policy"], adapter_name=model.value_adapter)
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "value_adapter" / "adapter_model.safetensors"))
+            model.policy.peft_config[model.value_adapter].save_pretrained(str(out / "value_adapter"))
         if cfg.lora.merge:  # reload the base unquantised, apply the adapter, merge
             with replicated_loading():  # only this process loads it: no ZeRO-3 collectives
                 base = load_causal_lm(cfg.init_from, base_config(cfg))
@@ -269,6 +348,10 @@ def run(ctx: StageContext) -> dict:
     a, cfg = ctx.cfg.training, ctx.cfg
     accelerator = make_accelerator(a, process_state().num_processes, _text_config(cfg.init_from, cfg).hidden_size)
     actor_critic, reference, reward = build_models(ctx, accelerator)
+    mem = ctx.extra["memory"]
+    log.info("ppo: the models hold %.1f MiB; as separate models %.1f MiB (%.0f%% saved), as four 16-bit models %.1f MiB "
+             "(%.0f%% saved)", mem["held_bytes"] / 2**20, mem["separate_bytes"] / 2**20, 100 * mem["saved_vs_separate"],
+             mem["separate_16bit_bytes"] / 2**20, 100 * mem["saved_vs_separate_16bit"])
     work = ctx.final_dir.parent
     trainer = PPOTrainer(a, accelerator, actor_critic, reference, reward, ctx.tokenizer, ctx.extra["train_prompts"],
                          ctx.extra["eval_prompts"], work)
@@ -295,7 +378,7 @@ def run(ctx: StageContext) -> dict:
              "distributed_type": str(accelerator.distributed_type.value), "zero_stage": trainer.zero_stage,
              "final_kl": last.get("objective/kl"), "final_score": last.get("objective/scores"),
              "final_kl_coef": last.get("objective/kl_coef")}
-    return {"before": before, "after": after, "train": train, "history": history}
+    return {"before": before, "after": after, "train": train, "models": ctx.extra["memory"], "history": history}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,136 @@
+"""Several LoRA adapters on ONE base model: PPO's policy, value function and reference share its weights.
+
+With LoRA (and QLoRA: a 4-bit base) the PPO stage loads the SFT model once and puts on it
+
+* ``default``   the policy's adapter (trainable; PEFT's default name, so ``adapter/`` is an ordinary adapter folder);
+* ``value``     the value function's adapter (trainable), read by a linear value head on the last hidden state;
+* the reference is the base itself: every adapter disabled (`no_adapter`).
+
+PEFT's ``set_adapter`` would also switch ``requires_grad`` (only the active adapter trains), and one PPO
+forward needs both adapters trainable: `use_adapter` only changes which adapter the LoRA layers apply.
+``PeftModel.disable_adapter()`` has the same trap (leaving it calls ``set_adapter``, which froze the value
+adapter after the first reference pass): `no_adapter` only flips the layers' switch.
+Gradient checkpointing recomputes each layer during the backward pass, when another adapter may be
+active; `adapter_aware_checkpointing` makes the recomputation use the adapter the forward used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+POLICY, VALUE = "default", "value"
+
+
+def _tuner_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def use_adapter(model: nn.Module, name: str) -> Iterator[nn.Module]:
+    """Within the block, the LoRA layers of ``model`` apply adapter ``name`` only; trainability is left as it is."""
+    layers = _tuner_layers(model)
+    saved = [layer._active_adapter for layer in layers]
+    for layer in layers:
+        layer._active_adapter = [name]
+    try:
+        yield model
+    finally:
+        for layer, active in zip(layers, saved):
+            layer._active_adapter = active
+
+
+@contextlib.contextmanager
+def no_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the LoRA layers of ``model`` apply no adapter (the base model); trainability is left as it is."""
+    layers = _tuner_layers(model)
+    saved = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield model
+    finally:
+        for layer, disabled in zip(layers, saved):
+            layer._disable_adapters = disabled
+
+
+def adapter_aware_checkpointing(model: nn.Module) -> None:
+    """Make every checkpointed layer recompute with the adapter that was active in its forward.
+
+    Call after ``model.gradient_checkpointing_enable(...)``: it wraps the checkpoint function each layer
+    was given (transformers' ``_gradient_checkpointing_func``).
+    """
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if func is None or getattr(func, "_adapter_aware", False):
+            continue
+        layers = _tuner_layers(module)
+        if not layers:
+            continue
+
+        def aware(fn, *args, _func=func, _layers=layers, **kwargs):
+            active = [layer._active_adapter for layer in _layers]  # what this forward uses
+
+            def replay(*a, **k):
+                saved = [layer._active_adapter for layer in _layers]
+                for layer, act in zip(_layers, active):
+                    layer._active_adapter = act
+                try:
+                    return fn(*a, **k)
+                finally:
+                    for layer, act in zip(_layers, saved):
+                        layer._active_adapter = act
+
+            return _func(replay, *args, **kwargs)
+
+        aware._adapter_aware = True
+        module._gradient_checkpointing_func = aware
+
+
+def make_trainable(model: nn.Module, names: tuple[str, ...]) -> None:
+    """requires_grad on the LoRA weights of every adapter in ``names`` (PEFT leaves only the active one trainable)."""
+    for layer in _tuner_layers(model):
+        for attr in layer.adapter_layer_names:
+            for key, sub in getattr(layer, attr).items():
+                if key in names:
+                    sub.requires_grad_(True)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a parameter holds, with the quantisation constants of a bitsandbytes 4-bit weight."""
+    n = t.numel() * t.element_size()
+    state = getattr(t, "quant_state", None)
+    while state is not None and getattr(state, "absmax", None) is not None:
+        n += state.absmax.numel() * state.absmax.element_size()
+        state = getattr(state, "state2", None)
+    return n
+
+
+def unique_bytes(*modules: nn.Module | None) -> int:
+    """Bytes of all parameters and buffers of ``modules``, each tensor counted once however often it is shared."""
+    seen, total = set(), 0
+    for module in modules:
+        if module is None:
+            continue
+        for t in (*module.parameters(), *module.buffers()):
+            key = (t.data_ptr(), t.numel(), t.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += tensor_bytes(t)
+    return total
+
+
+def lora_bytes(model: nn.Module, name: str) -> int:
+    """Bytes of adapter ``name``'s LoRA weights."""
+    total = 0
+    for layer in _tuner_layers(model):
+        for attr in layer.adapter_layer_names:
+            sub = getattr(layer, attr)
+            if name in sub:
+                total += sum(tensor_bytes(p) for p in sub[name].parameters())
+    return total
