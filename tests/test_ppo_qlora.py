@@ -192,3 +192,39 @@ def test_qlora_ppo_stage_outputs_memory_and_resume(tmp_path, tiny_model, tiny_re
     for name in ("adapter/adapter_model.safetensors", "value_adapter/adapter_model.safetensors", "value_head.safetensors"):
         x, y = load_file(stage / name), load_file(resumed / name)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+
+
+def test_unmerged_sft_adapter_is_the_frozen_reference(tmp_path, tiny_model, tiny_reward_model, demo_data):
+    """PPO from an SFT adapter that was not merged: the adapter is loaded frozen as the named reference, and the
+    policy's adapter starts as its copy (so KL is 0 and the ratio 1 at the first step; the reference is base + SFT
+    adapter, not the bare base). The merged output is base + the policy adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    rec = tiny_recipe(tmp_path, tiny_model, demo_data)
+    out = tmp_path / "run"
+    assert main(["sft", "--recipe", str(rec), "--output", str(out), "sft.lora.enabled=true", "sft.lora.r=4",
+                 "sft.lora.merge=false", "sft.training.max_steps=10", "sft.training.learning_rate=1e-2"]) == 0
+    adapter = out / "sft" / "adapter"
+    assert not (out / "sft" / "model.safetensors").exists()
+    stage = _run(tmp_path, tiny_model, demo_data, tiny_reward_model, f"ppo.init_from={adapter}", "ppo.training.max_steps=2",
+                 "ppo.training.save_steps=0", "ppo.training.learning_rate=3e-3", out=out)
+    h = json.loads((stage / "log_history.json").read_text())
+    assert h[0]["objective/kl"] == 0.0 and h[0]["policy/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-6)
+    assert h[1]["objective/kl"] != 0.0
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["before"]["kl"] == 0.0
+    # the reference really is base + SFT adapter: its greedy log-probs differ from the bare base's
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        bare = base(ids).logits
+        sft = PeftModel.from_pretrained(base, adapter).eval()
+        sft_logits = sft(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(stage).eval()(ids).logits
+    assert not torch.allclose(bare, sft_logits, atol=1e-3)
+    # merged = base + the policy adapter, which moved away from the SFT adapter in PPO
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), stage / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(policy(ids).logits, merged, atol=1e-4)
+    assert not torch.allclose(merged, sft_logits, atol=1e-5)

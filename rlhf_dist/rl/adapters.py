@@ -4,7 +4,8 @@ With LoRA (and QLoRA: a 4-bit base) the PPO stage loads the SFT model once and p
 
 * ``default``   the policy's adapter (trainable; PEFT's default name, so ``adapter/`` is an ordinary adapter folder);
 * ``value``     the value function's adapter (trainable), read by a linear value head on the last hidden state;
-* the reference is the base itself: every adapter disabled (`no_adapter`).
+* the reference is the base itself: every adapter disabled (`no_adapter`); or, when PPO starts from an SFT
+  adapter that was not merged, ``reference``: that adapter, frozen (the policy's adapter starts as its copy).
 
 PEFT's ``set_adapter`` would also switch ``requires_grad`` (only the active adapter trains), and one PPO
 forward needs both adapters trainable: `use_adapter` only changes which adapter the LoRA layers apply.
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-POLICY, VALUE = "default", "value"
+POLICY, VALUE, REFERENCE = "default", "value", "reference"
 
 
 def _tuner_layers(model: nn.Module) -> list[nn.Module]:
@@ -90,6 +91,17 @@ def adapter_aware_checkpointing(model: nn.Module) -> None:
 
         aware._adapter_aware = True
         module._gradient_checkpointing_func = aware
+
+
+def copy_adapter(model: nn.Module, source: str, target: str) -> None:
+    """Copy adapter ``source``'s LoRA weights into adapter ``target`` (same LoRA config)."""
+    with torch.no_grad():
+        for layer in _tuner_layers(model):
+            for attr in layer.adapter_layer_names:
+                sub = getattr(layer, attr)
+                if source in sub:
+                    for dst, src in zip(sub[target].parameters(), sub[source].parameters(), strict=True):
+                        dst.copy_(src)
 
 
 def make_trainable(model: nn.Module, names: tuple[str, ...]) -> None:

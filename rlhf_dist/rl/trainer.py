@@ -53,7 +53,7 @@ from torch import nn
 
 from rlhf_dist import preempt
 from rlhf_dist.rl.actor_critic import ActorCritic
-from rlhf_dist.rl.adapters import no_adapter
+from rlhf_dist.rl.adapters import REFERENCE, no_adapter, use_adapter
 from rlhf_dist.rl.advantages import gae, group_baseline, masked_mean, sequence_advantages_to_tokens, whiten
 from rlhf_dist.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_dist.rl.losses import aggregate, explained_variance, ppo_policy_loss, value_loss
@@ -323,7 +323,8 @@ class PPOTrainer:
         if self.reference is not None:
             return forward_logprobs(self.reference, q_ids, q_mask, r_ids, r_mask, self.args.temperature)
         policy = self.unwrapped.policy
-        with no_adapter(policy):  # the SFT weights (merged into the base): PPO_CHECKLIST item 19
+        reference = use_adapter(policy, REFERENCE) if REFERENCE in policy.peft_config else no_adapter(policy)
+        with reference:  # the SFT model: the base (SFT merged into it), or the frozen SFT adapter (item 19)
             return forward_logprobs(policy, q_ids, q_mask, r_ids, r_mask, self.args.temperature)
 
     def score(self, q_ids, q_mask, r_ids, r_mask, ended) -> torch.Tensor:

@@ -62,11 +62,32 @@ def resolve_reward(cfg, output: Path) -> None:
         check_classifier(cfg.reward_model, "ppo.reward_model", cfg)
     if cfg.value_model and cfg.training.advantage_estimator == "gae" and not cfg.value_head:
         check_classifier(cfg.value_model, "ppo.value_model", cfg, causal_ok=True)
-        vocab = {path: _text_config(path, cfg).vocab_size for path in (cfg.value_model, cfg.init_from)}
-        if vocab[cfg.value_model] != vocab[cfg.init_from]:
+        base = policy_base(cfg)
+        vocab = {path: _text_config(path, cfg).vocab_size for path in (cfg.value_model, base)}
+        if vocab[cfg.value_model] != vocab[base]:
             raise UserError(f"ppo.value_model: {cfg.value_model} has a vocabulary of {vocab[cfg.value_model]} tokens, "
-                            f"the policy {vocab[cfg.init_from]}; the value model reads the policy's tokens, so start "
+                            f"the policy {vocab[base]}; the value model reads the policy's tokens, so start "
                             "it from a model with the policy's tokenizer (or use ppo.value_head: true)")
+
+
+def sft_adapter(cfg) -> str | None:
+    """cfg.init_from when it is a LoRA adapter folder (an SFT run with lora.merge: false), else None."""
+    path = Path(cfg.init_from)
+    return str(path) if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file() else None
+
+
+def policy_base(cfg) -> str:
+    """The base model the policy is loaded from: init_from, or the base an SFT adapter was trained on."""
+    adapter = sft_adapter(cfg)
+    if adapter is None:
+        return cfg.init_from
+    import json
+
+    base = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"ppo.init_from: {adapter}/adapter_config.json names no base_model_name_or_path; merge the "
+                        "adapter into its base, or add the base's path to the file")
+    return base
 
 
 def _text_config(path: str, cfg):
@@ -117,9 +138,13 @@ def check(ctx: StageContext) -> None:
     from rlhf_dist.rl.trainer import check_batch_sizes, stop_token_ids
 
     cfg, a = ctx.cfg, ctx.cfg.training
-    if (Path(cfg.init_from) / "adapter_config.json").is_file() and not (Path(cfg.init_from) / "config.json").is_file():
-        raise UserError(f"ppo: {cfg.init_from} holds only a LoRA adapter; PPO starts from full weights "
-                        "(train sft with lora.merge: true, or merge the adapter first)")
+    if sft_adapter(cfg) is not None:  # the SFT adapter becomes the frozen reference and the policy's starting point
+        from rlhf_dist.models import check_model_path
+
+        if not cfg.lora.enabled:
+            raise UserError(f"ppo: {cfg.init_from} is a LoRA adapter; set ppo.lora.enabled: true (the adapter is then the "
+                            "frozen reference and the policy's starting point) or merge it into its base (sft lora.merge: true)")
+        check_model_path(policy_base(cfg), f"{cfg.init_from}/adapter_config.json base_model_name_or_path", cfg.model)
     if cfg.value_adapter and not cfg.lora.enabled:
         raise ConfigError("ppo.value_adapter: the value adapter sits on the policy's LoRA base; set ppo.lora.enabled: true, "
                           "or use ppo.value_head / ppo.value_model")
@@ -131,7 +156,7 @@ def check(ctx: StageContext) -> None:
     train, held_out = list(ctx.train["prompt"]), list(ctx.eval["prompt"])
     encoded = encode_prompts(train + held_out, ctx.tokenizer, a.max_prompt_length, ctx.data_source)
     ctx.extra["train_prompts"], ctx.extra["eval_prompts"] = encoded[:len(train)], encoded[len(train):]
-    limit = getattr(_text_config(cfg.init_from, cfg), "max_position_embeddings", None)
+    limit = getattr(_text_config(policy_base(cfg), cfg), "max_position_embeddings", None)
     longest = max(len(p) for p in encoded)
     if limit is not None and longest + a.max_new_tokens > limit:
         raise ConfigError(f"ppo: the longest prompt ({longest} tokens) + max_new_tokens ({a.max_new_tokens}) exceeds the "
@@ -150,13 +175,13 @@ def _check_generation_config(cfg) -> None:
     from rlhf_dist.rl.rollout import _check_generation_config as check_sampling
 
     try:
-        gen = GenerationConfig.from_pretrained(cfg.init_from, revision=cfg.model.revision)
+        gen = GenerationConfig.from_pretrained(policy_base(cfg), revision=cfg.model.revision)
     except OSError:  # no generation_config.json: transformers' neutral defaults
         return
     try:
         check_sampling(types.SimpleNamespace(generation_config=gen), {})
     except ValueError as exc:
-        raise UserError(f"ppo: {cfg.init_from}/generation_config.json: {exc}") from None
+        raise UserError(f"ppo: {policy_base(cfg)}/generation_config.json: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,28 +220,38 @@ def build_models(ctx: StageContext, accelerator):
     adapter + a value head) share one base, loaded once (in 4 bit with QLoRA): `rlhf_dist.rl.adapters`.
     """
     from rlhf_dist.rl.actor_critic import ActorCritic, ValueHead, hidden_size_of
-    from rlhf_dist.rl.adapters import POLICY, VALUE, adapter_aware_checkpointing, make_trainable
+    from rlhf_dist.rl.adapters import POLICY, REFERENCE, VALUE, adapter_aware_checkpointing, copy_adapter, make_trainable
     from rlhf_dist.rl.reward_fn import load_reward_fn
     from rlhf_dist.rl.rollout import disable_dropout
     from rlhf_dist.rl.trainer import RewardSource
 
     cfg, a = ctx.cfg, ctx.cfg.training
-    policy = load_causal_lm(cfg.init_from, cfg)
+    base = policy_base(cfg)
+    policy = load_causal_lm(base, cfg)
     policy.generation_config.pad_token_id = ctx.tokenizer.pad_token_id
     reference = None
     lora = peft_config(cfg.lora, "CAUSAL_LM")
     value_adapter = None
     if lora is not None:
-        from peft import get_peft_model
+        from peft import PeftModel, get_peft_model
 
-        policy = get_peft_model(policy, lora, adapter_name=POLICY)  # reference = this model with the adapters disabled
+        adapter = sft_adapter(cfg)
+        if adapter is None:  # reference = this model with the adapters disabled (the SFT weights are the base)
+            policy = get_peft_model(policy, lora, adapter_name=POLICY)
+        else:  # reference = the SFT adapter, frozen; the policy's adapter starts as a copy of it
+            policy = PeftModel.from_pretrained(policy, adapter, adapter_name=REFERENCE)
+            policy.add_adapter(POLICY, policy.peft_config[REFERENCE])
+            copy_adapter(policy, REFERENCE, POLICY)
+            log.info("ppo: %s is a LoRA adapter on %s: it is the frozen reference, and the policy's adapter starts "
+                     "as a copy of it", adapter, base)
         if cfg.uses_value_adapter:
             policy.add_adapter(VALUE, peft_config(cfg.lora, "CAUSAL_LM"))
-            make_trainable(policy, (POLICY, VALUE))  # PEFT leaves only the active adapter trainable
             value_adapter = VALUE
+        policy.set_adapter(POLICY)
+        make_trainable(policy, (POLICY, VALUE))  # PEFT leaves only the active adapter trainable
     else:
         with replicated_loading():
-            reference = _frozen(load_causal_lm(cfg.init_from, cfg), accelerator)
+            reference = _frozen(load_causal_lm(base, cfg), accelerator)
     disable_dropout(policy)
     if a.activation_checkpointing:  # recompute activations in the backward pass: less memory, ~30% more time
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -243,8 +278,8 @@ def build_models(ctx: StageContext, accelerator):
             # The value model reads the policy's tokens: it can start from the reward model only if that
             # shares the policy's tokenizer; otherwise it starts from the policy, with a new head.
             shares_tokens = reward.model is not None and reward.tokenizer is None
-            source = cfg.value_model or (cfg.reward_model if shares_tokens else cfg.init_from)
-            if source == cfg.init_from:
+            source = cfg.value_model or (cfg.reward_model if shares_tokens else base)
+            if source == base:
                 log.info("ppo: the value model starts from the policy with a new head (no reward model with the "
                          "policy's tokenizer to start from)")
             value_model = load_reward_model(source, cfg, ctx.tokenizer)
@@ -269,7 +304,7 @@ def model_memory(actor_critic, reference, reward_model) -> dict:
     policy, reference, value and reward as four full 16-bit models (a value adapter counts as a value model the
     size of the base). Logged, and kept in metrics.json.
     """
-    from rlhf_dist.rl.adapters import POLICY, lora_bytes, unique_bytes
+    from rlhf_dist.rl.adapters import POLICY, REFERENCE, lora_bytes, unique_bytes
 
     ac = actor_critic
     peft = hasattr(ac.policy, "peft_config")
@@ -277,7 +312,7 @@ def model_memory(actor_critic, reference, reward_model) -> dict:
     base_model = ac.policy.get_base_model() if peft else ac.policy
     base = unique_bytes(base_model) - sum(adapters.values())
     n_base = sum(_logical_numel(p) for name, p in base_model.named_parameters() if "lora_" not in name)
-    reference_bytes = base if reference is None else unique_bytes(reference)
+    reference_bytes = base + adapters.get(REFERENCE, 0) if reference is None else unique_bytes(reference)
     reward = unique_bytes(reward_model)
     n_reward = sum(_logical_numel(p) for p in reward_model.parameters()) if reward_model is not None else 0
     if ac.value_model is not None:
@@ -326,7 +361,7 @@ def save_final(trainer, ctx: StageContext) -> None:
             model.policy.peft_config[model.value_adapter].save_pretrained(str(out / "value_adapter"))
         if cfg.lora.merge:  # reload the base unquantised, apply the adapter, merge
             with replicated_loading():  # only this process loads it: no ZeRO-3 collectives
-                base = load_causal_lm(cfg.init_from, base_config(cfg))
+                base = load_causal_lm(policy_base(cfg), base_config(cfg))
             PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload().save_pretrained(
                 str(out), safe_serialization=True)
     else:
@@ -346,7 +381,7 @@ def run(ctx: StageContext) -> dict:
     from rlhf_dist.rl.trainer import PPOTrainer
 
     a, cfg = ctx.cfg.training, ctx.cfg
-    accelerator = make_accelerator(a, process_state().num_processes, _text_config(cfg.init_from, cfg).hidden_size)
+    accelerator = make_accelerator(a, process_state().num_processes, _text_config(policy_base(cfg), cfg).hidden_size)
     actor_critic, reference, reward = build_models(ctx, accelerator)
     mem = ctx.extra["memory"]
     log.info("ppo: the models hold %.1f MiB; as separate models %.1f MiB (%.0f%% saved), as four 16-bit models %.1f MiB "
