@@ -151,7 +151,8 @@ def main(argv: list[str]) -> int:
     raw, source = load_recipe(args.recipe)  # a missing recipe fails here, not in N processes
     world = check_launch_world(args, apply_overrides(raw, args.overrides), source, [args.stage])
     stage_args = ["--recipe", args.recipe, "--output", args.output, *(["--overwrite"] if args.overwrite else []),
-                  *(["--resume"] if args.resume else []), *args.overrides]
+                  *(["--resume"] if args.resume else []), *(["--fallback", args.fallback] if args.fallback != "auto" else []),
+                  *(["--gpu-memory", f"{args.gpu_memory:g}"] if args.gpu_memory is not None else []), *args.overrides]
     cmd = command(args.stage, args, stage_args)
     if args.dry_run:
         print(shlex.join(cmd))

@@ -11,12 +11,18 @@ prints the matching `rlhf-dist launch` command. No weights are read: the paramet
 Llama/Mistral/Qwen2/GPT-2 and agrees with it exactly).
 
 Models per stage: pretrain/sft = policy; dpo = policy + frozen reference (with LoRA the reference is the
-adapter-disabled policy: no second model); reward = one sequence classifier; ppo = policy (trainable), reference
-(frozen; none with LoRA), reward model (frozen) and value model (trainable; `--reward-model` gives the config of
-the reward and value models, default --model). With QLoRA every model of the stage is loaded in 4 bit (the stages
-share one quantization config).
+adapter-disabled policy: no second model); reward = one sequence classifier; ppo, full fine-tuning = policy
+(trainable), reference (frozen), reward model (frozen) and value model (trainable; `--reward-model` gives the config
+of the reward and value models, default --model); ppo with LoRA/QLoRA = ONE base (16-bit, or NF4 under QLoRA)
+carrying the policy adapter, the reference (the base with adapters disabled: no memory), the value function (a
+second adapter on the same base plus an fp32 linear head, hidden -> 1, on its last hidden state: a second forward
+through the base, whose activations count, without the vocabulary logits), and a separate frozen reward model
+(4-bit under QLoRA, 16-bit under LoRA).
 
-Conventions (bytes per parameter P; N = GPUs in all, n = nodes; memory in GiB = 2**30 bytes):
+Conventions (bytes per parameter P; N = GPUs in all, n = nodes; memory in GiB = 2**30 bytes). `--precision
+bf16-mixed` (default, the GPU convention below); `--precision fp32` (CPU runs, no mixed precision): trainable 4 B
+weights + 4 B gradients + 8 B Adam m, v (the weights are their own master copy), frozen weights 4 B, activations and
+KV cache twice the 16-bit figures, ZeRO offload 16 B/param on the CPU.
 
 * trainable, mixed precision, Adam: 16-bit weights 2; gradients 2 (16-bit) + 4 (fp32 copy the optimizer steps
   on); optimizer 12 (fp32 master weights 4 + Adam m 4 + v 4). 20 B/param in all, as DeepSpeed's estimators
@@ -46,8 +52,11 @@ MLP width I, layers L: per layer s*b*(18h + k*I) + 5*a*s^2*b, with k = 4 for a p
 the paper's s*b*h*(34 + 5as/h)) and k = 8 for a gated one (Llama: gate, up, act(gate), product). The 5as^2b term
 (attention scores, softmax, dropout mask) is counted only with `--attention eager`: SDPA/flash kernels, the
 default, do not store the s x s scores. With gradient checkpointing (full recomputation): 2*s*b*h per layer (the
-saved layer inputs) plus one layer's full activations during its recomputation. Plus the logits in fp32,
-s*b*V*4 bytes, for a causal LM's loss (a classifier's logits are negligible). DPO and reward models see chosen and
+saved layer inputs) plus one layer's full activations during its recomputation. Plus the logits of a causal LM
+(a classifier's are negligible): where the model computes its own loss (pretrain, ppo) two fp32 [s, b, V] tensors
+(the logits and the log-softmax), 2*s*b*V*4 bytes; TRL 1.16's SFT and DPO trainers use a fused LM head instead, one
+[min(s*b, 4096), 32768] tile in the activation dtype. Checked against the peak memory measured on CPU
+(tests/test_plan_measured.py: within 25%, an upper bound where the model states dominate). DPO and reward models see chosen and
 rejected together: batch 2b. PPO trains the policy and the value model in one backward: both activations count.
 
 KV cache during PPO generation: 2 * L * kv_heads * head_dim * (prompt + new tokens = --seq-len) * b * 2 bytes.
@@ -87,10 +96,71 @@ QLORA_STRATEGIES = ("ddp", "zero2")
 W16 = 2  # 16-bit weights
 GRAD = 2 + 4  # 16-bit gradient + fp32 gradient for the optimizer step
 OPTIM = 12  # fp32 master + Adam m + v
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per parameter of trainable and frozen weights, and per stored activation element."""
+
+    weights: int  # the weights the forward uses (also a frozen model's)
+    grads: int
+    optimizer: int
+    cpu_offload2: int  # what ZeRO-2 offload keeps on the CPU per trainable parameter
+    cpu_offload3: int  # what ZeRO-3 offload (params and optimizer) keeps on the CPU per trainable parameter
+    activation: int  # bytes per stored activation element
+
+
+PRECISIONS = {
+    # the GPU convention, as DeepSpeed's estimators: 16-bit weights and gradients, fp32 gradients, master and Adam
+    "bf16-mixed": Precision(W16, GRAD, OPTIM, 4 + OPTIM, W16 + 4 + OPTIM, 2),
+    # CPU runs (no mixed precision): the fp32 weights are their own master copy; Adam m + v
+    "fp32": Precision(4, 4, 8, 4 + 4 + 8, 4 + 4 + 8, 4),
+}
 NF4 = 0.5
 DOUBLE_QUANT_BITS = 0.127
 PLAIN_QUANT_BITS = 32 / 64
+LOGIT_COPIES = 2  # fp32 [s, b, vocab] tensors alive at the peak of a causal LM's own loss: logits, log-softmax
+# TRL >= 1.16 (SFT, DPO) computes log-probabilities through a fused LM head: no [s, b, vocab] logits, but one
+# [min(tokens, 4096), 32768] tile in the compute dtype (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, TOKEN_CHUNK_SIZE)
+CHUNKED_TILE = (4096, 32768)
 PLAIN_MLP = ("gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "bloom", "falcon", "phi")  # else gated (Llama-like)
+
+
+# ------------------------------------------------------------------------------------------ measured peak (CPU)
+class AllocatorPeak:
+    """Peak bytes held by the torch CPU allocator between `start()` and `stop()` (what the planner is checked against).
+
+    The running sum of torch.profiler's `[memory]` events (+bytes per allocation, -bytes per free) from the start;
+    its maximum is the peak. Tensors that already existed at the start do not count (their frees lower the sum, so
+    run it in a fresh process, or at least after the previous run's objects are gone: `start` collects garbage).
+    Process RSS would drown a tiny model in the ~500 MB of Python and torch themselves.
+    """
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._profiler = None
+
+    def start(self) -> None:
+        import gc
+
+        from torch.profiler import ProfilerActivity, profile
+
+        gc.collect()  # a previous run's garbage, freed during this one, would lower the sum
+        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profiler.start()
+
+    def stop(self) -> None:
+        if self._profiler is None:  # already stopped
+            return
+        prof, self._profiler = self._profiler, None
+        prof.stop()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and e.device_type().name == "CPU")
+        held = peak = 0
+        for _, nbytes in events:
+            held += nbytes
+            peak = max(peak, held)
+        self.peak = peak
 
 
 # ----------------------------------------------------------------------------------------------- model shapes
@@ -219,18 +289,28 @@ def model_shape(cfg, role: str, classifier: bool, lora_r: int) -> Shape:
 
 
 # ---------------------------------------------------------------------------------------------- the estimate
-def activation_bytes(shape: Shape, seq: int, batch: int, checkpointing: bool, eager: bool) -> int:
-    """Korthikanti et al. 2022 per layer (see the module docstring), plus fp32 logits for a causal LM."""
+def activation_bytes(shape: Shape, seq: int, batch: int, checkpointing: bool, eager: bool, logits: str = "loss",
+                     precision: str = "bf16-mixed") -> int:
+    """Korthikanti et al. 2022 per layer (see the module docstring), plus the logits of a causal LM.
+
+    logits: "loss" (the model's own loss: LOGIT_COPIES fp32 [s, b, vocab] tensors), "chunked" (TRL's fused LM head:
+    one CHUNKED_TILE in the activation dtype) or "none"."""
     s, b, h = seq, batch, shape.hidden
     k = 8 if shape.gated else 4
     layer = s * b * (18 * h + k * shape.intermediate) + (5 * shape.heads * s * s * b if eager else 0)
     body = shape.layers * 2 * s * b * h + layer if checkpointing else shape.layers * layer
-    logits = 0 if shape.classifier else s * b * shape.vocab * 4
-    return body + logits
+    body = body * PRECISIONS[precision].activation // 2  # the formula counts 16-bit activations
+    if shape.classifier or logits == "none":
+        head = 0
+    elif logits == "chunked":
+        head = min(s * b, CHUNKED_TILE[0]) * CHUNKED_TILE[1] * PRECISIONS[precision].activation
+    else:
+        head = LOGIT_COPIES * s * b * shape.vocab * 4
+    return body + head
 
 
-def kv_cache_bytes(shape: Shape, seq: int, batch: int) -> int:
-    return 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * batch * 2
+def kv_cache_bytes(shape: Shape, seq: int, batch: int, precision: str = "bf16-mixed") -> int:
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * batch * PRECISIONS[precision].activation
 
 
 @dataclass
@@ -247,27 +327,33 @@ class States:
         self.cpu_per_node += other.cpu_per_node
 
 
-def trainable_states(p: float, largest: int, strategy: str, gpus: int, nodes: int) -> States:
-    """Model states of P trainable parameters (bytes): 2 weights + 6 gradients + 12 optimizer, placed per strategy."""
+def trainable_states(p: float, largest: int, strategy: str, gpus: int, nodes: int,
+                     precision: str = "bf16-mixed") -> States:
+    """Model states of P trainable parameters (bytes), placed per strategy; bf16-mixed: 2 weights + 6 gradients +
+    12 optimizer; fp32: 4 + 4 + 8."""
+    x = PRECISIONS[precision]
+    w, g, o = x.weights, x.grads, x.optimizer
     if strategy == "ddp":
-        return States(W16 * p, GRAD * p, OPTIM * p)
+        return States(w * p, g * p, o * p)
     if strategy == "zero2":
-        return States(W16 * p, GRAD * p / gpus, OPTIM * p / gpus)
+        return States(w * p, g * p / gpus, o * p / gpus)
     if strategy == "zero3":
-        return States(W16 * p / gpus + 2 * largest, GRAD * p / gpus + 2 * largest, OPTIM * p / gpus)
+        return States(w * p / gpus + w * largest, g * p / gpus + w * largest, o * p / gpus)
     if strategy == "zero2_offload":
-        return States(W16 * p, 0, 0, cpu_per_node=(4 + OPTIM) * p / nodes)
+        return States(w * p, 0, 0, cpu_per_node=x.cpu_offload2 * p / nodes)
     if strategy == "zero3_offload":
-        return States(2 * largest, 2 * largest, 0, cpu_per_node=(W16 + 4 + OPTIM) * p / nodes)
+        return States(w * largest, w * largest, 0, cpu_per_node=x.cpu_offload3 * p / nodes)
     raise ValueError(strategy)
 
 
-def frozen_states(weight_bytes: float, largest: int, strategy: str, gpus: int, nodes: int) -> States:
+def frozen_states(weight_bytes: float, largest: int, strategy: str, gpus: int, nodes: int,
+                  precision: str = "bf16-mixed") -> States:
     """Frozen weights (bytes in all): replicated, partitioned under ZeRO-3, on the CPU under ZeRO-3 offload."""
+    w = PRECISIONS[precision].weights
     if strategy == "zero3":
-        return States(weight_bytes / gpus + 2 * largest)
+        return States(weight_bytes / gpus + w * largest)
     if strategy == "zero3_offload":
-        return States(2 * largest, cpu_per_node=weight_bytes / nodes)
+        return States(w * largest, cpu_per_node=weight_bytes / nodes)
     return States(weight_bytes)
 
 
@@ -285,14 +371,19 @@ class Role:
     batch_factor: int = 1  # 2 for chosen+rejected pairs
     kv_cache: bool = False  # generates (ppo policy)
     replicated: bool = False  # held whole by every process whatever the strategy (ppo's frozen models, see below)
+    logits: str = "loss"  # how the causal LM's logits are computed: loss, chunked (TRL's fused LM head), none
+    own_base: bool = True  # False: an adapter on another role's base (ppo's LoRA value function): no weights of its own
+    extra_trainable: int = 0  # trainable parameters beside the adapters (ppo's LoRA value head: hidden + 1)
 
 
 def stage_roles(stage: str, policy: Shape, classifier: Shape | None, method: str) -> list[Role]:
     lora = method != "full"
-    if stage in ("pretrain", "sft"):
+    if stage == "pretrain":
         return [Role(policy, True, True)]
+    if stage == "sft":
+        return [Role(policy, True, True, logits="chunked")]
     if stage == "dpo":
-        roles = [Role(policy, True, True, batch_factor=2)]
+        roles = [Role(policy, True, True, batch_factor=2, logits="chunked")]
         if not lora:
             roles.append(Role(policy, False, False))  # the reference, a second copy of the policy
         return roles
@@ -301,21 +392,28 @@ def stage_roles(stage: str, policy: Shape, classifier: Shape | None, method: str
     if stage == "ppo":
         # The PPO stage loads its frozen reference and reward model whole on every process, also under ZeRO-3
         # (rlhf_dist.rl.distributed.replicated_loading: they never pass through DeepSpeed), so they are not partitioned.
-        roles = [Role(policy, True, True, kv_cache=True)]
+        reward = Role(Shape(**{**asdict(classifier), "role": "reward"}), False, False, replicated=True)
         if not lora:
-            roles.append(Role(policy, False, False, replicated=True))
-        ref = Shape(**{**asdict(classifier), "role": "reward"})
-        value = Shape(**{**asdict(classifier), "role": "value"})
-        roles += [Role(ref, False, False, replicated=True), Role(value, True, True)]
-        return roles
+            value = Shape(**{**asdict(classifier), "role": "value"})
+            return [Role(policy, True, True, kv_cache=True), Role(policy, False, False, replicated=True), reward,
+                    Role(value, True, True)]
+        # LoRA/QLoRA: one base. The policy is an adapter on it, the reference the base with adapters disabled, the
+        # value function a second adapter on the same base plus a linear head on its last hidden state: a second
+        # forward pass through the base (its activations, without the vocabulary logits).
+        value = Shape(**{**asdict(policy), "role": "value", "classifier": True})
+        return [Role(policy, True, True, kv_cache=True), reward,
+                Role(value, True, True, own_base=False, extra_trainable=policy.hidden + 1)]
     raise UserError(f"--stage: unknown stage '{stage}'; choose from {', '.join(STAGES)}")
 
 
 def estimate(stage: str, policy: Shape, classifier: Shape | None, method: str, strategy: str, *, gpus_per_node: int,
              nodes: int, seq: int, batch: int, checkpointing: bool, lora_r: int, eager: bool = False,
-             double_quant: bool = True) -> dict:
-    """Per-GPU bytes (and CPU bytes per node) of one option for all the stage's models."""
+             double_quant: bool = True, precision: str = "bf16-mixed", generation_batch: int | None = None) -> dict:
+    """Per-GPU bytes (and CPU bytes per node) of one option for all the stage's models.
+
+    `generation_batch`: sequences generated at once (ppo's KV cache; default `batch`)."""
     gpus = gpus_per_node * nodes
+    x = PRECISIONS[precision]
     total = States()
     act = {True: 0, False: 0}
     kv = 0
@@ -324,19 +422,21 @@ def estimate(stage: str, policy: Shape, classifier: Shape | None, method: str, s
         frozen_strategy = "ddp" if role.replicated else strategy
         if method == "full":
             if role.trainable:
-                total.add(trainable_states(sh.params, sh.largest_layer, strategy, gpus, nodes))
+                total.add(trainable_states(sh.params, sh.largest_layer, strategy, gpus, nodes, precision))
             else:
-                total.add(frozen_states(W16 * sh.params, sh.largest_layer, frozen_strategy, gpus, nodes))
+                total.add(frozen_states(x.weights * sh.params, sh.largest_layer, frozen_strategy, gpus, nodes, precision))
         else:
-            base = W16 * sh.params if method == "lora" else qlora_base_bytes(sh, double_quant)
-            total.add(frozen_states(base, sh.largest_layer, frozen_strategy, gpus, nodes))
+            if role.own_base:
+                base = x.weights * sh.params if method == "lora" else qlora_base_bytes(sh, double_quant)
+                total.add(frozen_states(base, sh.largest_layer, frozen_strategy, gpus, nodes, precision))
             if role.trainable:
-                total.add(trainable_states(sh.lora_params[lora_r], 0, strategy, gpus, nodes))
+                adapters = sh.lora_params[lora_r] + role.extra_trainable
+                total.add(trainable_states(adapters, 0, strategy, gpus, nodes, precision))
         if role.activations:
             for ck in (True, False):
-                act[ck] += activation_bytes(sh, seq, batch * role.batch_factor, ck, eager)
+                act[ck] += activation_bytes(sh, seq, batch * role.batch_factor, ck, eager, role.logits, precision)
         if role.kv_cache:
-            kv += kv_cache_bytes(sh, seq, batch)
+            kv += kv_cache_bytes(sh, seq, generation_batch or batch, precision)
     activations = act[checkpointing]
     per_gpu = total.weights + total.grads + total.optimizer + max(activations, kv)
     return {"weights": total.weights, "grads": total.grads, "optimizer": total.optimizer,
@@ -351,13 +451,15 @@ def options() -> list[tuple[str, str]]:
 
 def plan(stage: str, policy: Shape, classifier: Shape | None, *, gpus_per_node: int, nodes: int, gpu_memory_gib: float,
          cpu_memory_gib: float | None = None, seq: int = 2048, batch: int = 1, checkpointing: bool = True,
-         lora_r: int = 16, eager: bool = False, double_quant: bool = True, headroom: float = HEADROOM) -> dict:
+         lora_r: int = 16, eager: bool = False, double_quant: bool = True, headroom: float = HEADROOM,
+         precision: str = "bf16-mixed", generation_batch: int | None = None) -> dict:
     usable = gpu_memory_gib * (1 - headroom) * GIB
     cpu_usable = None if cpu_memory_gib is None else cpu_memory_gib * (1 - headroom) * GIB
     rows = []
     for method, strategy in options():
         est = estimate(stage, policy, classifier, method, strategy, gpus_per_node=gpus_per_node, nodes=nodes, seq=seq,
-                       batch=batch, checkpointing=checkpointing, lora_r=lora_r, eager=eager, double_quant=double_quant)
+                       batch=batch, checkpointing=checkpointing, lora_r=lora_r, eager=eager, double_quant=double_quant,
+                       precision=precision, generation_batch=generation_batch)
         fits_gpu = est["total"] <= usable
         # an offload option fits only when --cpu-memory says the node can hold its CPU share
         fits_cpu = est["cpu_per_node"] == 0 or (cpu_usable is not None and est["cpu_per_node"] <= cpu_usable)
@@ -368,7 +470,7 @@ def plan(stage: str, policy: Shape, classifier: Shape | None, *, gpus_per_node: 
     return {"stage": stage, "gpus_per_node": gpus_per_node, "nodes": nodes, "gpu_memory_gib": gpu_memory_gib,
             "cpu_memory_gib": cpu_memory_gib, "headroom": headroom, "usable_gpu_gib": usable / GIB,
             "seq_len": seq, "micro_batch": batch, "gradient_checkpointing": checkpointing, "lora_r": lora_r,
-            "attention": "eager" if eager else "sdpa", "double_quant": double_quant,
+            "attention": "eager" if eager else "sdpa", "double_quant": double_quant, "precision": precision,
             "models": [{"role": s.role, "model_type": s.model_type, "params": s.params, "largest_layer": s.largest_layer,
                         "lora_params": s.lora_params[lora_r]} for s in _distinct(stage, policy, classifier)],
             "units": "GiB (2**30 bytes) per GPU; cpu_per_node in GiB per node", "options": rows,
@@ -412,7 +514,7 @@ def render(result: dict) -> str:
                  f"{result['headroom']:.0%} headroom); {models}")
     lines.append(f"seq-len {result['seq_len']}, micro-batch {result['micro_batch']}, gradient checkpointing "
                  f"{'on' if result['gradient_checkpointing'] else 'off'}, attention {result['attention']}, LoRA r "
-                 f"{result['lora_r']}; GiB per GPU (CPU: GiB per node)")
+                 f"{result['lora_r']}, precision {result['precision']}; GiB per GPU (CPU: GiB per node)")
     head = f"{'method':<6} {'strategy':<14} {'weights':>8} {'grads':>7} {'optim':>7} {'act':>7} {'act-noCK':>8} " \
            f"{'kv':>6} {'total':>8} {'cpu/node':>9}  fits"
     lines += [head, "-" * len(head)]
@@ -462,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
                    help="eager also stores the s x s attention scores (Korthikanti's 5as/h term).")
     p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantisation.")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16-mixed",
+                   help="bf16-mixed (GPUs: 16-bit weights, fp32 master and Adam; default) or fp32 (CPU runs).")
     p.add_argument("--recipe", default="RECIPE.yaml", help="Recipe to put in the printed launch command.")
     p.add_argument("--output", default="runs/OUT", help="Run directory to put in the printed launch command.")
     p.add_argument("--json", help="Also write the table as JSON to this file.")
@@ -489,7 +593,7 @@ def main(argv: list[str]) -> int:
     result = plan(args.stage, policy, classifier, gpus_per_node=args.gpus_per_node, nodes=args.nodes,
                   gpu_memory_gib=args.gpu_memory, cpu_memory_gib=args.cpu_memory, seq=args.seq_len,
                   batch=args.micro_batch, checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
-                  eager=args.attention == "eager", double_quant=not args.no_double_quant)
+                  eager=args.attention == "eager", double_quant=not args.no_double_quant, precision=args.precision)
     rec = result["recommended"]
     if rec is not None:
         rec["command"] = launch_command(result, rec, args.recipe, args.output)

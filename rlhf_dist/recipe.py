@@ -104,6 +104,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Re-run a stage whose output holds a different config (replaced once the new one is complete).")
     group.add_argument("--resume", action="store_true", help="Continue an unfinished stage even if its config changed.")
     parser.add_argument(
+        "--fallback", choices=("auto", "off"), default="auto",
+        help="auto: on one GPU, if the run would not fit its memory (rlhf-dist plan's estimate), switch to QLoRA and "
+             "then halve the micro-batch (global batch kept); the choice is logged and saved in config.yaml.")
+    parser.add_argument(
+        "--gpu-memory", type=float, metavar="GIB",
+        help="GPU memory in GiB for --fallback auto (default: what device 0 reports); also simulates a device.")
+    parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",
         help="Override recipe fields, e.g. sft.training.learning_rate=1e-5 (`rlhf-dist fields STAGE` lists them all).",
     )

@@ -115,3 +115,13 @@ def test_pipeline_with_a_strategy_refuses_a_world_the_batches_do_not_split_over(
     assert err.startswith("error: ") and "\n" not in err
     assert "1 machine(s) x 3 process(es) = 3 processes, but ppo.training: rollout_batch_size=32" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_fallback_flags_reach_the_stage(tmp_path, capsys):
+    """--fallback / --gpu-memory are stage flags: the launcher passes them on (the default, auto, is left implicit)."""
+    cmd = dry_run(capsys, "sft", "--recipe", "demo", "--output", str(tmp_path / "run"), "--strategy", "single",
+                  "--fallback", "off", "--gpu-memory", "24")
+    tail = cmd[cmd.index("sft"):]
+    assert tail[tail.index("--fallback") + 1] == "off" and tail[tail.index("--gpu-memory") + 1] == "24"
+    assert "--fallback" not in dry_run(capsys, "sft", "--recipe", "demo", "--output", str(tmp_path / "run"),
+                                       "--strategy", "single")

@@ -238,7 +238,7 @@ def test_7b_qlora_command_and_two_nodes(llama7b, tmp_path, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--stage", "rlhf"], "--stage: unknown stage 'rlhf'"),
-    (["--stage", "sft", "--gpu-memory", "2"], "the smallest, qlora+ddp, needs 5.9 GiB"),
+    (["--stage", "sft", "--gpu-memory", "2"], "the smallest, qlora+ddp, needs 5.8 GiB"),
     (["--stage", "sft", "--gpu-memory", "2", "--cpu-memory", "1"], "fit the GPU but not the CPU memory"),
     (["--stage", "sft", "--gpus-per-node", "0"], "--gpus-per-node must be >= 1"),
 ])

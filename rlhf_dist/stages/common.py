@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhf_dist import preempt, rundir
+from rlhf_dist import fallback, preempt, rundir
 from rlhf_dist.config import (
     UPSTREAM,
     StageConfig,
@@ -115,7 +115,13 @@ def load_stage_config(stage: str, args: argparse.Namespace) -> tuple[StageConfig
         from rlhf_dist.stages.ppo import resolve_reward
 
         resolve_reward(cfg, output)
+    decision = fallback.apply(stage, cfg, args)  # one GPU that the run would not fit: QLoRA, smaller micro-batch
+    if decision is not None:
+        check_quantization(f"{stage}.quantization", cfg)
+        check_lora_targets(cfg.init_from, f"{stage}.lora.target_modules", cfg, classifier=stage == "reward")
     resolved = {**to_dict(cfg), "run_dir": str(output), "inputs": input_identity(cfg)}
+    if decision is not None:
+        resolved["fallback"] = decision
     return cfg, resolved
 
 
