@@ -5,6 +5,20 @@
   `lora.merge: false`, the merged full weights at the top level (what the next stage loads).
 * A tokenizer without a pad token gets one that is not EOS where it can (its unk token), so
   that EOS is never mistaken for padding; TRL's collators mask padding by length in any case.
+
+QLoRA (`quantization.load_in_4bit`, with `lora.enabled`): the base is loaded in bitsandbytes NF4/FP4 and
+frozen; only the adapter (and a reward model's score head) trains. The adapter is merged into a fresh
+UNQUANTISED load of the base, so the merged model differs from the trained 4-bit one by the base's
+quantisation error (the QLoRA merge gap; measured on the tiny test model in tests/test_qlora.py). TRL's
+SFT/DPO/Reward trainers cast a quantised model's trainable parameters to bfloat16 whatever
+`quantization.compute_dtype` says, so the adapter trains and is saved in bf16 (pretrain keeps float32).
+
+What runs where (verified on CPU: torch 2.13, bitsandbytes 0.50.2, deepspeed 0.19.8; tests/test_qlora*.py):
+- one process: 4-bit and 8-bit LoRA in pretrain, sft, reward and dpo.
+- DDP and DeepSpeed ZeRO-2, 2 processes: QLoRA sft equals one process (the 4-bit base is replicated).
+- DeepSpeed ZeRO-3, 2 processes: QLoRA sft equals one process. transformers loads a quantised model whole
+  (no zero.Init); the DeepSpeed engine then partitions every weight, the packed 4-bit ones included. Their
+  storage dtype is the model's dtype under ZeRO-3 (`bnb_config`), as the FSDP/ZeRO-3 QLoRA recipe asks.
 """
 
 from __future__ import annotations
@@ -93,19 +107,26 @@ def torch_dtype(name: str) -> torch.dtype | str:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def bnb_config(q: QuantizationConfig):
-    """A transformers BitsAndBytesConfig, or None when no quantisation is asked for."""
+def bnb_config(q: QuantizationConfig, zero3: bool = False):
+    """A transformers BitsAndBytesConfig, or None when no quantisation is asked for.
+
+    Under ZeRO-3 the packed 4-bit weights are stored in the dtype of the model's other weights (the FSDP/ZeRO-3
+    QLoRA recipe), so that DeepSpeed partitions, gathers and casts them like any other frozen weight; the bits,
+    and what the model computes, are the same (measured: identical logits). Elsewhere they stay uint8.
+    """
     if not (q.load_in_4bit or q.load_in_8bit):  # both at once is refused by StageConfig
         return None
     from transformers import BitsAndBytesConfig
 
     if q.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
+    compute = getattr(torch, q.compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute if zero3 else torch.uint8,
     )
 
 
@@ -130,7 +151,9 @@ def _load_kwargs(cfg: StageConfig) -> dict:
     }
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
-    quant = bnb_config(cfg.quantization)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    quant = bnb_config(cfg.quantization, zero3=is_deepspeed_zero3_enabled())
     if quant is not None:  # StageConfig guarantees lora.enabled here
         kwargs["quantization_config"] = quant
         kwargs["dtype"] = getattr(torch, cfg.quantization.compute_dtype)
@@ -152,7 +175,18 @@ def load_reward_model(path: str, cfg: StageConfig, tokenizer):
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_load_kwargs(cfg))
     model.config.pad_token_id = tokenizer.pad_token_id
     _after_load(model, cfg)
+    if cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit:
+        # TRL's RewardTrainer casts the trainable parameters of a quantised model to bfloat16, the score head (a
+        # PEFT modules_to_save copy, hooks included) too, while the final norm hands it float32: without this
+        # cast every forward fails with "expected m1 and m2 to have the same dtype".
+        for head in ("score", "classifier"):  # PEFT's modules_to_save for SEQ_CLS
+            if isinstance(getattr(model, head, None), torch.nn.Linear):
+                getattr(model, head).register_forward_pre_hook(_input_to_weight_dtype)
     return model
+
+
+def _input_to_weight_dtype(module, args):
+    return tuple(a.to(module.weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def _after_load(model, cfg: StageConfig) -> None:
