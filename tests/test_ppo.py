@@ -217,7 +217,17 @@ def ppo_bad_cases(tmp_path: Path, tiny_reward_model: Path, three_label_model: Pa
     long_prompts = tmp_path / "long.jsonl"
     long_prompts.write_text("".join(json.dumps({"prompt": "Question: " + "word " * n + "?\nAnswer:"}) + "\n"
                                     for n in (3, 4, 300, 5, 6, 7)))
+    adapter = tmp_path / "sft_adapter"  # what sft with lora.merge: false leaves (tokenizer files + adapter)
+    adapter.mkdir()
+    for f in tiny_model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (adapter / f.name).write_bytes(f.read_bytes())
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": str(tiny_model)}))
     return {
+        "value adapter without LoRA": ([f"ppo.reward_model={tiny_reward_model}", "ppo.value_adapter=true"],
+                                       "ppo.value_adapter: the value adapter sits on the policy's LoRA base"),
+        "an SFT adapter to start from, without LoRA": ([f"ppo.reward_model={tiny_reward_model}", f"ppo.init_from={adapter}"],
+                                                       f"ppo: {adapter} is a LoRA adapter; set ppo.lora.enabled: true"),
         "reward function that cannot be imported": (["ppo.reward_fn=no_such_module.rewards:score"],
                                                     "ppo.reward_fn: cannot import module 'no_such_module.rewards'"),
         "reward function name not in the module": (["ppo.reward_fn=rlhf_dist.demo.rewards:kindness"],
@@ -240,7 +250,8 @@ def ppo_bad_cases(tmp_path: Path, tiny_reward_model: Path, three_label_model: Pa
                             "training.report_to: unknown tracker(s) ['wandb']"),
         "value head with a critic-free estimator": (["ppo.reward_fn=rlhf_dist.demo.rewards:politeness", "ppo.value_head=true",
                                                      "ppo.training.advantage_estimator=rloo",
-                                                     "ppo.training.samples_per_prompt=2"], "value_head / value_model are for"),
+                                                     "ppo.training.samples_per_prompt=2"],
+                                                    "value_head / value_model / value_adapter are for"),
         "prompt + response longer than the model's positions": (
             ["ppo.reward_fn=rlhf_dist.demo.rewards:politeness", "ppo.training.max_new_tokens=250"],
             "+ max_new_tokens (250) exceeds the policy's 256 positions"),
@@ -250,7 +261,8 @@ def ppo_bad_cases(tmp_path: Path, tiny_reward_model: Path, three_label_model: Pa
     }
 
 
-CASES = ["reward function that cannot be imported", "reward function name not in the module",
+CASES = ["value adapter without LoRA", "an SFT adapter to start from, without LoRA",
+         "reward function that cannot be imported", "reward function name not in the module",
          "reward model with a 3-label head", "reward model that is a causal LM", "no reward at all",
          "prompts longer than the maximum", "batch that does not split into generation chunks",
          "value model with another vocabulary", "unknown tracker", "value head with a critic-free estimator",

@@ -32,10 +32,10 @@ GLOBAL_BATCH = ["ppo.training.max_steps=3", "ppo.training.rollout_batch_size=16"
 TIMING = ("time/", "rollout/tokens_per_second", "train/samples_per_second")
 
 
-def launch(prefix: list[str], rec: Path, out: Path, reward: Path) -> subprocess.CompletedProcess:
+def launch(prefix: list[str], rec: Path, out: Path, reward: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what accelerate launch gives each of its processes
     cmd = [*prefix, "-m", "rlhf_dist", "ppo", "--recipe", str(rec), "--output", str(out), f"ppo.reward_model={reward}",
-           *GLOBAL_BATCH]
+           *GLOBAL_BATCH, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
 
 
@@ -87,3 +87,34 @@ def test_two_processes_equal_one(case, distributed_type, zero_stage, one_process
     start = load_file(Path(metrics["init_from"]) / "model.safetensors")
     trained = load_file(multi / "model.safetensors")
     assert any(not torch.equal(start[k], trained[k]) for k in start)
+
+
+QLORA = ["ppo.lora.enabled=true", "ppo.lora.r=4", "ppo.lora.dropout=0.0", "ppo.quantization.load_in_4bit=true",
+         "ppo.quantization.compute_dtype=float32", "ppo.training.learning_rate=3e-3"]
+
+
+def test_qlora_shared_base_two_processes_equal_one(tmp_path, tiny_model, tiny_reward_model, demo_data):
+    """QLoRA PPO on one shared 4-bit base (policy adapter, value adapter + head, reference = adapters off, 4-bit
+    reward model) under DDP: 2 processes equal 1 on every metric (1e-4) and on the saved adapters and head (1e-5)."""
+    rec = tiny_recipe(tmp_path, tiny_model, demo_data)
+    one = launch([sys.executable], rec, tmp_path / "one", tiny_reward_model, *QLORA)
+    assert one.returncode == 0, one.stderr[-3000:]
+    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/ddp.yaml", "--num_processes", "2"]
+    two = launch(prefix, rec, tmp_path / "two", tiny_reward_model, *QLORA)
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, multi = tmp_path / "one" / "ppo", tmp_path / "two" / "ppo"
+    metrics = json.loads((multi / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["train"]["distributed_type"] == "MULTI_CPU"
+    one_history = json.loads((single / "log_history.json").read_text())
+    two_history = json.loads((multi / "log_history.json").read_text())
+    assert [r["step"] for r in two_history] == [1, 2, 3] and two_history[0]["objective/kl"] == 0.0
+    for a, b in zip(one_history, two_history):
+        for k in (k for k in a if not k.startswith(TIMING)):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    for name in ("adapter/adapter_model.safetensors", "value_adapter/adapter_model.safetensors", "value_head.safetensors"):
+        a, b = load_file(single / name), load_file(multi / name)
+        assert a.keys() == b.keys()
+        worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+        assert worst < 1e-5, (name, worst)
+    assert any(float(v.abs().max()) > 0 for k, v in load_file(multi / "adapter/adapter_model.safetensors").items()
+               if "lora_B" in k)  # the adapters trained (LoRA B starts at 0)
