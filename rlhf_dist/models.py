@@ -185,6 +185,18 @@ def load_reward_model(path: str, cfg: StageConfig, tokenizer):
     return model
 
 
+def load_frozen_reward_model(path: str, cfg: StageConfig, tokenizer):
+    """A reward model that only scores (PPO): in 4 bit (or 8) when `cfg` quantises (QLoRA), else as saved; no
+    LoRA and no `prepare_model_for_kbit_training` (nothing of it trains)."""
+    if not (cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit):
+        return load_reward_model(path, base_config(cfg), tokenizer)
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_load_kwargs(cfg))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def _input_to_weight_dtype(module, args):
     return tuple(a.to(module.weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 

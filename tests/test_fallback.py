@@ -133,3 +133,34 @@ def test_ppo_halves_its_per_device_batches(tmp_path, tiny_model, demo_data, tiny
     assert decision is not None
     assert (cfg.training.per_device_train_batch_size, cfg.training.generation_batch_size) == (2, 2)
     assert cfg.training.mini_batch_size == 8  # the global batch: accumulation follows from it
+
+
+@pytest.fixture(scope="module")
+def qwen7b_config(tmp_path_factory):
+    """Qwen2.5-7B's config, built offline from its published hyperparameters (7.62B parameters)."""
+    from transformers import Qwen2Config
+
+    out = tmp_path_factory.mktemp("qwen7b")
+    Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                tie_word_embeddings=False).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_shipped_7b_qlora_recipe_fits_one_24gb_gpu(stage, qwen7b_config, tmp_path):
+    """The README's single-GPU recipe: by the planner, each stage fits a 24 GB GPU as shipped (bf16, as on a GPU), so
+    --fallback auto leaves it alone; full fine-tuning of the same stage would not fit."""
+    raw, source = load_recipe("qwen2.5-7b-qlora")
+    cfg = resolve_stage(raw, source, stage, str(tmp_path / "run"), str(tmp_path / "w"))
+    cfg.init_from = str(qwen7b_config)
+    if stage == "ppo":
+        cfg.reward_model = str(qwen7b_config)
+    cfg.training.bf16 = True  # training_defaults turns it on on a bf16 GPU; this machine has none
+    t = cfg.training
+    gen = t.generation_batch_size if stage == "ppo" else None
+    qlora = fallback.estimate_gib(stage, cfg, "qlora", t.per_device_train_batch_size, gen)
+    assert qlora < 24 * (1 - plan.HEADROOM), qlora
+    assert fallback.estimate_gib(stage, cfg, "full", t.per_device_train_batch_size, gen) > 24
+    args = type("Args", (), {"fallback": "auto", "gpu_memory": 24.0})()
+    assert fallback.apply(stage, cfg, args) is None  # fits: nothing changed

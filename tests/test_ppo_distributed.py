@@ -93,18 +93,22 @@ QLORA = ["ppo.lora.enabled=true", "ppo.lora.r=4", "ppo.lora.dropout=0.0", "ppo.q
          "ppo.quantization.compute_dtype=float32", "ppo.training.learning_rate=3e-3"]
 
 
-def test_qlora_shared_base_two_processes_equal_one(tmp_path, tiny_model, tiny_reward_model, demo_data):
+@pytest.mark.parametrize("case, distributed_type, zero_stage",
+                         [("ddp", "MULTI_CPU", 0), ("zero2", "DEEPSPEED", 2), ("zero3", "DEEPSPEED", 3)])
+def test_qlora_shared_base_two_processes_equal_one(case, distributed_type, zero_stage, tmp_path, tiny_model,
+                                                   tiny_reward_model, demo_data):
     """QLoRA PPO on one shared 4-bit base (policy adapter, value adapter + head, reference = adapters off, 4-bit
-    reward model) under DDP: 2 processes equal 1 on every metric (1e-4) and on the saved adapters and head (1e-5)."""
+    reward model): 2 processes equal 1 on every metric (1e-4) and on the saved adapters and head (1e-5)."""
     rec = tiny_recipe(tmp_path, tiny_model, demo_data)
     one = launch([sys.executable], rec, tmp_path / "one", tiny_reward_model, *QLORA)
     assert one.returncode == 0, one.stderr[-3000:]
-    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/ddp.yaml", "--num_processes", "2"]
+    prefix = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/{case}.yaml", "--num_processes", "2"]
     two = launch(prefix, rec, tmp_path / "two", tiny_reward_model, *QLORA)
     assert two.returncode == 0, two.stderr[-3000:]
     single, multi = tmp_path / "one" / "ppo", tmp_path / "two" / "ppo"
     metrics = json.loads((multi / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["train"]["distributed_type"] == "MULTI_CPU"
+    assert metrics["world_size"] == 2 and metrics["train"]["distributed_type"] == distributed_type
+    assert metrics["train"]["zero_stage"] == zero_stage
     one_history = json.loads((single / "log_history.json").read_text())
     two_history = json.loads((multi / "log_history.json").read_text())
     assert [r["step"] for r in two_history] == [1, 2, 3] and two_history[0]["objective/kl"] == 0.0

@@ -35,7 +35,7 @@ import torch
 
 from rlhf_dist import rundir
 from rlhf_dist.errors import ConfigError, DataError, UserError
-from rlhf_dist.models import base_config, load_causal_lm, load_reward_model, load_tokenizer, peft_config
+from rlhf_dist.models import base_config, load_causal_lm, load_frozen_reward_model, load_reward_model, load_tokenizer, peft_config
 from rlhf_dist.rl.distributed import make_accelerator, replicated_loading, untied
 from rlhf_dist.stages.common import StageContext, process_state, stage_main
 
@@ -200,19 +200,6 @@ def _frozen(model, accelerator):
     return model.eval().to(accelerator.device)
 
 
-def _frozen_reward_model(path: str, cfg, tokenizer):
-    """The reward model, frozen: in 4 bit (or 8) when the stage quantises its base (QLoRA), else as saved."""
-    from transformers import AutoModelForSequenceClassification
-
-    from rlhf_dist.models import _load_kwargs
-
-    if not (cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit):
-        return load_reward_model(path, base_config(cfg), tokenizer)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_load_kwargs(cfg))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model  # no prepare_model_for_kbit_training: nothing of it trains
-
-
 def build_models(ctx: StageContext, accelerator):
     """(actor_critic, reference or None, RewardSource) on the accelerator's device.
 
@@ -264,7 +251,7 @@ def build_models(ctx: StageContext, accelerator):
         reward_tok = load_tokenizer(cfg.reward_model, cfg.model)
         same = reward_tok.get_vocab() == ctx.tokenizer.get_vocab() and reward_tok.eos_token == ctx.tokenizer.eos_token
         with replicated_loading():
-            rm = _frozen(_frozen_reward_model(cfg.reward_model, cfg, reward_tok), accelerator)
+            rm = _frozen(load_frozen_reward_model(cfg.reward_model, cfg, reward_tok), accelerator)
         reward = RewardSource(model=rm, tokenizer=None if same else reward_tok,
                               max_length=getattr(rm.config, "max_position_embeddings", None))
         if not same:
