@@ -324,6 +324,9 @@ class PPOConfig(StageConfig):
     value_adapter: bool | None = _f(
         None, "With LoRA: the value function is its own adapter + a value head on the policy's (4-bit) base. "
               "Default: true with lora.enabled unless value_model or value_head is set.")
+    reward_adapter: bool | None = _f(
+        None, "With LoRA: score with the reward stage's LoRA adapter (reward_model/adapter) on the policy's base, so one "
+              "base serves all four models. Default: when that adapter was trained on the same base.")
     training: PPOTrainingConfig | None = None
 
     def __post_init__(self):

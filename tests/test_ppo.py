@@ -228,6 +228,11 @@ def ppo_bad_cases(tmp_path: Path, tiny_reward_model: Path, three_label_model: Pa
                                        "ppo.value_adapter: the value adapter sits on the policy's LoRA base"),
         "an SFT adapter to start from, without LoRA": ([f"ppo.reward_model={tiny_reward_model}", f"ppo.init_from={adapter}"],
                                                        f"ppo: {adapter} is a LoRA adapter; set ppo.lora.enabled: true"),
+        "reward adapter without LoRA": ([f"ppo.reward_model={tiny_reward_model}", "ppo.reward_adapter=true"],
+                                        "ppo.reward_adapter: the reward adapter sits on the policy's LoRA base"),
+        "reward adapter asked for, none there": ([f"ppo.reward_model={tiny_reward_model}", "ppo.reward_adapter=true",
+                                                  "ppo.lora.enabled=true"],
+                                                 f"ppo.reward_adapter: {tiny_reward_model} has no adapter/"),
         "reward function that cannot be imported": (["ppo.reward_fn=no_such_module.rewards:score"],
                                                     "ppo.reward_fn: cannot import module 'no_such_module.rewards'"),
         "reward function name not in the module": (["ppo.reward_fn=rlhf_dist.demo.rewards:kindness"],
@@ -261,7 +266,8 @@ def ppo_bad_cases(tmp_path: Path, tiny_reward_model: Path, three_label_model: Pa
     }
 
 
-CASES = ["value adapter without LoRA", "an SFT adapter to start from, without LoRA",
+CASES = ["value adapter without LoRA", "an SFT adapter to start from, without LoRA", "reward adapter without LoRA",
+         "reward adapter asked for, none there",
          "reward function that cannot be imported", "reward function name not in the module",
          "reward model with a 3-label head", "reward model that is a causal LM", "no reward at all",
          "prompts longer than the maximum", "batch that does not split into generation chunks",

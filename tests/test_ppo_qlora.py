@@ -228,3 +228,59 @@ def test_unmerged_sft_adapter_is_the_frozen_reference(tmp_path, tiny_model, tiny
     with torch.no_grad():
         assert torch.allclose(policy(ids).logits, merged, atol=1e-4)
     assert not torch.allclose(merged, sft_logits, atol=1e-5)
+
+
+def test_reward_adapter_on_the_shared_base(tmp_path, tiny_model, tiny_reward_model, demo_data):
+    """A reward stage trained with QLoRA on the policy's base is used as a frozen `reward` adapter + score head on
+    PPO's one base (no second model): its scores equal the reward model loaded the usual way (4-bit classifier +
+    PEFT adapter), it does not train, and the models hold less than with a separate 4-bit reward model."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_dist.models import _load_kwargs
+    from rlhf_dist.rl.adapters import REWARD, AdapterRewardModel
+    from rlhf_dist.rl.rollout import sequence_scores
+
+    rec = tiny_recipe(tmp_path, tiny_model, demo_data)
+    out = tmp_path / "run"
+    assert main(["reward", "--recipe", str(rec), "--output", str(out), "reward.lora.enabled=true", "reward.lora.r=4",
+                 "reward.quantization.load_in_4bit=true", "reward.quantization.compute_dtype=float32",
+                 "reward.training.max_steps=10"]) == 0
+    reward_dir = out / "reward"
+    actor_critic, _, reward, ctx = _build(tmp_path, tiny_model, demo_data, reward_dir)
+    assert isinstance(reward.model, AdapterRewardModel) and REWARD in actor_critic.policy.peft_config
+    assert not any(p.requires_grad for n, p in actor_critic.named_parameters() if f".{REWARD}." in n)
+
+    q = torch.tensor([[5, 6, 7, 8], [0, 9, 10, 11]])
+    qm = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    r = torch.tensor([[12, 13, 14], [15, 16, 0]])
+    rm = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    usual = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, **_load_kwargs(ctx.cfg))
+    usual.config.pad_token_id = ctx.tokenizer.pad_token_id
+    usual = PeftModel.from_pretrained(usual, reward_dir / "adapter").eval()
+    with torch.no_grad():
+        ours, theirs = sequence_scores(reward.model, q, qm, r, rm), sequence_scores(usual, q, qm, r, rm)
+        pol_before = actor_critic(q, qm, r, rm)[0]
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)
+    with torch.no_grad():  # scoring switched adapters back: the policy's pass is unchanged
+        assert torch.equal(actor_critic(q, qm, r, rm)[0], pol_before)
+
+    with_adapter = ppo_memory(actor_critic, reward)
+    separate_ac, _, separate_reward, _ = _build(tmp_path, tiny_model, demo_data, reward_dir, "ppo.reward_adapter=false")
+    assert not isinstance(separate_reward.model, AdapterRewardModel)
+    assert with_adapter["held_bytes"] < ppo_memory(separate_ac, separate_reward)["held_bytes"]
+
+    # the stage end to end with it: trains (KL 0 then not), checkpoints and saves only the policy's adapter as adapter/
+    stage = _run(tmp_path, tiny_model, demo_data, reward_dir, "ppo.training.max_steps=2", "ppo.training.save_steps=1",
+                 out=out)
+    h = json.loads((stage / "log_history.json").read_text())
+    assert h[0]["objective/kl"] == 0.0 and h[1]["objective/kl"] != 0.0
+    assert json.loads((stage / "metrics.json").read_text())["models"]["held_bytes"] == with_adapter["held_bytes"]
+    saved = load_file(stage / "adapter" / "adapter_model.safetensors")
+    assert saved and not any(REWARD in k or "score" in k for k in saved)
+
+
+def ppo_memory(actor_critic, reward) -> dict:
+    from rlhf_dist.stages.ppo import model_memory
+
+    return model_memory(actor_critic, None, reward.model)

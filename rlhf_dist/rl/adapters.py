@@ -5,7 +5,9 @@ With LoRA (and QLoRA: a 4-bit base) the PPO stage loads the SFT model once and p
 * ``default``   the policy's adapter (trainable; PEFT's default name, so ``adapter/`` is an ordinary adapter folder);
 * ``value``     the value function's adapter (trainable), read by a linear value head on the last hidden state;
 * the reference is the base itself: every adapter disabled (`no_adapter`); or, when PPO starts from an SFT
-  adapter that was not merged, ``reference``: that adapter, frozen (the policy's adapter starts as its copy).
+  adapter that was not merged, ``reference``: that adapter, frozen (the policy's adapter starts as its copy);
+* ``reward``    the reward stage's adapter, frozen, with its score head (`AdapterRewardModel`), when the reward
+  model was trained with LoRA on the same base.
 
 PEFT's ``set_adapter`` would also switch ``requires_grad`` (only the active adapter trains), and one PPO
 forward needs both adapters trainable: `use_adapter` only changes which adapter the LoRA layers apply.
@@ -19,11 +21,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
-POLICY, VALUE, REFERENCE = "default", "value", "reference"
+POLICY, VALUE, REFERENCE, REWARD = "default", "value", "reference", "reward"
 
 
 def _tuner_layers(model: nn.Module) -> list[nn.Module]:
@@ -146,3 +149,62 @@ def lora_bytes(model: nn.Module, name: str) -> int:
             if name in sub:
                 total += sum(tensor_bytes(p) for p in sub[name].parameters())
     return total
+
+
+class _AdapterBackbone(nn.Module):
+    """The policy's transformer body run with one adapter. The policy is held by reference, not as a submodule:
+    freezing or moving this module must not touch the policy."""
+
+    def __init__(self, policy: nn.Module, adapter: str):
+        super().__init__()
+        object.__setattr__(self, "_policy", policy)
+        self.adapter = adapter
+
+    def forward(self, **kwargs):
+        inner = self._policy.get_base_model()
+        with use_adapter(self._policy, self.adapter):
+            return getattr(inner, inner.base_model_prefix)(**kwargs)
+
+
+class AdapterRewardModel(nn.Module):
+    """A reward model that is an adapter + score head on the policy's base: scored like a one-label
+    ``*ForSequenceClassification`` (`rollout.sequence_scores` finds ``backbone`` and ``score``)."""
+
+    base_model_prefix = "backbone"
+
+    def __init__(self, policy: nn.Module, adapter: str, score: nn.Linear):
+        super().__init__()
+        self.backbone = _AdapterBackbone(policy, adapter)
+        self.score = score
+        text = policy.config.get_text_config() if hasattr(policy.config, "get_text_config") else policy.config
+        self.config = type("RewardConfig", (), {"num_labels": 1,
+                                                "max_position_embeddings": getattr(text, "max_position_embeddings", None)})()
+
+
+def load_reward_adapter(policy: nn.Module, path: str) -> AdapterRewardModel:
+    """Put the reward stage's LoRA adapter (a sequence-classification adapter: LoRA weights + the score head) on the
+    policy's base as the frozen adapter `REWARD`, and return the scorer."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = LoraConfig.from_pretrained(path)
+    config.task_type, config.modules_to_save, config.inference_mode = "CAUSAL_LM", None, True
+    policy.add_adapter(REWARD, config)
+    weights = load_file(str(Path(path) / "adapter_model.safetensors"))
+    heads = {k: weights.pop(k) for k in list(weights) if k.split(".")[-2] in ("score", "classifier")}
+    if set(heads) - {"base_model.model.score.weight", "base_model.model.classifier.weight"} or len(heads) != 1:
+        raise ValueError(f"{path}: expected one score head weight (score.weight) and no bias, found {sorted(heads)}")
+    result = set_peft_model_state_dict(policy, weights, adapter_name=REWARD)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"{path}: the reward adapter does not fit the policy's base ({unexpected[:3]} ...)")
+    head_weight = next(iter(heads.values()))
+    score = nn.Linear(head_weight.shape[1], 1, bias=False, dtype=torch.float32)
+    with torch.no_grad():
+        score.weight.copy_(head_weight.float())
+    for layer in _tuner_layers(policy):
+        for attr in layer.adapter_layer_names:
+            if REWARD in getattr(layer, attr):
+                getattr(layer, attr)[REWARD].requires_grad_(False)
+    score.register_forward_pre_hook(lambda module, args: tuple(a.to(module.weight.dtype) for a in args))  # 16-bit bodies
+    return AdapterRewardModel(policy, REWARD, score.requires_grad_(False))

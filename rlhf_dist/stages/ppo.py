@@ -90,6 +90,34 @@ def policy_base(cfg) -> str:
     return base
 
 
+def reward_adapter_path(cfg) -> str | None:
+    """The reward stage's LoRA adapter when PPO can score with it on the policy's own base, else None.
+
+    Needs LoRA in PPO, a reward model folder with `adapter/` (a reward stage run with LoRA) trained on the policy's
+    base. `ppo.reward_adapter: true` makes a missing condition an error; false turns it off.
+    """
+    if cfg.reward_fn or not cfg.reward_model or cfg.reward_adapter is False or not cfg.lora.enabled:
+        if cfg.reward_adapter and not cfg.lora.enabled:
+            raise UserError("ppo.reward_adapter: the reward adapter sits on the policy's LoRA base; set ppo.lora.enabled: true")
+        return None
+    import json
+
+    path = Path(cfg.reward_model) / "adapter"
+    why = None
+    if not (path / "adapter_config.json").is_file():
+        why = f"{cfg.reward_model} has no adapter/ (a reward stage trained with LoRA writes one)"
+    else:
+        trained_on = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or "?"
+        base = policy_base(cfg)
+        if Path(trained_on).expanduser().resolve() != Path(base).expanduser().resolve():
+            why = f"its adapter was trained on {trained_on}, the policy's base is {base}"
+    if why is None:
+        return str(path)
+    if cfg.reward_adapter:
+        raise UserError(f"ppo.reward_adapter: {why}; set ppo.reward_adapter: false to load the reward model on its own")
+    return None
+
+
 def _text_config(path: str, cfg):
     from transformers import AutoConfig
 
@@ -145,6 +173,7 @@ def check(ctx: StageContext) -> None:
             raise UserError(f"ppo: {cfg.init_from} is a LoRA adapter; set ppo.lora.enabled: true (the adapter is then the "
                             "frozen reference and the policy's starting point) or merge it into its base (sft lora.merge: true)")
         check_model_path(policy_base(cfg), f"{cfg.init_from}/adapter_config.json base_model_name_or_path", cfg.model)
+    reward_adapter_path(cfg)  # an explicit ppo.reward_adapter: true that cannot be met fails here
     if cfg.value_adapter and not cfg.lora.enabled:
         raise ConfigError("ppo.value_adapter: the value adapter sits on the policy's LoRA base; set ppo.lora.enabled: true, "
                           "or use ppo.value_head / ppo.value_model")
@@ -207,7 +236,15 @@ def build_models(ctx: StageContext, accelerator):
     adapter + a value head) share one base, loaded once (in 4 bit with QLoRA): `rlhf_dist.rl.adapters`.
     """
     from rlhf_dist.rl.actor_critic import ActorCritic, ValueHead, hidden_size_of
-    from rlhf_dist.rl.adapters import POLICY, REFERENCE, VALUE, adapter_aware_checkpointing, copy_adapter, make_trainable
+    from rlhf_dist.rl.adapters import (
+        POLICY,
+        REFERENCE,
+        VALUE,
+        adapter_aware_checkpointing,
+        copy_adapter,
+        load_reward_adapter,
+        make_trainable,
+    )
     from rlhf_dist.rl.reward_fn import load_reward_fn
     from rlhf_dist.rl.rollout import disable_dropout
     from rlhf_dist.rl.trainer import RewardSource
@@ -216,7 +253,7 @@ def build_models(ctx: StageContext, accelerator):
     base = policy_base(cfg)
     policy = load_causal_lm(base, cfg)
     policy.generation_config.pad_token_id = ctx.tokenizer.pad_token_id
-    reference = None
+    reference = shared_reward = None
     lora = peft_config(cfg.lora, "CAUSAL_LM")
     value_adapter = None
     if lora is not None:
@@ -234,6 +271,15 @@ def build_models(ctx: StageContext, accelerator):
         if cfg.uses_value_adapter:
             policy.add_adapter(VALUE, peft_config(cfg.lora, "CAUSAL_LM"))
             value_adapter = VALUE
+        shared_reward = reward_adapter_path(cfg)
+        if shared_reward is not None:
+            reward_tok = load_tokenizer(cfg.reward_model, cfg.model)
+            if reward_tok.get_vocab() != ctx.tokenizer.get_vocab():
+                shared_reward = None
+        if shared_reward is not None:
+            shared_reward = load_reward_adapter(policy, shared_reward)
+            log.info("ppo: the reward model is its adapter (%s/adapter) on the policy's base: one base for all four "
+                     "models", cfg.reward_model)
         policy.set_adapter(POLICY)
         make_trainable(policy, (POLICY, VALUE))  # PEFT leaves only the active adapter trainable
     else:
@@ -247,6 +293,9 @@ def build_models(ctx: StageContext, accelerator):
 
     if cfg.reward_fn:
         reward = RewardSource(fn=load_reward_fn(cfg.reward_fn), fn_name=cfg.reward_fn)
+    elif shared_reward is not None:
+        rm = _frozen(shared_reward, accelerator)
+        reward = RewardSource(model=rm, tokenizer=None, max_length=rm.config.max_position_embeddings)
     else:
         reward_tok = load_tokenizer(cfg.reward_model, cfg.model)
         same = reward_tok.get_vocab() == ctx.tokenizer.get_vocab() and reward_tok.eos_token == ctx.tokenizer.eos_token
@@ -291,7 +340,7 @@ def model_memory(actor_critic, reference, reward_model) -> dict:
     policy, reference, value and reward as four full 16-bit models (a value adapter counts as a value model the
     size of the base). Logged, and kept in metrics.json.
     """
-    from rlhf_dist.rl.adapters import POLICY, REFERENCE, lora_bytes, unique_bytes
+    from rlhf_dist.rl.adapters import POLICY, REFERENCE, REWARD, AdapterRewardModel, lora_bytes, unique_bytes
 
     ac = actor_critic
     peft = hasattr(ac.policy, "peft_config")
@@ -300,8 +349,11 @@ def model_memory(actor_critic, reference, reward_model) -> dict:
     base = unique_bytes(base_model) - sum(adapters.values())
     n_base = sum(_logical_numel(p) for name, p in base_model.named_parameters() if "lora_" not in name)
     reference_bytes = base + adapters.get(REFERENCE, 0) if reference is None else unique_bytes(reference)
-    reward = unique_bytes(reward_model)
-    n_reward = sum(_logical_numel(p) for p in reward_model.parameters()) if reward_model is not None else 0
+    if isinstance(reward_model, AdapterRewardModel):  # an adapter + head on the policy's base
+        reward, n_reward = base + adapters[REWARD] + unique_bytes(reward_model), n_base
+    else:
+        reward = unique_bytes(reward_model)
+        n_reward = sum(_logical_numel(p) for p in reward_model.parameters()) if reward_model is not None else 0
     if ac.value_model is not None:
         value, n_value = unique_bytes(ac.value_model), sum(_logical_numel(p) for p in ac.value_model.parameters())
     elif ac.value_adapter is not None:
