@@ -284,3 +284,26 @@ def ppo_memory(actor_critic, reward) -> dict:
     from rlhf_dist.stages.ppo import model_memory
 
     return model_memory(actor_critic, None, reward.model)
+
+
+def test_qlora_pipeline_sft_reward_ppo_on_one_4bit_base(tmp_path, tiny_model, demo_data):
+    """The single-GPU recipe's shape at tiny scale (shared `lora` and `quantization` sections, as in the shipped
+    qwen2.5-7b-qlora): sft -> reward -> ppo through `rlhf-dist pipeline`. The reward stage's adapter, trained on the
+    sft output, becomes PPO's reward adapter on the same 4-bit base; every stage improves its metric."""
+    from conftest import cli
+
+    extra = ("lora: {enabled: true, r: 4, dropout: 0.0}\n"
+             "quantization: {load_in_4bit: true, compute_dtype: float32}\n"
+             "stages: [sft, reward, ppo]\n")
+    rec, out = tiny_recipe(tmp_path, tiny_model, demo_data, extra), tmp_path / "run"
+    result = cli("pipeline", "--recipe", str(rec), "--output", str(out), "sft.training.max_steps=20",
+                 "reward.training.max_steps=20", "ppo.training.learning_rate=3e-3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["sft", "reward", "ppo"]
+    assert summary["sft"]["after"]["eval_loss"] < summary["sft"]["before"]["eval_loss"]
+    assert summary["reward"]["after"]["accuracy"] > summary["reward"]["before"]["accuracy"]
+    assert "the reward model is its adapter" in result.stderr  # one base for all four models
+    ppo = json.loads((out / "ppo" / "metrics.json").read_text())
+    assert ppo["init_from"] == str(out / "sft") and ppo["before"]["kl"] == 0.0 and ppo["after"]["kl"] != 0.0
+    assert ppo["models"]["saved_vs_separate"] > 0.5
