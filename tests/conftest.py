@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -89,3 +90,26 @@ def cli(*args: str, cwd: Path | None = None, timeout: int = 600):
 
     return subprocess.run([sys.executable, "-m", "rlhf_dist", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout)
+
+
+@contextlib.contextmanager
+def ppo_crashes_at_step(step: int):
+    """Within the block, PPOTrainer.train_step raises RuntimeError("simulated crash ...") at `step` (a crash after the
+    checkpoints of the earlier steps); the real method is back afterwards."""
+    import pytest
+
+    from rlhf_dist.rl.trainer import PPOTrainer
+
+    real_step = PPOTrainer.train_step
+
+    def crashing(self, k):
+        if k == step:
+            raise RuntimeError(f"simulated crash at step {step}")
+        return real_step(self, k)
+
+    PPOTrainer.train_step = crashing
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            yield
+    finally:
+        PPOTrainer.train_step = real_step

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import ppo_crashes_at_step, tiny_recipe
 from safetensors.torch import load_file
 
 from rlhf_dist.cli import main
@@ -162,20 +162,10 @@ def test_reward_model_with_another_tokenizer(tmp_path, tiny_model, demo_data, ot
 # ---------------------------------------------------------------------------------------------
 # Resume: a crash mid-run, then the same command, gives the uninterrupted run's result
 # ---------------------------------------------------------------------------------------------
-def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_model, tiny_reward_model, demo_data, monkeypatch):
-    from rlhf_dist.rl.trainer import PPOTrainer
-
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_model, tiny_reward_model, demo_data):
     clean = run_ppo(tmp_path, tiny_model, demo_data, reward=tiny_reward_model, out=tmp_path / "clean")
     crashed_out = tmp_path / "crashed"
-    real_step = PPOTrainer.train_step
-
-    def crash_at_step_4(self, step):
-        if step == 4:
-            raise RuntimeError("simulated crash at step 4")
-        return real_step(self, step)
-
-    monkeypatch.setattr(PPOTrainer, "train_step", crash_at_step_4)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with ppo_crashes_at_step(4):
         run_ppo(tmp_path, tiny_model, demo_data, reward=tiny_reward_model, out=crashed_out)
     work = crashed_out / "ppo.incomplete"
     assert not (crashed_out / "ppo").exists()
@@ -183,7 +173,6 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_model, tiny
     # A crash while writing the next checkpoint leaves only a .tmp folder, which resume ignores.
     (work / "checkpoint-3.tmp").mkdir()
     (work / "checkpoint-3.tmp" / "model.safetensors").write_bytes(b"half a file")
-    monkeypatch.setattr(PPOTrainer, "train_step", real_step)
     resumed = run_ppo(tmp_path, tiny_model, demo_data, reward=tiny_reward_model, out=crashed_out)
 
     for name in ("model.safetensors", "value_model/model.safetensors"):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import ppo_crashes_at_step, tiny_recipe
 from safetensors.torch import load_file
 
 from rlhf_dist.cli import main
@@ -150,11 +150,10 @@ def make_acc(a):
     return make_accelerator(a, 1, 64)
 
 
-def test_qlora_ppo_stage_outputs_memory_and_resume(tmp_path, tiny_model, tiny_reward_model, demo_data, monkeypatch):
+def test_qlora_ppo_stage_outputs_memory_and_resume(tmp_path, tiny_model, tiny_reward_model, demo_data):
     """The stage end to end (activation checkpointing on, so layers recompute with the adapter their forward
     used): first-step invariants, the memory report, the saved adapters and merge; a crash at step 4 resumes from
     checkpoint-2 to the same weights, bit for bit."""
-    from rlhf_dist.rl.trainer import PPOTrainer
 
     overrides = ("ppo.training.learning_rate=3e-3", "ppo.training.activation_checkpointing=true")
     stage = _run(tmp_path, tiny_model, demo_data, tiny_reward_model, *overrides, out=tmp_path / "clean")
@@ -177,17 +176,8 @@ def test_qlora_ppo_stage_outputs_memory_and_resume(tmp_path, tiny_model, tiny_re
     changed = [k for k in base if not torch.equal(base[k], merged[k])]
     assert changed and all("proj" in k for k in changed)  # only the adapted linears; embeddings, norms untouched
 
-    real_step = PPOTrainer.train_step
-
-    def crash_at_step_4(self, step):
-        if step == 4:
-            raise RuntimeError("simulated crash at step 4")
-        return real_step(self, step)
-
-    monkeypatch.setattr(PPOTrainer, "train_step", crash_at_step_4)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with ppo_crashes_at_step(4):
         _run(tmp_path, tiny_model, demo_data, tiny_reward_model, *overrides, out=tmp_path / "crashed")
-    monkeypatch.setattr(PPOTrainer, "train_step", real_step)
     resumed = _run(tmp_path, tiny_model, demo_data, tiny_reward_model, *overrides, out=tmp_path / "crashed", resume=True)
     for name in ("adapter/adapter_model.safetensors", "value_adapter/adapter_model.safetensors", "value_head.safetensors"):
         x, y = load_file(stage / name), load_file(resumed / name)
