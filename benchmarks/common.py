@@ -1,0 +1,331 @@
+"""Shared plumbing of the side-by-side benchmarks (issue 6): machine facts, shared models, the A/B runner.
+
+A comparison script (e.g. `ppo_vs_trl_ppo.py`) defines its two sides as functions that run in their own
+subprocess and print one JSON line per iteration, prefixed with ``BENCH``; this module
+
+* builds the models, tokenizer and prompts both sides load, from one config and seed, into a cache folder
+  (`prepare_models`), so both sides start from byte-identical weights;
+* starts the sides A B A B ... (`run_interleaved`), parses their lines, takes the median of the
+  iterations after the warm-up, and writes ``benchmarks/results/<name>.json`` atomically (`write_result`)
+  plus a table (`print_table`).
+
+CPU numbers are relative only: the machine's speed drifts between runs, so the figure that counts is the
+ratio ours/peer measured in the same interleaved run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+RESULTS = ROOT / "results"
+CACHE = ROOT / ".cache"
+THREADS = 2
+SEED = 0
+
+# Model shapes both sides load (rlhf_dist/demo/tiny.py is the "tiny" one).
+MODELS = {
+    "tiny": {"vocab_size": 1000, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 256},
+    "27m": {"vocab_size": 8000, "hidden_size": 512, "num_layers": 6, "num_heads": 8, "intermediate_size": 1792},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine facts
+# ---------------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """Versions of the named packages as imported in THIS process (so the peer's TRL shows its own)."""
+    import importlib
+
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception as exc:  # a missing package is a fact worth recording, not a crash
+            out[name] = f"unavailable ({type(exc).__name__})"
+    return out
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 8) -> float:
+    """fp32 matmul rate of this process (its torch threads), GFLOP/s: best of `repeats` n x n products."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up: thread pool, allocator
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def machine_info() -> dict:
+    import torch
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": THREADS, "platform": platform.platform(),
+            "torch": torch.__version__, "matmul_gflops_parent": round(matmul_gflops(), 1)}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process image so far, MiB: VmHWM from /proc/self/status.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux carries the PARENT's high-water mark into a child across
+    fork + exec, so a child of a large parent would report at least the parent's size. Falls back to
+    ru_maxrss (KiB on Linux) where /proc is missing.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pin_threads() -> None:
+    """Both sides: THREADS intra-op threads, one inter-op thread (called first thing in each child)."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared models, tokenizer and prompts
+# ---------------------------------------------------------------------------------------------
+
+def prepare_models(model: str, n_prompts: int = 64) -> Path:
+    """CACHE/<model>/{policy,reward,prompts.json}: built once, deterministically, from MODELS[model] and SEED.
+
+    * tokenizer: the demo's BPE tokenizer (rlhf_dist/demo/tiny.py) trained on the demo corpus;
+    * policy: a random LlamaForCausalLM (tied embeddings, fp32), torch.manual_seed(SEED);
+    * reward: the same Llama as a one-label LlamaForSequenceClassification (the policy's weights, a new
+      head seeded with SEED + 1); both sides also start their value model from it;
+    * prompts: demo prompts (rlhf_dist/demo/synthetic.py) that all have the SAME token length, so no side
+      pads and the work does not depend on which prompts each side's data order draws.
+    """
+    out = CACHE / model
+    if (out / "prompts.json").is_file():
+        return out
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from rlhf_dist.demo import synthetic, tiny
+
+    spec = MODELS[model]
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = tiny.build_tokenizer(synthetic.corpus(SEED), vocab_size=spec["vocab_size"])
+    config = LlamaConfig(
+        vocab_size=max(spec["vocab_size"], len(tokenizer)), hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"], num_hidden_layers=spec["num_layers"],
+        num_attention_heads=spec["num_heads"], num_key_value_heads=spec["num_heads"], max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, attention_dropout=0.0)
+    torch.manual_seed(SEED)
+    policy = LlamaForCausalLM(config)
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    policy.save_pretrained(str(tmp / "policy"), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp / "policy"))
+    torch.manual_seed(SEED + 1)
+    reward = LlamaForSequenceClassification.from_pretrained(str(tmp / "policy"), num_labels=1)
+    reward.config.pad_token_id = tokenizer.pad_token_id
+    reward.save_pretrained(str(tmp / "reward"), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp / "reward"))
+
+    synthetic.generate(tmp / "data", seed=SEED, n_pretrain=1, n_sft=1, n_pref=1, n_prompts=512)
+    texts = [json.loads(line)["prompt"] for line in (tmp / "data" / "prompts.jsonl").read_text().splitlines()]
+    encoded = [tokenizer(t)["input_ids"] for t in texts]
+    by_length: dict[int, list[list[int]]] = {}
+    for ids in encoded:
+        by_length.setdefault(len(ids), []).append(ids)
+    length, rows = max(by_length.items(), key=lambda kv: len(kv[1]))
+    rows = [rows[i % len(rows)] for i in range(n_prompts)]  # repeat if fewer distinct ones
+    n_params = sum(p.numel() for p in policy.parameters())
+    (tmp / "prompts.json").write_text(json.dumps({
+        "prompt_length": length, "distinct_prompts": len(by_length[length]), "prompts": rows,
+        "policy_parameters": n_params, "tokenizer_length": len(tokenizer),
+        "config": config.to_dict() | {"torch_dtype": "float32"}}))
+    shutil.rmtree(tmp / "data")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def load_prompts(folder: Path) -> dict:
+    return json.loads((folder / "prompts.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Children: report lines
+# ---------------------------------------------------------------------------------------------
+
+def emit(kind: str, **fields) -> None:
+    """One machine-readable line for the parent: ``BENCH {"kind": ..., ...}``."""
+    print("BENCH " + json.dumps({"kind": kind, **fields}), flush=True)
+
+
+class PhaseTimer:
+    """Seconds per named phase within one iteration, from thin wrappers around existing callables.
+
+    Measurement only: a wrapper calls the original and adds its wall time (a few microseconds of
+    overhead per call); nothing is skipped or changed. `take()` returns and resets the current sums.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+
+    def wrap(self, owner, attr: str, name) -> None:
+        """Replace ``owner.attr`` by a timed wrapper; ``name`` is a string or ``f(args) -> str``."""
+        original = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                key = name(args) if callable(name) else name
+                self.sums[key] = self.sums.get(key, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, attr, timed)
+
+    def take(self) -> dict[str, float]:
+        out, self.sums = self.sums, {}
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: interleaved runs, medians, JSON, table
+# ---------------------------------------------------------------------------------------------
+
+def run_side(cmd: list[str], env: dict[str, str], timeout: float) -> dict:
+    """Run one side in a subprocess; returns its BENCH lines grouped by kind (raises with its stderr tail)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
+                "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1", "PYTHONHASHSEED": "0", **env}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    out: dict = {"iterations": [], "process_wall_s": wall}
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH "):
+            row = json.loads(line[6:])
+            kind = row.pop("kind")
+            if kind == "iteration":
+                out["iterations"].append(row)
+            else:
+                out[kind] = row
+    return out
+
+
+def summarise(iterations: list[dict], warmup: int, samples: int, tokens: int) -> dict:
+    """Medians of the iterations after `warmup`: seconds, samples/s, tokens/s, rollout/update split."""
+    kept = iterations[warmup:]
+    if len(kept) < 1:
+        raise ValueError("no iteration after the warm-up")
+    med = {key: statistics.median(row[key] for row in kept) for key in ("seconds", "rollout_s", "update_s")}
+    return {"iterations_kept": len(kept), "seconds": med["seconds"], "rollout_s": med["rollout_s"],
+            "update_s": med["update_s"], "other_s": med["seconds"] - med["rollout_s"] - med["update_s"],
+            "samples_per_s": samples / med["seconds"], "tokens_per_s": tokens / med["seconds"],
+            "rollout_share": med["rollout_s"] / med["seconds"],
+            "phases_s": {key: statistics.median(row.get("phases", {}).get(key, 0.0) for row in kept)
+                         for key in sorted({k for row in kept for k in row.get("phases", {})})}}
+
+
+def run_interleaved(sides: dict[str, tuple[list[str], dict[str, str]]], runs: int, warmup: int, samples: int,
+                    tokens: int, timeout: float = 1800) -> dict:
+    """Run the sides A B A B ... `runs` times; per run and side the summary of its iterations."""
+    per_side: dict[str, list[dict]] = {name: [] for name in sides}
+    for r in range(runs):
+        for name, (cmd, env) in sides.items():
+            print(f"run {r + 1}/{runs}: {name} ...", flush=True)
+            raw = run_side(cmd, env, timeout)
+            summary = summarise(raw["iterations"], warmup, samples, tokens)
+            per_side[name].append({"run": r + 1, **summary, "raw": raw})
+            print(f"  {summary['seconds']:.3f} s/iter  ({summary['samples_per_s']:.2f} samples/s, "
+                  f"rollout {summary['rollout_s']:.3f} s, update {summary['update_s']:.3f} s)", flush=True)
+    return per_side
+
+
+def aggregate(per_side: dict[str, list[dict]], ours: str, peer: str) -> dict:
+    """Median over runs of each side's figures, and the ratio ours/peer taken within each run."""
+    keys = ("seconds", "rollout_s", "update_s", "other_s", "samples_per_s", "tokens_per_s")
+    out = {}
+    for name, rows in per_side.items():
+        out[name] = {k: statistics.median(r[k] for r in rows) for k in keys}
+        out[name]["peak_rss_mib"] = statistics.median(r["raw"]["end"]["peak_rss_mib"] for r in rows)
+        out[name]["import_rss_mib"] = statistics.median(r["raw"]["start"]["import_rss_mib"] for r in rows)
+        out[name]["matmul_gflops"] = statistics.median(r["raw"]["start"]["matmul_gflops"] for r in rows)
+        phase_keys = sorted({k for r in rows for k in r["phases_s"]})
+        out[name]["phases_s"] = {k: statistics.median(r["phases_s"].get(k, 0.0) for r in rows) for k in phase_keys}
+    ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(per_side[ours], per_side[peer])]
+    out["ratio_samples_per_s_ours_over_peer"] = {"per_run": ratios, "median": statistics.median(ratios)}
+    # Diagnostic only, not the comparison: the ratio if the peer's full garbage collections took no time.
+    no_gc = [r * (b["seconds"] - b["phases_s"].get("gc_collect", 0.0)) / b["seconds"]
+             for r, b in zip(ratios, per_side[peer])]
+    out["diagnostic_ratio_without_peer_gc_collect"] = {"per_run": no_gc, "median": statistics.median(no_gc)}
+    mem = [a["raw"]["end"]["peak_rss_mib"] / b["raw"]["end"]["peak_rss_mib"] for a, b in zip(per_side[ours], per_side[peer])]
+    out["ratio_peak_rss_ours_over_peer"] = {"per_run": mem, "median": statistics.median(mem)}
+    return out
+
+
+def write_result(name: str, payload: dict) -> Path:
+    """benchmarks/results/<name>.json, written to a temporary file and renamed (never half-written)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def print_table(summary: dict, ours: str, peer: str) -> None:
+    rows = [("s / iteration", "seconds", "{:.3f}"), ("samples / s", "samples_per_s", "{:.2f}"),
+            ("tokens / s", "tokens_per_s", "{:.1f}"), ("rollout s", "rollout_s", "{:.3f}"),
+            ("update s", "update_s", "{:.3f}"), ("other s", "other_s", "{:.3f}"),
+            ("peak RSS MiB", "peak_rss_mib", "{:.0f}"), ("import-only RSS MiB", "import_rss_mib", "{:.0f}"),
+            ("matmul GFLOP/s", "matmul_gflops", "{:.0f}")]
+    print(f"\n{'':22}{ours:>14}{peer:>14}")
+    for label, key, fmt in rows:
+        print(f"{label:22}{fmt.format(summary[ours][key]):>14}{fmt.format(summary[peer][key]):>14}")
+    for name in (ours, peer):
+        phases = summary[name].get("phases_s", {})
+        if phases:
+            print(f"{name} phases (s/iteration): " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
+    r = summary["ratio_samples_per_s_ours_over_peer"]
+    m = summary["ratio_peak_rss_ours_over_peer"]
+    print(f"\nsamples/s ours/peer: median {r['median']:.2f}  (per run: {', '.join(f'{x:.2f}' for x in r['per_run'])})")
+    d = summary["diagnostic_ratio_without_peer_gc_collect"]
+    print(f"(diagnostic) samples/s ours/peer if the peer's gc.collect() cost nothing: median {d['median']:.2f}")
+    print(f"peak RSS ours/peer:  median {m['median']:.2f}  (per run: {', '.join(f'{x:.2f}' for x in m['per_run'])})")
+
+
+def python() -> str:
+    return sys.executable
