@@ -23,6 +23,7 @@ import common  # noqa: E402
 
 PEER = common.ROOT / ".peers" / "trl-1.12.0"
 ROLLOUTS, MINI_BATCH, NEW_TOKENS, TEMPERATURE, SEED = 16, 8, 32, 0.7, 42
+ROLLOUT_LOGPROBS = "generate"  # as the peer: log-probabilities recorded while sampling, no second policy pass
 
 SETTINGS = {
     "rollouts_per_iteration": ROLLOUTS, "samples_per_prompt": 1, "generated_tokens_per_rollout": NEW_TOKENS,
@@ -31,8 +32,8 @@ SETTINGS = {
     "value_function": "separate value model, initialised from the reward model (both sides)",
     "reference": "separate frozen copy of the policy (both sides)",
     "ours": {"rollout_batch_size": 16, "samples_per_prompt": 1, "generation_batch_size": 16, "mini_batch_size": 8,
-             "per_device_train_batch_size": 8, "ppo_epochs": 1, "max_new_tokens": 32, "stop_ids": "[] (set on the "
-             "trainer by this harness: no stop token; every response is checked to be 32 tokens)",
+             "per_device_train_batch_size": 8, "ppo_epochs": 1, "max_new_tokens": 32, "ignore_eos": True,
+             "rollout_logprobs": "generate",
              "report_to": [], "save_steps": 0,
              "max_grad_norm": None, "kl_coef": 0.05, "vf_coef": 0.1, "value_clip": 0.2, "clip_eps": 0.2},
     "peer": {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "num_mini_batches": 2,
@@ -83,7 +84,8 @@ def run_ours(folder: Path, iterations: int) -> None:
                              generation_batch_size=ROLLOUTS, mini_batch_size=MINI_BATCH,
                              per_device_train_batch_size=MINI_BATCH, ppo_epochs=1, max_new_tokens=NEW_TOKENS,
                              temperature=TEMPERATURE, report_to=[], save_steps=0, use_cpu=True,
-                             max_prompt_length=256, max_grad_norm=None)  # TRL 1.12's PPO loop never clips
+                             max_prompt_length=256, max_grad_norm=None,  # TRL 1.12's PPO loop never clips
+                             ignore_eos=True, rollout_logprobs=ROLLOUT_LOGPROBS)
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "policy"))
     policy = disable_dropout(AutoModelForCausalLM.from_pretrained(str(folder / "policy"), dtype=torch.float32))
     accelerator = make_accelerator(args, 1, policy.config.hidden_size)
@@ -102,7 +104,6 @@ def run_ours(folder: Path, iterations: int) -> None:
     trainer = PPOTrainer(args, accelerator, actor_critic, reference,
                          RewardSource(model=reward, tokenizer=None, max_length=256), tokenizer, prompts,
                          prompts[:ROLLOUTS], work)
-    trainer.stop_ids = []  # no stop token, as the peer's stop_token=None: every response is 32 tokens
     import rlhf_dist.rl.trainer as loop
 
     timer = common.PhaseTimer()  # measurement only: wrappers around the loop's own calls
@@ -111,6 +112,7 @@ def run_ours(folder: Path, iterations: int) -> None:
     timer.wrap(loop, "sequence_scores", "reward_forward")
     timer.wrap(actor_critic, "forward",
                lambda _: "update_forward" if torch.is_grad_enabled() else "policy_value_forward")
+    timer.wrap(actor_critic, "values", "value_forward")
     timer.wrap(accelerator, "backward", "update_backward")
     timer.wrap(trainer, "optimizer_update", "optimizer_step")
     for step in range(1, iterations + 1):
@@ -257,8 +259,6 @@ def main(argv: list[str] | None = None) -> int:
                    "prompt_length": info["prompt_length"], "distinct_prompts": info["distinct_prompts"]},
         "settings": SETTINGS, "runs": args.runs, "iterations": args.iterations, "warmup_iterations": 1,
         "not_equal": [
-            "rollout log-probabilities: TRL takes them from the generation scores (no second policy forward); ours "
-            "runs the policy (+ value) forward again after generation (our implementation choice, counted as ours)",
             "TRL calls gc.collect() twice per iteration and empty_cache() several times; ours does not",
             "data order: each side draws prompts with its own seeded shuffle; all prompts have the same token length, "
             "so the shapes (and the work) are identical whichever prompts are drawn",

@@ -237,6 +237,13 @@ class PPOTrainingConfig:
     top_k: int = _f(0, "Top-k sampling; 0 = off (keep off: the ratio is then exactly 1 at the first minibatch, item 14).")
     top_p: float = _f(1.0, "Nucleus sampling; 1.0 = off (see top_k).")
     stop_tokens: list[str] = _f([], "Tokens that end a response besides the tokenizer's EOS (e.g. an end-of-turn token).")
+    ignore_eos: bool = _f(False, "Do not stop at the tokenizer's EOS: every response runs to max_new_tokens unless it "
+                          "meets one of stop_tokens (fixed-length rollouts, e.g. for benchmarks).")
+    rollout_logprobs: Literal["forward", "generate"] = _f(
+        "forward", "Where the rollout's policy log-probabilities come from. forward: a second policy pass after "
+        "generation, the same function as the training forward, so the first ratio is exactly 1. generate: recorded "
+        "while sampling, saving that pass (about 1/6 of a step's compute); equal up to float rounding (~1e-6 in fp32, "
+        "more in bf16). A value head on the policy's own pass needs the forward anyway.")
     missing_eos_penalty: float | None = _f(None, "Subtracted from the score of a response that never stopped (item 5).")
     reward_normalization: bool = _f(False, "Normalise scores with their running mean and std (item 8).")
     reward_clip: float | None = _f(None, "Clip (normalised) scores to [-reward_clip, reward_clip].")

@@ -86,6 +86,47 @@ def test_first_step_ratio_is_one_and_kl_is_zero(option, tmp_path, tiny_model, ti
         assert set(load_file(stage / "value_head.safetensors")) == {"summary.weight", "summary.bias"}
 
 
+# ---------------------------------------------------------------------------------------------
+# Rollout log-probabilities recorded while sampling (no second policy pass); fixed-length rollouts
+# ---------------------------------------------------------------------------------------------
+RECORDED = {
+    "value model": [],
+    "lora: value adapter on the shared base": ["ppo.lora.enabled=true", "ppo.lora.r=4"],
+    "grpo": ["ppo.training.advantage_estimator=grpo", "ppo.training.samples_per_prompt=4",
+             "ppo.training.rollout_batch_size=2"],
+}
+
+
+@pytest.mark.parametrize("option", list(RECORDED))
+def test_logprobs_recorded_while_sampling_match_the_forward(option, tmp_path, tiny_model, tiny_reward_model, demo_data):
+    """rollout_logprobs=generate samples the same tokens and gives the same step as the second forward, up to float
+    rounding: ratio and KL ~1e-6 from 1 and 0 at the first step instead of exact."""
+    common = ["ppo.training.max_steps=2", "ppo.training.save_steps=0", "ppo.training.ignore_eos=true", *RECORDED[option]]
+    forward = history(run_ppo(tmp_path, tiny_model, demo_data, *common, reward=tiny_reward_model, out=tmp_path / "fwd"))
+    recorded = history(run_ppo(tmp_path, tiny_model, demo_data, *common, "ppo.training.rollout_logprobs=generate",
+                               reward=tiny_reward_model, out=tmp_path / "gen"))
+    for row in forward + recorded:  # ignore_eos: every response runs to max_new_tokens (12 in the tiny recipe)
+        assert row["rollout/response_length"] == 12 and row["rollout/eos_rate"] == 0.0
+    first = recorded[0]
+    assert first["policy/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(first["objective/kl"]) < 1e-5 and forward[0]["objective/kl"] == 0.0
+    assert first["objective/scores"] == forward[0]["objective/scores"]  # the same sampled tokens, scored alike
+    for a, b in zip(forward, recorded):  # the same training, to rounding
+        for key in ("objective/scores", "policy/entropy", "policy/pg_loss", "value/loss", "objective/kl"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-4), key
+
+
+def test_fused_adam_where_torch_has_it():
+    from rlhf_dist.rl.trainer import _fused_adam_ok
+
+    weights = [{"params": [torch.nn.Parameter(torch.zeros(3))]}, {"params": [torch.nn.Parameter(torch.zeros(2, 2))]}]
+    assert _fused_adam_ok(weights, deepspeed=False) is True
+    assert _fused_adam_ok(weights, deepspeed=True) is None  # DeepSpeed steps its own partitions
+    assert _fused_adam_ok([{"params": [torch.nn.Parameter(torch.zeros(2, device="meta"))]}], deepspeed=False) is None
+    assert _fused_adam_ok([{"params": []}], deepspeed=False) is None
+
+
 def test_lora_policy_trains_only_the_adapter_and_saves_it_merged(tmp_path, tiny_model, tiny_reward_model, demo_data):
     stage = run_ppo(tmp_path, tiny_model, demo_data, "ppo.training.max_steps=2", "ppo.training.save_steps=0",
                     "ppo.lora.enabled=true", "ppo.lora.r=4", "ppo.training.learning_rate=1e-2", reward=tiny_reward_model)

@@ -236,6 +236,31 @@ def test_rollout_logprobs_match_generation_scores(policies, tok, monkeypatch, ki
     assert float((at_one - logprobs)[mask].abs().max()) > 1e-2
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_logprobs_recorded_while_sampling_equal_the_forward(policies, tok, kind):
+    """generate(return_logprobs=True) samples the same rollout (same seed) and records what forward_logprobs computes
+    afterwards, to float rounding; 0 after each response's end, where rows stopped at different steps."""
+    policy = policies[kind]
+    queries = [rand_ids(n, seed=60 + n) for n in (3, 8, 5, 1)]
+    query_ids, query_mask = left_pad(queries, tok.pad_token_id)
+    kwargs = dict(max_new_tokens=12, temperature=0.7, pad_id=tok.pad_token_id, generator_seed=3)
+    free = generate(policy, query_ids, query_mask, stop_ids=[], **kwargs)
+    kwargs["stop_ids"] = [int(free.response_ids[0, 4])]  # a token row 0 samples: it stops there (the others may not)
+    plain = generate(policy, query_ids, query_mask, **kwargs)
+    rollout, logprobs, entropy = generate(policy, query_ids, query_mask, return_logprobs=True, **kwargs)
+    assert all(torch.equal(x, y) for x, y in zip(plain, rollout))  # recording does not change the sampling
+    mask = rollout.response_mask
+    assert bool(rollout.ended.any()) and len(set(rollout.lengths.tolist())) > 1  # rows ended at different steps
+    with torch.no_grad():
+        expected, expected_entropy = forward_logprobs(policy, query_ids, query_mask, rollout.response_ids, mask, 0.7,
+                                                      return_entropy=True)
+    assert logprobs.shape == entropy.shape == mask.shape and logprobs.dtype == torch.float32
+    torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=0)
+    assert bool((logprobs[~mask] == 0).all()) and bool((entropy[~mask] == 0).all())
+    assert float(logprobs[mask].std()) > 0.1
+
+
 # ----------------------------------------------------------------------------- generate
 
 def test_generate_stops_pads_and_masks(policies, tok):

@@ -114,6 +114,37 @@ class ActorCritic(nn.Module):
     def has_value(self) -> bool:
         return self.value_model is not None or self.value_head is not None
 
+    @property
+    def values_need_policy_pass(self) -> bool:
+        """A value head on the policy's own pass: the values come only with the policy's forward."""
+        return self.value_head is not None and self.value_adapter is None
+
+    def values(self, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+               response_mask: torch.Tensor) -> torch.Tensor | None:
+        """The values alone ([B, T], as `forward` returns them), without the policy's vocabulary logits.
+
+        For a rollout whose log-probabilities came from generation. None without a value function;
+        a value head on the policy's own pass needs `forward` (`values_need_policy_pass`).
+        """
+        if self.values_need_policy_pass:
+            raise ValueError("the value head reads the policy's own pass: call forward()")
+        if self.value_model is not None:
+            return token_values(self.value_model, query_ids, query_mask, response_ids, response_mask)
+        if self.value_adapter is None:
+            return None
+        ids, mask = _concat(query_ids, query_mask, response_ids, response_mask)
+        return self._adapter_values(ids, mask, position_ids_from_mask(mask), response_mask)
+
+    def _adapter_values(self, ids, mask, position_ids, response_mask) -> torch.Tensor:
+        """The value adapter's pass through the base's body (no vocabulary logits) and the head."""
+        T = response_mask.shape[1]
+        inner = self.policy.get_base_model()
+        backbone = getattr(inner, inner.base_model_prefix)
+        with use_adapter(self.policy, self.value_adapter):
+            hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state[:, -(T + 1):-1]
+        return torch.where(response_mask.bool(), self.value_head(hidden), 0.0)
+
     def forward(self, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                 response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Log-probabilities and entropy of the response under the policy, and the values (item 4: 0 at padding).
@@ -141,12 +172,7 @@ class ActorCritic(nn.Module):
         entropy = torch.where(valid, entropy_from_logits(logits), 0.0)
         values = None
         if self.value_adapter is not None:  # the backbone only: no vocabulary logits for the value pass
-            inner = self.policy.get_base_model()
-            backbone = getattr(inner, inner.base_model_prefix)
-            with use_adapter(self.policy, self.value_adapter):
-                hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=kwargs["position_ids"],
-                                  use_cache=False).last_hidden_state[:, -(T + 1):-1]
-            values = torch.where(valid, self.value_head(hidden), 0.0)
+            values = self._adapter_values(ids, mask, kwargs["position_ids"], response_mask)
         elif self.value_head is not None:
             hidden = out.hidden_states[-1][:, -(T + 1):-1]
             values = torch.where(valid, self.value_head(hidden), 0.0)

@@ -230,7 +230,7 @@ class PPOTrainer:
         self.work_dir = Path(work_dir)
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.pad_id = tokenizer.pad_token_id
-        self.stop_ids = stop_token_ids(tokenizer, args.stop_tokens)
+        self.stop_ids = stop_token_ids(tokenizer, args.stop_tokens, args.ignore_eos)
         check_batch_sizes(args, self.world)
         self.steps_per_epoch = len(train_prompts) // args.rollout_batch_size
         if self.steps_per_epoch == 0:
@@ -244,9 +244,10 @@ class PPOTrainer:
         self.zero_stage = _zero_stage(accelerator)
         self.zero3 = self.zero_stage == 3
 
+        groups = _param_groups(actor_critic, args)
         self.optimizer = torch.optim.AdamW(
-            _param_groups(actor_critic, args), betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-            weight_decay=args.weight_decay)
+            groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.weight_decay,
+            fused=_fused_adam_ok(groups, deepspeed=getattr(accelerator.state, "deepspeed_plugin", None) is not None))
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.raw_optimizer = self.optimizer
         self.model, self.optimizer = accelerator.prepare(actor_critic, self.optimizer)
@@ -310,11 +311,17 @@ class PPOTrainer:
         q_ids, q_mask = left_pad(prompts, self.pad_id, device)
         extra = {"synced_gpus": True} if self.zero3 and self.world > 1 else {}
         with self.accelerator.autocast():
+            recorded = a.rollout_logprobs == "generate" and not model.values_need_policy_pass
             sample = generate(model.policy, q_ids, q_mask, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                               top_k=a.top_k, top_p=a.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id,
-                              generator_seed=seed, **extra)
-            r_ids, r_mask = sample.response_ids, sample.response_mask
-            logprobs, entropy, values = model(q_ids, q_mask, r_ids, r_mask)  # the training forward, without grad
+                              generator_seed=seed, return_logprobs=recorded, **extra)
+            if recorded:  # no second policy pass: the values alone (none for RLOO/GRPO)
+                sample, logprobs, entropy = sample
+                r_ids, r_mask = sample.response_ids, sample.response_mask
+                values = model.values(q_ids, q_mask, r_ids, r_mask)
+            else:
+                r_ids, r_mask = sample.response_ids, sample.response_mask
+                logprobs, entropy, values = model(q_ids, q_mask, r_ids, r_mask)  # the training forward, without grad
             ref_logprobs = self._ref_logprobs(q_ids, q_mask, r_ids, r_mask)
             scores = self.score(q_ids, q_mask, r_ids, r_mask, sample.ended)
         return Rollouts(q_ids, q_mask, r_ids, r_mask, sample.ended, logprobs, ref_logprobs, entropy, values, scores)
@@ -624,6 +631,17 @@ def _param_groups(model: ActorCritic, args) -> list[dict]:
     return groups
 
 
+def _fused_adam_ok(groups: list[dict], deepspeed: bool) -> bool | None:
+    """Fused AdamW (one kernel over all tensors, as transformers' default optimizer) where torch has it for every
+    parameter: floating point on CPU or CUDA. Not under DeepSpeed, which drives its own optimizer states."""
+    if deepspeed:
+        return None
+    params = [p for group in groups for p in group["params"]]
+    ok = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                              for p in params)
+    return True if ok else None
+
+
 def micro_batches_per_process(args, world: int) -> int:
     """Gradient accumulation steps: micro-batches per process in one minibatch."""
     return args.mini_batch_size // world // args.per_device_train_batch_size
@@ -645,8 +663,9 @@ def check_batch_sizes(args, world: int) -> None:
         raise ValueError("ppo.training: " + "; ".join(problems) + " (every process must get an equal, whole share)")
 
 
-def stop_token_ids(tokenizer, stop_tokens: list[str]) -> list[int]:
-    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+def stop_token_ids(tokenizer, stop_tokens: list[str], ignore_eos: bool = False) -> list[int]:
+    """The tokens that end a response: the tokenizer's EOS (unless ``ignore_eos``) and ``stop_tokens``."""
+    ids = [] if tokenizer.eos_token_id is None or ignore_eos else [int(tokenizer.eos_token_id)]
     vocab = tokenizer.get_vocab()
     for token in stop_tokens:
         if token not in vocab:

@@ -179,7 +179,7 @@ def check(ctx: StageContext) -> None:
                           "or use ppo.value_head / ppo.value_model")
     try:
         check_batch_sizes(a, process_state().num_processes)
-        stop_token_ids(ctx.tokenizer, a.stop_tokens)
+        stop_token_ids(ctx.tokenizer, a.stop_tokens, a.ignore_eos)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     train, held_out = list(ctx.train["prompt"]), list(ctx.eval["prompt"])
