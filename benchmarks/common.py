@@ -27,8 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
-RESULTS = ROOT / "results"
-CACHE = ROOT / ".cache"
+RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or ROOT / "results")  # tests write elsewhere
+CACHE = Path(os.environ.get("BENCH_CACHE_DIR") or ROOT / ".cache")
 THREADS = 2
 SEED = 0
 
@@ -183,6 +183,70 @@ def load_prompts(folder: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# FLOPs per phase: the distance to the limit
+# ---------------------------------------------------------------------------------------------
+
+def _forward_flops(shape: dict, batch: int, length: int, logit_positions: int, lm_head: bool) -> float:
+    """Matmul FLOPs of one forward of a Llama-shaped model over [batch, length] tokens (causal attention),
+    with the vocabulary head on `logit_positions` positions per row (0 = a classifier's body only)."""
+    h, i, n, v = shape["hidden_size"], shape["intermediate_size"], shape["num_layers"], shape["vocab_size"]
+    per_token = 2 * n * (4 * h * h + 3 * h * i)  # q, k, v, o and the gated MLP (as many kv heads as heads)
+    attention = n * 4 * h * length * length  # QK^T and AV as the kernels compute them (causal masking saves none)
+    head = 2 * h * v * logit_positions if lm_head else 0
+    return batch * (length * per_token + attention + head)
+
+
+def _generate_flops(shape: dict, batch: int, prompt: int, new: int) -> float:
+    """Prefill of the prompt (logits at its last position), then one cached step per further token."""
+    h, i, n, v = shape["hidden_size"], shape["intermediate_size"], shape["num_layers"], shape["vocab_size"]
+    per_token = 2 * n * (4 * h * h + 3 * h * i) + 2 * h * v
+    total = _forward_flops(shape, batch, prompt, 1, True)
+    for t in range(1, new):  # step t reads a context of prompt + t tokens
+        total += batch * (per_token + n * 4 * h * (prompt + t))
+    return total
+
+
+def phase_flops(shape: dict, batch: int, prompt: int, new: int, value: str | None = "model",
+                lora: bool = False) -> dict[str, float]:
+    """Useful FLOPs per iteration and phase, the same for both sides (the work, not how a side does it).
+
+    batch rollouts of `prompt` + `new` tokens. Log-probabilities need the vocabulary head on the `new`
+    response positions only; a classifier (reward, value model) needs its body. value: "model" (a separate
+    classifier), "head" (on the policy's own pass: no extra body), "adapter" (a second body pass on the shared
+    base) or None (critic-free). The backward costs 2 forwards for trained weights (input and weight gradients),
+    1 for a frozen LoRA base (input gradients; the adapters' own FLOPs are not counted). The optimizer step is
+    elementwise, not counted. Phase names as the benchmarks' `phases`.
+    """
+    length = prompt + new
+    policy = _forward_flops(shape, batch, length, new, True)
+    body = _forward_flops(shape, batch, length, 0, False)
+    value_fwd = {"model": body, "adapter": body, "head": 0.0, None: 0.0}[value]
+    policy_backward = (1 if lora else 2) * policy
+    value_backward = {"model": 2 * body, "adapter": body, "head": 0.0, None: 0.0}[value]
+    return {
+        "generate": _generate_flops(shape, batch, prompt, new),
+        "policy_forward": policy, "policy_value_forward": policy + value_fwd, "value_forward": value_fwd,
+        "reference_forward": policy, "reward_forward": body,
+        "update_forward": policy + value_fwd, "update_backward": policy_backward + value_backward,
+    }
+
+
+def utilisation(side: dict, flops: dict[str, float]) -> dict:
+    """Each measured phase's FLOP rate over this side's own matmul rate (the same process, same run)."""
+    rate = side["matmul_gflops"] * 1e9
+    phases = side.get("phases_s", {})
+    out = {k: flops[k] / phases[k] / rate for k in phases if k in flops and phases[k] > 0 and flops[k] > 0}
+    update = flops.get("update_forward", 0.0) + flops.get("update_backward", 0.0)
+    if update and side.get("update_s"):
+        out["update (whole phase)"] = update / side["update_s"] / rate
+    rollout = sum(flops[k] for k in phases if k in flops and k not in ("update_forward", "update_backward"))
+    if rollout and side.get("rollout_s"):
+        out["rollout (whole phase)"] = rollout / side["rollout_s"] / rate
+    out["iteration"] = (update + rollout) / side["seconds"] / rate
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Children: report lines
 # ---------------------------------------------------------------------------------------------
 
@@ -274,8 +338,10 @@ def run_interleaved(sides: dict[str, tuple[list[str], dict[str, str]]], runs: in
     return per_side
 
 
-def aggregate(per_side: dict[str, list[dict]], ours: str, peer: str) -> dict:
-    """Median over runs of each side's figures, and the ratio ours/peer taken within each run."""
+def aggregate(per_side: dict[str, list[dict]], ours: str, peer: str, flops: dict[str, float] | None = None) -> dict:
+    """Median over runs of each side's figures, and the ratio ours/peer taken within each run.
+
+    With `flops` (`phase_flops`): each side's utilisation of its matmul rate per phase (`utilisation`)."""
     keys = ("seconds", "rollout_s", "update_s", "other_s", "samples_per_s", "tokens_per_s")
     out = {}
     for name, rows in per_side.items():
@@ -291,6 +357,10 @@ def aggregate(per_side: dict[str, list[dict]], ours: str, peer: str) -> dict:
     no_gc = [r * (b["seconds"] - b["phases_s"].get("gc_collect", 0.0)) / b["seconds"]
              for r, b in zip(ratios, per_side[peer])]
     out["diagnostic_ratio_without_peer_gc_collect"] = {"per_run": no_gc, "median": statistics.median(no_gc)}
+    if flops is not None:
+        out["flops_per_iteration"] = flops
+        for name in per_side:
+            out[name]["utilisation"] = utilisation(out[name], flops)
     mem = [a["raw"]["end"]["peak_rss_mib"] / b["raw"]["end"]["peak_rss_mib"] for a, b in zip(per_side[ours], per_side[peer])]
     out["ratio_peak_rss_ours_over_peer"] = {"per_run": mem, "median": statistics.median(mem)}
     return out
@@ -319,6 +389,10 @@ def print_table(summary: dict, ours: str, peer: str) -> None:
         phases = summary[name].get("phases_s", {})
         if phases:
             print(f"{name} phases (s/iteration): " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
+    for name in (ours, peer):
+        used = summary[name].get("utilisation")
+        if used:
+            print(f"{name} share of its matmul rate: " + ", ".join(f"{k} {v:.0%}" for k, v in used.items()))
     r = summary["ratio_samples_per_s_ours_over_peer"]
     m = summary["ratio_peak_rss_ours_over_peer"]
     print(f"\nsamples/s ours/peer: median {r['median']:.2f}  (per run: {', '.join(f'{x:.2f}' for x in r['per_run'])})")

@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = common.machine_info()
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     per_side = common.run_interleaved(sides, args.runs, warmup=1, samples=ROLLOUTS, tokens=ROLLOUTS * NEW_TOKENS)
-    summary = common.aggregate(per_side, "ours", "trl-1.12")
+    flops = common.phase_flops(common.MODELS[args.model], ROLLOUTS, info["prompt_length"], NEW_TOKENS, value="model")
+    summary = common.aggregate(per_side, "ours", "trl-1.12", flops)
     payload = {
         "benchmark": "ppo_vs_trl_ppo", "model": args.model, "started_utc": started,
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine,
