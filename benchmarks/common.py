@@ -315,8 +315,9 @@ def summarise(iterations: list[dict], warmup: int, samples: int, tokens: int) ->
     if len(kept) < 1:
         raise ValueError("no iteration after the warm-up")
     med = {key: statistics.median(row[key] for row in kept) for key in ("seconds", "rollout_s", "update_s")}
+    other = statistics.median(row["seconds"] - row["rollout_s"] - row["update_s"] for row in kept)
     return {"iterations_kept": len(kept), "seconds": med["seconds"], "rollout_s": med["rollout_s"],
-            "update_s": med["update_s"], "other_s": med["seconds"] - med["rollout_s"] - med["update_s"],
+            "update_s": med["update_s"], "other_s": other,
             "samples_per_s": samples / med["seconds"], "tokens_per_s": tokens / med["seconds"],
             "rollout_share": med["rollout_s"] / med["seconds"],
             "phases_s": {key: statistics.median(row.get("phases", {}).get(key, 0.0) for row in kept)

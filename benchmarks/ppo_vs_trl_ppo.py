@@ -50,8 +50,9 @@ SETTINGS = {
 
 def _describe(optimizer) -> dict:
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
-    keep = ("lr", "eps", "weight_decay", "betas", "foreach", "fused")
-    return {"class": type(inner).__name__, **{k: inner.defaults.get(k) for k in keep if k in inner.defaults}}
+    keep = ("eps", "weight_decay", "betas", "foreach", "fused")
+    return {"class": type(inner).__name__, **{k: inner.defaults.get(k) for k in keep if k in inner.defaults},
+            "lr_per_group": [group["lr"] for group in inner.param_groups]}
 
 
 def _start(folder: Path) -> dict:
