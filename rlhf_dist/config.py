@@ -270,6 +270,10 @@ class PPOTrainingConfig:
     bf16: bool = _f(False, "bfloat16 mixed precision (GPUs that support it; our default turns it on there).")
     fp16: bool = _f(False, "float16 mixed precision.")
     activation_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, more time).")
+    split_backward: bool | None = _f(
+        None, "Run the policy's pass and backward, then the value function's, so only one pass's activations are alive "
+        "(same gradients; less memory at no cost). Default: on with one process and a separate value model or value "
+        "adapter; always off on several processes (DDP and DeepSpeed expect one backward per forward).")
     use_cpu: bool = _f(False, "Run on CPU even if a GPU is present (always the case without one).")
     logging_steps: int = _f(1, "Log metrics every N steps (JSONL, TensorBoard, progress bar).")
     num_sample_completions: int = _f(3, "Sample completions written to the log (samples.jsonl) each logged step.")

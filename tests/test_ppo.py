@@ -117,6 +117,34 @@ def test_logprobs_recorded_while_sampling_match_the_forward(option, tmp_path, ti
                 assert b[key] == pytest.approx(a[key], abs=1e-4), key
 
 
+@pytest.mark.parametrize("option", ["value model", "lora: value adapter on the shared base"])
+def test_split_backward_gives_the_same_training(option, tmp_path, tiny_model, tiny_reward_model, demo_data,
+                                                monkeypatch):
+    """The policy's and the value function's passes backwarded one after the other (the one-process default) train
+    bit for bit as one joint backward: they share no trainable weight."""
+    common = ["ppo.training.max_steps=2", "ppo.training.save_steps=0", *RECORDED[option]]
+    joint = run_ppo(tmp_path, tiny_model, demo_data, *common, "ppo.training.split_backward=false",
+                    reward=tiny_reward_model, out=tmp_path / "joint")
+    from rlhf_dist.rl import trainer as loop
+
+    values = []  # the value function's own pass, with grad: only the split update calls it
+    original = loop.PPOTrainer.value_loss
+    monkeypatch.setattr(loop.PPOTrainer, "value_loss", lambda self, *a: values.append(1) or original(self, *a))
+    split = run_ppo(tmp_path, tiny_model, demo_data, *common, reward=tiny_reward_model, out=tmp_path / "split")
+    assert len(values) == 8  # 2 steps x 2 epochs x 2 micro-batches: split by default
+    assert _without_timings(history(joint)) == _without_timings(history(split))
+    files = sorted(p.relative_to(joint) for p in joint.rglob("*.safetensors"))
+    assert len(files) >= 2  # policy (or its adapter) and the value function
+    for name in files:
+        a, b = load_file(joint / name), load_file(split / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def _without_timings(rows: list[dict]) -> list[dict]:
+    timing = ("time/", "rollout/tokens_per_second", "train/samples_per_second")
+    return [{k: v for k, v in row.items() if not k.startswith(timing)} for row in rows]
+
+
 def test_fused_adam_where_torch_has_it():
     from rlhf_dist.rl.trainer import _fused_adam_ok
 

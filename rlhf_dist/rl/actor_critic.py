@@ -146,8 +146,10 @@ class ActorCritic(nn.Module):
         return torch.where(response_mask.bool(), self.value_head(hidden), 0.0)
 
     def forward(self, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                response_mask: torch.Tensor, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Log-probabilities and entropy of the response under the policy, and the values (item 4: 0 at padding).
+
+        ``with_values=False`` skips a value function that has its own pass (values None); see `values`.
 
         Shapes: queries [B, Lq] left-padded, responses [B, T] right-padded; outputs [B, T]
         float32, aligned as in `rollout.forward_logprobs` / `rollout.token_values`.
@@ -171,6 +173,8 @@ class ActorCritic(nn.Module):
         logprobs = torch.where(valid, logprobs_from_logits(logits, response_ids), 0.0)
         entropy = torch.where(valid, entropy_from_logits(logits), 0.0)
         values = None
+        if not with_values and not self.values_need_policy_pass:
+            return logprobs, entropy, None
         if self.value_adapter is not None:  # the backbone only: no vocabulary logits for the value pass
             values = self._adapter_values(ids, mask, kwargs["position_ids"], response_mask)
         elif self.value_head is not None:

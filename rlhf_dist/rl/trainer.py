@@ -252,6 +252,15 @@ class PPOTrainer:
         self.raw_optimizer = self.optimizer
         self.model, self.optimizer = accelerator.prepare(actor_critic, self.optimizer)
         self.reference = reference
+        # Policy and value passes share no trainable weight (separate value model, or its own adapter on a frozen base),
+        # so their backwards can run one after the other: the same gradients, half the activations alive at the peak.
+        separate_value = actor_critic.has_value and not actor_critic.values_need_policy_pass
+        self.split_backward = bool(separate_value and self.world == 1 and _zero_stage(accelerator) == 0
+                                   and getattr(accelerator.state, "deepspeed_plugin", None) is None
+                                   and args.split_backward is not False)
+        if args.split_backward and not self.split_backward:
+            log.info("training.split_backward is on, but the policy and value passes run as one here (several "
+                     "processes, DeepSpeed, or a value head on the policy's own pass)")
         if args.adaptive_kl:
             self.kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
         else:
@@ -446,7 +455,13 @@ class PPOTrainer:
                     width = mb.response_ids.shape[1]
                     mb_returns = None if returns is None else returns[idx][:, :width]
                     with acc.accumulate(self.model):
-                        loss, micro_stats = self.loss(mb, advantages[idx][:, :width], mb_returns, denominator, beta)
+                        if self.split_backward:  # the policy's pass and backward, then the value function's
+                            loss, micro_stats = self.loss(mb, advantages[idx][:, :width], None, denominator, beta)
+                            acc.backward(loss * scale)
+                            loss, value_stats = self.value_loss(mb, mb_returns, denominator)
+                            micro_stats.update(value_stats)
+                        else:
+                            loss, micro_stats = self.loss(mb, advantages[idx][:, :width], mb_returns, denominator, beta)
                         acc.backward(loss * scale)
                         if acc.sync_gradients:
                             self.optimizer_update(stats)
@@ -468,7 +483,8 @@ class PPOTrainer:
         """
         a = self.args
         with self.accelerator.autocast():
-            logprobs, entropy, values = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
+            logprobs, entropy, values = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
+                                                   with_values=returns is not None)
         mask, aggregation = mb.response_mask, a.loss_aggregation
         share = max(_count(mb, a), 1) / denominator  # of the minibatch's tokens (or sequences)
         pg_loss, pg_stats = ppo_policy_loss(logprobs, mb.logprobs, advantages, mask, a.clip_eps, aggregation,
@@ -476,16 +492,30 @@ class PPOTrainer:
         loss = pg_loss
         stats = {"policy/pg_loss": pg_loss.item() / share, **{f"policy/{k}": v for k, v in pg_stats.items()}}
         if returns is not None:
-            v_loss, v_stats = value_loss(values, mb.values, returns, mask, a.value_clip, aggregation, denominator=denominator)
-            loss = loss + a.vf_coef * v_loss
-            stats.update({"value/loss": v_loss.item() / share, "value/clipfrac": v_stats["vf_clipfrac"],
-                          "value/mean": v_stats["value_mean"]})
+            v_loss, v_stats = self._value_term(values, mb, returns, denominator)
+            loss = loss + v_loss
+            stats.update(v_stats)
         if self.kl_in_loss:  # GRPO: beta * k3(pi || pi_ref), differentiable in the policy
             kl = kl_estimate(logprobs, mb.ref_logprobs, "k3", a.kl_clamp, mask)
             loss = loss + beta * aggregate(kl, mask, aggregation, denominator)
         if a.entropy_coef:
             loss = loss - a.entropy_coef * aggregate(entropy, mask, aggregation, denominator)
         return loss, stats
+
+    def value_loss(self, mb: Rollouts, returns: torch.Tensor, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """``vf_coef * value_loss`` from the value function's own pass (`split_backward`)."""
+        with self.accelerator.autocast():
+            values = self.unwrapped.values(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
+        return self._value_term(values, mb, returns, denominator)
+
+    def _value_term(self, values: torch.Tensor, mb: Rollouts, returns: torch.Tensor,
+                    denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
+        a = self.args
+        share = max(_count(mb, a), 1) / denominator
+        v_loss, v_stats = value_loss(values, mb.values, returns, mb.response_mask, a.value_clip, a.loss_aggregation,
+                                     denominator=denominator)
+        return a.vf_coef * v_loss, {"value/loss": v_loss.item() / share, "value/clipfrac": v_stats["vf_clipfrac"],
+                                    "value/mean": v_stats["value_mean"]}
 
     def optimizer_update(self, stats: "WeightedMeans") -> None:
         """Clip the accumulated gradients, step Adam, zero them (under DeepSpeed the engine did all of it)."""
