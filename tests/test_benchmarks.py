@@ -89,3 +89,38 @@ def test_utilisation_is_flops_over_time_over_the_matmul_rate():
     assert used["rollout (whole phase)"] == pytest.approx(6e9 / 1.0 / 1e10)
     assert used["iteration"] == pytest.approx(15e9 / 2.5 / 1e10)
     assert "optimizer_step" not in used
+
+
+@pytest.mark.slow
+def test_grpo_benchmark_runs_both_sides_and_writes_its_json(tmp_path):
+    """benchmarks/grpo_vs_trl_grpo.py on the tiny model, one short run (the peer, TRL 1.16, is our venv's own):
+    both sides do the same 16 x 32 tokens every iteration, and every figure the table needs is in the JSON."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "BENCH_RESULTS_DIR": str(tmp_path / "results"), "BENCH_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(BENCH / "grpo_vs_trl_grpo.py"), "--model", "tiny", "--runs", "1",
+                           "--iterations", "6"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "samples/s ours/peer" in proc.stdout
+    result = json.loads((tmp_path / "results" / "grpo_vs_trl_grpo_tiny.json").read_text())
+    summary = result["summary"]
+    sides = [name for name in summary if name == "ours" or name.startswith("trl-")]
+    assert sorted(sides) == ["ours", "trl-1.16.0"]
+    for name in sides:
+        runs = result["per_run"][name]
+        assert len(runs) == 1 and runs[0]["iterations_kept"] == 5
+        for row in runs[0]["raw"]["iterations"]:  # each side checked its own work; the parent kept every row
+            assert row["seconds"] > 0 and row["rollout_s"] > 0 and row["update_s"] > 0
+        side = summary[name]
+        assert side["samples_per_s"] == pytest.approx(16 / side["seconds"])
+        assert side["peak_rss_mib"] > side["import_rss_mib"] > 0
+        assert 0 < side["utilisation"]["update (whole phase)"] < 2  # a rate, of the side's own matmul rate
+        assert {"generate", "reference_forward", "reward_forward", "update_forward", "update_backward"} <= set(
+            side["phases_s"])
+    ratio = summary["ratio_samples_per_s_ours_over_peer"]
+    assert ratio["median"] == pytest.approx(summary["ours"]["samples_per_s"] / summary["trl-1.16.0"]["samples_per_s"])
+    assert result["not_equal"] and result["settings"]["ours"]["rollout_logprobs"] == "generate"
+    assert result["summary"]["flops_per_iteration"]["generate"] == common._generate_flops(
+        common.MODELS["tiny"], 16, result["models"]["prompt_length"], 32)
