@@ -170,7 +170,8 @@ def run_child(folder: Path, iterations: int, threads: int) -> None:
     timer.wrap(loop, "gather_rollouts", "gather")
     timer.wrap(actor_critic, "forward",
                lambda _: "update_forward" if torch.is_grad_enabled() else "policy_value_forward")
-    timer.wrap(actor_critic, "values", "value_forward")
+    # the value function's own pass: in the rollout, and in the update when the backward is split (one process)
+    timer.wrap(actor_critic, "values", lambda _: "update_forward" if torch.is_grad_enabled() else "value_forward")
     timer.wrap(accelerator, "backward", "update_backward")
     timer.wrap(trainer, "optimizer_update", "optimizer_step")
     for step in range(1, iterations + 1):

@@ -45,7 +45,8 @@ SETTINGS = {
     "ours": {"actor_critic": "ActorCritic(policy, temperature, None, ValueHead(hidden_size_of(policy)), None)",
              "rollout_batch_size": 16, "samples_per_prompt": 1, "generation_batch_size": 16, "mini_batch_size": 8,
              "per_device_train_batch_size": 8, "ppo_epochs": 1, "max_new_tokens": 32, "temperature": TEMPERATURE,
-             "ignore_eos": True, "rollout_logprobs": "forward (the value head reads the policy's own pass)",
+             "ignore_eos": True, "rollout_logprobs": "generate (log-probs and the value head's hidden states "
+             "recorded while sampling: no rollout forward of the policy)",
              "report_to": [], "save_steps": 0, "use_cpu": True, "learning_rate": LR,
              "max_grad_norm": None, "kl_coef": 0.05, "vf_coef": 0.1, "value_clip": 0.2, "clip_eps": 0.2},
     "peer": {"model": "AutoModelForCausalLMWithValueHead.from_pretrained(<the loaded policy>, "
@@ -68,6 +69,9 @@ SETTINGS = {
 }
 
 NOT_EQUAL = [
+    "rollout log-probabilities and values: ours records them while sampling (rollout_logprobs: generate; the value "
+    "head reads the hidden states the sampling pass computed), so ours runs no rollout forward of the policy; TRL "
+    "0.11.4 runs a no-grad policy+value forward after generation: the same numbers to float rounding, its extra cost",
     "rollout forwards: TRL 0.11.4's batched_forward_pass runs the no-grad policy+value and reference forwards in "
     "chunks of mini_batch_size (2 x 8 rows); ours runs each as one pass of 16 rows (same FLOPs, other batching)",
     "reference forward: ours computes vocabulary logits only at the response positions (logits_to_keep); TRL "
@@ -139,7 +143,8 @@ def run_ours(folder: Path, iterations: int) -> None:
                              temperature=TEMPERATURE, kl_coef=0.05, vf_coef=0.1, value_clip=0.2, clip_eps=0.2,
                              learning_rate=LR, report_to=[], save_steps=0, use_cpu=True, max_prompt_length=256,
                              max_grad_norm=None,  # TRL 0.11.4 clips only if max_grad_norm is set: neither side does
-                             ignore_eos=True)  # every response runs to 32 tokens, as the peer's min_new_tokens=32
+                             ignore_eos=True,  # every response runs to 32 tokens, as the peer's min_new_tokens=32
+                             rollout_logprobs="generate")
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "policy"))
     policy = disable_dropout(AutoModelForCausalLM.from_pretrained(str(folder / "policy"), dtype=torch.float32))
     accelerator = make_accelerator(args, 1, policy.config.hidden_size)

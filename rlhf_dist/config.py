@@ -243,7 +243,7 @@ class PPOTrainingConfig:
         "forward", "Where the rollout's policy log-probabilities come from. forward: a second policy pass after "
         "generation, the same function as the training forward, so the first ratio is exactly 1. generate: recorded "
         "while sampling, saving that pass (about 1/6 of a step's compute); equal up to float rounding (~1e-6 in fp32, "
-        "more in bf16). A value head on the policy's own pass needs the forward anyway.")
+        "more in bf16). A value head on the policy reads the sampling pass's hidden states then: no policy pass at all.")
     missing_eos_penalty: float | None = _f(None, "Subtracted from the score of a response that never stopped (item 5).")
     reward_normalization: bool = _f(False, "Normalise scores with their running mean and std (item 8).")
     reward_clip: float | None = _f(None, "Clip (normalised) scores to [-reward_clip, reward_clip].")

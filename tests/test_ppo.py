@@ -92,6 +92,7 @@ def test_first_step_ratio_is_one_and_kl_is_zero(option, tmp_path, tiny_model, ti
 RECORDED = {
     "value model": [],
     "lora: value adapter on the shared base": ["ppo.lora.enabled=true", "ppo.lora.r=4"],
+    "value head on the policy: its values from the sampling pass too": ["ppo.value_head=true"],
     "grpo": ["ppo.training.advantage_estimator=grpo", "ppo.training.samples_per_prompt=4",
              "ppo.training.rollout_batch_size=2"],
 }

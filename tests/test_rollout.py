@@ -260,6 +260,20 @@ def test_logprobs_recorded_while_sampling_equal_the_forward(policies, tok, kind)
     assert bool((logprobs[~mask] == 0).all()) and bool((entropy[~mask] == 0).all())
     assert float(logprobs[mask].std()) > 0.1
 
+    # return_hidden: the vocabulary head's input at each predicting position = the forward's last hidden state there
+    again, logprobs_again, _, hidden = generate(policy, query_ids, query_mask, return_logprobs=True, return_hidden=True,
+                                                **kwargs)
+    assert all(torch.equal(x, y) for x, y in zip(plain, again)) and torch.equal(logprobs_again, logprobs)
+    ids, full_mask = torch.cat([query_ids, rollout.response_ids], 1), torch.cat([query_mask, mask.long()], 1)
+    with torch.no_grad():
+        states = policy(input_ids=ids, attention_mask=full_mask, position_ids=(full_mask.cumsum(1) - 1).clamp_min(0),
+                        output_hidden_states=True).hidden_states[-1]
+    T = mask.shape[1]
+    expected_hidden = torch.where(mask[..., None], states[:, -(T + 1):-1], 0.0)
+    assert hidden.shape == expected_hidden.shape
+    torch.testing.assert_close(hidden, expected_hidden, atol=1e-5, rtol=1e-5)
+    assert float(hidden[mask].abs().mean()) > 0.1
+
 
 # ----------------------------------------------------------------------------- generate
 

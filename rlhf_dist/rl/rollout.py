@@ -216,8 +216,9 @@ def _check_generation_config(policy: nn.Module, generate_kwargs: dict[str, Any])
 
 def generate(policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
              temperature: float, top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int], pad_id: int,
-             generator_seed: int | None = None, return_logprobs: bool = False,
-             **generate_kwargs: Any) -> Rollout | tuple[Rollout, torch.Tensor, torch.Tensor]:
+             generator_seed: int | None = None, return_logprobs: bool = False, return_hidden: bool = False,
+             **generate_kwargs: Any) -> Rollout | tuple[Rollout, torch.Tensor, torch.Tensor] | tuple[Rollout, torch.Tensor,
+                                                                                              torch.Tensor, torch.Tensor]:
     """Sample one response per query with the KV cache, then cut each at its first stop token.
 
     Calls ``policy.generate(do_sample=True, temperature, top_k, top_p, max_new_tokens,
@@ -246,6 +247,10 @@ def generate(policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tenso
             `forward_logprobs` up to floating-point differences between the cached one-token steps
             and a full forward (about 1e-6 in float32; more in 16-bit), so the first ratio is ~1,
             not exactly 1. Both are 0 after each response's end.
+        return_hidden: with ``return_logprobs``, also the policy's final hidden state [B, T, H] at the
+            position that predicts each response token (the vocabulary head's input, captured by a
+            pre-hook on ``get_output_embeddings()``): what a value head on the policy reads, so its
+            rollout values need no forward pass either. 0 after each response's end.
         **generate_kwargs: passed to ``policy.generate`` and override the above. Under DeepSpeed
             ZeRO-3 (sharded parameters) pass ``synced_gpus=True`` (item 21): every rank then keeps
             stepping (gathering each layer's parameters) until all ranks have finished, so no rank
@@ -256,7 +261,7 @@ def generate(policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tenso
     Returns:
         `Rollout` ``(response_ids [B, T], response_mask [B, T] bool, lengths [B], ended [B])`` on the
         policy's device, with ``T = lengths.max() <= max_new_tokens`` (trailing all-padding columns dropped);
-        with ``return_logprobs``, ``(rollout, logprobs, entropy)``.
+        with ``return_logprobs``, ``(rollout, logprobs, entropy)``, and ``hidden`` last with ``return_hidden``.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -283,10 +288,21 @@ def generate(policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tenso
 
         recorder = _LogprobRecorder(temperature)
         kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), recorder])
-    with eval_mode(policy), torch.no_grad(), fork:
-        if generator_seed is not None:
-            torch.manual_seed(generator_seed)
-        sequences = policy.generate(input_ids=query_ids, attention_mask=query_mask, **kwargs)
+    hidden: list[torch.Tensor] = []
+    hook = None
+    if return_hidden:
+        if recorder is None:
+            raise ValueError("return_hidden needs return_logprobs")
+        head = policy.get_output_embeddings()  # each call: [B, positions, H]; its last position predicts the next token
+        hook = head.register_forward_pre_hook(lambda module, args: hidden.append(args[0][:, -1].float()))
+    try:
+        with eval_mode(policy), torch.no_grad(), fork:
+            if generator_seed is not None:
+                torch.manual_seed(generator_seed)
+            sequences = policy.generate(input_ids=query_ids, attention_mask=query_mask, **kwargs)
+    finally:
+        if hook is not None:
+            hook.remove()
     if not isinstance(sequences, torch.Tensor):  # return_dict_in_generate=True was passed through
         sequences = sequences.sequences
     generated = sequences[:, query_ids.shape[1]:]
@@ -300,7 +316,13 @@ def generate(policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tenso
         raise RuntimeError(f"recorded {logprobs.shape[1]} steps for {generated.shape[1]} generated tokens")
     logprobs = torch.where(response_mask, logprobs[:, :width], 0.0)
     entropy = torch.where(response_mask, entropy[:, :width], 0.0)
-    return Rollout(response_ids, response_mask, lengths, ended), logprobs, entropy
+    rollout = Rollout(response_ids, response_mask, lengths, ended)
+    if not return_hidden:
+        return rollout, logprobs, entropy
+    if len(hidden) < width:  # (under synced_gpus a finished rank keeps stepping: extra calls come last)
+        raise RuntimeError(f"captured {len(hidden)} hidden states for {width} response tokens")
+    states = torch.stack(hidden[:width], dim=1)
+    return rollout, logprobs, entropy, torch.where(response_mask[..., None], states, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -320,11 +320,16 @@ class PPOTrainer:
         q_ids, q_mask = left_pad(prompts, self.pad_id, device)
         extra = {"synced_gpus": True} if self.zero3 and self.world > 1 else {}
         with self.accelerator.autocast():
-            recorded = a.rollout_logprobs == "generate" and not model.values_need_policy_pass
+            recorded = a.rollout_logprobs == "generate"
+            head_on_policy = recorded and model.values_need_policy_pass  # the head reads the sampling pass's states
             sample = generate(model.policy, q_ids, q_mask, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                               top_k=a.top_k, top_p=a.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id,
-                              generator_seed=seed, return_logprobs=recorded, **extra)
-            if recorded:  # no second policy pass: the values alone (none for RLOO/GRPO)
+                              generator_seed=seed, return_logprobs=recorded, return_hidden=head_on_policy, **extra)
+            if head_on_policy:  # no second policy pass at all
+                sample, logprobs, entropy, hidden = sample
+                r_ids, r_mask = sample.response_ids, sample.response_mask
+                values = torch.where(r_mask, model.value_head(hidden), 0.0)
+            elif recorded:  # no second policy pass: the values alone (none for RLOO/GRPO)
                 sample, logprobs, entropy = sample
                 r_ids, r_mask = sample.response_ids, sample.response_mask
                 values = model.values(q_ids, q_mask, r_ids, r_mask)
