@@ -189,17 +189,12 @@ def run_ours(folder: Path, iterations: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def run_peer(folder: Path, iterations: int) -> None:
-    import gc
-    import tempfile
-    import types
-
     import torch
     import trl
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-    from trl.experimental.ppo import ppo_trainer as loop
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOTrainer
 
     if not trl.__version__.startswith("1.12."):
         raise SystemExit(f"peer: expected TRL 1.12 first on PYTHONPATH, got {trl.__version__} from {trl.__file__}")
@@ -214,53 +209,10 @@ def run_peer(folder: Path, iterations: int) -> None:
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
     dataset = Dataset.from_dict({"input_ids": info["prompts"]})
-    out = tempfile.mkdtemp(prefix="bench_trl_lora_")
-    config = PPOConfig(
-        output_dir=out, seed=SEED, per_device_train_batch_size=ROLLOUTS, gradient_accumulation_steps=1,
-        num_mini_batches=ROLLOUTS // MINI_BATCH, num_ppo_epochs=1, response_length=NEW_TOKENS, stop_token=None,
-        missing_eos_penalty=None, num_sample_generations=0, gradient_checkpointing=False, bf16=False,
-        local_rollout_forward_batch_size=ROLLOUTS, total_episodes=ROLLOUTS * iterations, temperature=TEMPERATURE,
-        kl_coef=0.05, vf_coef=0.1, cliprange=0.2, cliprange_value=0.2, report_to="none", save_strategy="no",
-        logging_steps=1, disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
-
-    widths: list[int] = []
-    expected_width = info["prompt_length"] + NEW_TOKENS
-
-    def record_width(module, args, kwargs):  # every reward-model call sees prompt + the (not truncated) response
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        widths.append(ids.shape[1])
-
-    reward.model.register_forward_pre_hook(record_width, with_kwargs=True)
-
-    class Timing(TrainerCallback):
-        """Wall time between consecutive on_step_end calls (= one update of TRL's loop); the update part
-        starts at the first training forward of the policy+value wrapper in that iteration."""
-
-        def __init__(self):
-            self.last = None
-            self.update_started = None
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.last = time.perf_counter()
-
-        def mark_update(self, module, args):
-            if self.update_started is None:
-                self.update_started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            now = time.perf_counter()
-            if not widths or any(w != expected_width for w in widths):
-                raise SystemExit(f"peer: unequal work: scored widths {widths}, expected {expected_width}")
-            widths.clear()
-            started = self.update_started or now
-            common.emit("iteration", step=state.global_step, seconds=now - self.last, rollout_s=started - self.last,
-                        update_s=now - started, phases=self.timer.take(), rollouts=ROLLOUTS,
-                        min_tokens=NEW_TOKENS, max_tokens=NEW_TOKENS, peak_rss_mib=common.peak_rss_mib())
-            self.last, self.update_started = time.perf_counter(), None
-
-    timing = Timing()
-    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
-                         train_dataset=dataset, value_model=value, peft_config=peft_config, callbacks=[timing])
+    timing = ppo.peer_timing(reward, info, extra=lambda: {"peak_rss_mib": common.peak_rss_mib()})
+    trainer = PPOTrainer(args=ppo.peer_config(iterations), processing_class=tokenizer, model=policy, ref_model=None,
+                         reward_model=reward, train_dataset=dataset, value_model=value, peft_config=peft_config,
+                         callbacks=[timing])
     wrapper = trainer.accelerator.unwrap_model(trainer.model)
     if not trainer.is_peft_model or trainer.ref_model is not None:
         raise SystemExit("peer: expected a PEFT policy and no reference model (the adapter-disabled policy)")
@@ -271,13 +223,7 @@ def run_peer(folder: Path, iterations: int) -> None:
     wrapper.register_forward_pre_hook(timing.mark_update)
 
     timer = PeakPhaseTimer()  # measurement only: wrappers around the loop's own calls
-    timer.wrap(loop, "batch_generation", "generate")
-    timer.wrap(loop, "forward", lambda _: "update_forward" if torch.is_grad_enabled() else "reference_forward")
-    timer.wrap(loop, "get_reward", lambda a: "reward_forward" if a[0] is reward else "value_forward")
-    loop.gc = types.SimpleNamespace(collect=gc.collect)
-    timer.wrap(loop.gc, "collect", "gc_collect")
-    timer.wrap(trainer.accelerator, "backward", "update_backward")
-    timer.wrap(trainer.optimizer, "step", "optimizer_step")
+    ppo.wrap_peer_phases(timer, trainer, reward)
     timing.timer = timer
     trainer.train()
     memory.update(_memory(memory["weights_bytes"], wrapper, trainer.optimizer))  # optimizer state now exists

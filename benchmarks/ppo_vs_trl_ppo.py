@@ -136,50 +136,46 @@ def run_ours(folder: Path, iterations: int) -> None:
 # Side B: TRL 1.12 experimental PPOTrainer
 # ---------------------------------------------------------------------------------------------
 
-def run_peer(folder: Path, iterations: int) -> None:
+def peer_config(iterations: int):
+    """TRL 1.12's PPOConfig for the equal work (also used by ppo_lora_vs_trl_ppo_lora.py)."""
     import tempfile
 
-    import torch
-    import trl
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import PPOConfig
 
-    if not trl.__version__.startswith("1.12."):
-        raise SystemExit(f"peer: expected TRL 1.12 first on PYTHONPATH, got {trl.__version__} from {trl.__file__}")
-    info = _start(folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / "policy"), padding_side="left")
-    load = dict(dtype=torch.float32)
-    policy = AutoModelForCausalLM.from_pretrained(str(folder / "policy"), **load)
-    reference = AutoModelForCausalLM.from_pretrained(str(folder / "policy"), **load)
-    reward = AutoModelForSequenceClassification.from_pretrained(str(folder / "reward"), num_labels=1, **load)
-    value = AutoModelForSequenceClassification.from_pretrained(str(folder / "reward"), num_labels=1, **load)
-    dataset = Dataset.from_dict({"input_ids": info["prompts"]})
-    out = tempfile.mkdtemp(prefix="bench_trl_")
-    config = PPOConfig(
-        output_dir=out, seed=SEED, per_device_train_batch_size=ROLLOUTS, gradient_accumulation_steps=1,
-        num_mini_batches=ROLLOUTS // MINI_BATCH, num_ppo_epochs=1, response_length=NEW_TOKENS, stop_token=None,
-        missing_eos_penalty=None, num_sample_generations=0, gradient_checkpointing=False, bf16=False,
-        local_rollout_forward_batch_size=ROLLOUTS, total_episodes=ROLLOUTS * iterations, temperature=TEMPERATURE,
-        kl_coef=0.05, vf_coef=0.1, cliprange=0.2, cliprange_value=0.2, report_to="none", save_strategy="no",
-        logging_steps=1, disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+    return PPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_trl_"), seed=SEED, per_device_train_batch_size=ROLLOUTS,
+        gradient_accumulation_steps=1, num_mini_batches=ROLLOUTS // MINI_BATCH, num_ppo_epochs=1,
+        response_length=NEW_TOKENS, stop_token=None, missing_eos_penalty=None, num_sample_generations=0,
+        gradient_checkpointing=False, bf16=False, local_rollout_forward_batch_size=ROLLOUTS,
+        total_episodes=ROLLOUTS * iterations, temperature=TEMPERATURE, kl_coef=0.05, vf_coef=0.1, cliprange=0.2,
+        cliprange_value=0.2, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True,
+        dataloader_num_workers=0)
+
+
+def peer_timing(reward, info: dict, extra=None):
+    """A TrainerCallback that emits one BENCH line per TRL iteration and checks its work.
+
+    Seconds = between consecutive on_step_end calls (one update of TRL's loop); the update part starts at the first
+    training forward of the policy+value wrapper (register its ``mark_update`` as a forward pre-hook). Every
+    reward-model call must see prompt + 32 tokens (no truncation, no stop). ``extra()`` adds fields to each line.
+    Set ``.timer`` (a `common.PhaseTimer`) before training.
+    """
+    from transformers import TrainerCallback
 
     widths: list[int] = []
     expected_width = info["prompt_length"] + NEW_TOKENS
 
-    def record_width(module, args, kwargs):  # every reward-model call sees prompt + the (not truncated) response
+    def record_width(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         widths.append(ids.shape[1])
 
     reward.model.register_forward_pre_hook(record_width, with_kwargs=True)
 
     class Timing(TrainerCallback):
-        """Wall time between consecutive on_step_end calls (= one update of TRL's loop); the update part
-        starts at the first training forward of the policy+value wrapper in that iteration."""
-
         def __init__(self):
             self.last = None
             self.update_started = None
+            self.timer = None
 
         def on_train_begin(self, args, state, control, **kw):
             self.last = time.perf_counter()
@@ -196,19 +192,20 @@ def run_peer(folder: Path, iterations: int) -> None:
             started = self.update_started or now
             common.emit("iteration", step=state.global_step, seconds=now - self.last, rollout_s=started - self.last,
                         update_s=now - started, phases=self.timer.take(), rollouts=ROLLOUTS,
-                        min_tokens=NEW_TOKENS, max_tokens=NEW_TOKENS)
+                        min_tokens=NEW_TOKENS, max_tokens=NEW_TOKENS, **(extra() if extra else {}))
             self.last, self.update_started = time.perf_counter(), None
 
-    timing = Timing()
-    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference,
-                         reward_model=reward, train_dataset=dataset, value_model=value, callbacks=[timing])
-    trainer.accelerator.unwrap_model(trainer.model).register_forward_pre_hook(timing.mark_update)
+    return Timing()
+
+
+def wrap_peer_phases(timer, trainer, reward) -> None:
+    """Time TRL 1.12's own calls per phase (measurement only), its gc.collect() included."""
     import gc
     import types
 
+    import torch
     from trl.experimental.ppo import ppo_trainer as loop
 
-    timer = common.PhaseTimer()  # measurement only: wrappers around the loop's own calls
     timer.wrap(loop, "batch_generation", "generate")
     timer.wrap(loop, "forward", lambda _: "update_forward" if torch.is_grad_enabled() else "reference_forward")
     timer.wrap(loop, "get_reward", lambda a: "reward_forward" if a[0] is reward else "value_forward")
@@ -216,7 +213,31 @@ def run_peer(folder: Path, iterations: int) -> None:
     timer.wrap(loop.gc, "collect", "gc_collect")
     timer.wrap(trainer.accelerator, "backward", "update_backward")
     timer.wrap(trainer.optimizer, "step", "optimizer_step")
-    timing.timer = timer
+
+
+def run_peer(folder: Path, iterations: int) -> None:
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOTrainer
+
+    if not trl.__version__.startswith("1.12."):
+        raise SystemExit(f"peer: expected TRL 1.12 first on PYTHONPATH, got {trl.__version__} from {trl.__file__}")
+    info = _start(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "policy"), padding_side="left")
+    load = dict(dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(str(folder / "policy"), **load)
+    reference = AutoModelForCausalLM.from_pretrained(str(folder / "policy"), **load)
+    reward = AutoModelForSequenceClassification.from_pretrained(str(folder / "reward"), num_labels=1, **load)
+    value = AutoModelForSequenceClassification.from_pretrained(str(folder / "reward"), num_labels=1, **load)
+    dataset = Dataset.from_dict({"input_ids": info["prompts"]})
+    timing = peer_timing(reward, info)
+    trainer = PPOTrainer(args=peer_config(iterations), processing_class=tokenizer, model=policy, ref_model=reference,
+                         reward_model=reward, train_dataset=dataset, value_model=value, callbacks=[timing])
+    trainer.accelerator.unwrap_model(trainer.model).register_forward_pre_hook(timing.mark_update)
+    timing.timer = common.PhaseTimer()  # measurement only: wrappers around the loop's own calls
+    wrap_peer_phases(timing.timer, trainer, reward)
     trainer.train()
     common.emit("end", peak_rss_mib=common.peak_rss_mib(), matmul_gflops_end=common.matmul_gflops(),
                 versions=common.versions("torch", "transformers", "accelerate", "trl", "datasets"),
