@@ -244,10 +244,11 @@ class PPOTrainer:
         self.zero_stage = _zero_stage(accelerator)
         self.zero3 = self.zero_stage == 3
 
+        deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
         groups = _param_groups(actor_critic, args)
         self.optimizer = torch.optim.AdamW(
             groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.weight_decay,
-            fused=_fused_adam_ok(groups, deepspeed=getattr(accelerator.state, "deepspeed_plugin", None) is not None))
+            fused=_fused_adam_ok(groups, deepspeed))
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.raw_optimizer = self.optimizer
         self.model, self.optimizer = accelerator.prepare(actor_critic, self.optimizer)
@@ -255,9 +256,7 @@ class PPOTrainer:
         # Policy and value passes share no trainable weight (separate value model, or its own adapter on a frozen base),
         # so their backwards can run one after the other: the same gradients, half the activations alive at the peak.
         separate_value = actor_critic.has_value and not actor_critic.values_need_policy_pass
-        self.split_backward = bool(separate_value and self.world == 1 and _zero_stage(accelerator) == 0
-                                   and getattr(accelerator.state, "deepspeed_plugin", None) is None
-                                   and args.split_backward is not False)
+        self.split_backward = bool(separate_value and self.world == 1 and not deepspeed and args.split_backward is not False)
         if args.split_backward and not self.split_backward:
             log.info("training.split_backward is on, but the policy and value passes run as one here (several "
                      "processes, DeepSpeed, or a value head on the policy's own pass)")
@@ -325,16 +324,14 @@ class PPOTrainer:
             sample = generate(model.policy, q_ids, q_mask, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                               top_k=a.top_k, top_p=a.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id,
                               generator_seed=seed, return_logprobs=recorded, return_hidden=head_on_policy, **extra)
+            if recorded:
+                sample, logprobs, entropy, *hidden = sample
+            r_ids, r_mask = sample.response_ids, sample.response_mask
             if head_on_policy:  # no second policy pass at all
-                sample, logprobs, entropy, hidden = sample
-                r_ids, r_mask = sample.response_ids, sample.response_mask
-                values = torch.where(r_mask, model.value_head(hidden), 0.0)
+                values = torch.where(r_mask, model.value_head(hidden[0]), 0.0)
             elif recorded:  # no second policy pass: the values alone (none for RLOO/GRPO)
-                sample, logprobs, entropy = sample
-                r_ids, r_mask = sample.response_ids, sample.response_mask
                 values = model.values(q_ids, q_mask, r_ids, r_mask)
             else:
-                r_ids, r_mask = sample.response_ids, sample.response_mask
                 logprobs, entropy, values = model(q_ids, q_mask, r_ids, r_mask)  # the training forward, without grad
             ref_logprobs = self._ref_logprobs(q_ids, q_mask, r_ids, r_mask)
             scores = self.score(q_ids, q_mask, r_ids, r_mask, sample.ended)
