@@ -194,7 +194,23 @@ def load_frozen_reward_model(path: str, cfg: StageConfig, tokenizer):
 
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_load_kwargs(cfg))
     model.config.pad_token_id = tokenizer.pad_token_id
+    one_4bit_layout(model)
     return model
+
+
+def one_4bit_layout(model) -> None:
+    """Keep bitsandbytes' 4-bit weights in the layout they were loaded in.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight in place at its first forward in eval mode
+    without gradients, and from then on computes with another kernel, one without a backward (torch warns that
+    the gradient through it may be silently wrong). The numbers then depend on whether an evaluation ran first: a
+    run resumed from a checkpoint (whose "before" evaluation is not repeated) drifted from the uninterrupted run
+    after the first resumed step, and training after an evaluation went through that kernel. GPUs never take
+    that path; on the CPU it only costs some inference speed.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _input_to_weight_dtype(module, args):
@@ -205,6 +221,7 @@ def _after_load(model, cfg: StageConfig) -> None:
     if cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit:
         from peft import prepare_model_for_kbit_training
 
+        one_4bit_layout(model)
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.training.activation_checkpointing))
 
 

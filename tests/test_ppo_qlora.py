@@ -227,7 +227,7 @@ def test_reward_adapter_on_the_shared_base(tmp_path, tiny_model, tiny_reward_mod
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf_dist.models import _load_kwargs
+    from rlhf_dist.models import _load_kwargs, one_4bit_layout
     from rlhf_dist.rl.adapters import REWARD, AdapterRewardModel
     from rlhf_dist.rl.rollout import sequence_scores
 
@@ -247,6 +247,7 @@ def test_reward_adapter_on_the_shared_base(tmp_path, tiny_model, tiny_reward_mod
     rm = torch.tensor([[1, 1, 1], [1, 1, 0]])
     usual = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, **_load_kwargs(ctx.cfg))
     usual.config.pad_token_id = ctx.tokenizer.pad_token_id
+    one_4bit_layout(usual)  # the same 4-bit kernel as ours (on an AVX512-BF16 CPU bitsandbytes would switch to another)
     usual = PeftModel.from_pretrained(usual, reward_dir / "adapter").eval()
     with torch.no_grad():
         ours, theirs = sequence_scores(reward.model, q, qm, r, rm), sequence_scores(usual, q, qm, r, rm)
