@@ -101,6 +101,10 @@ COMMANDS = {"pipeline": cmd_pipeline, "launch": cmd_launch, "slurm": cmd_slurm, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a program of its own: a stage keeps its stderr in the run directory (rlhf_dist.failures)
+        from rlhf_dist import failures
+
+        failures.keep_stderr_default = True
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)

@@ -49,6 +49,9 @@ from rlhf_dist.recipe import (  # noqa: F401 - re-exported: part of this module'
 )
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The process group's timeout (seconds): a backstop behind the watchdog's limits, so it must exceed them (the
+# defaults of WatchdogConfig are at most 3600 s); torch's own default is 1800 s for gloo, 600 s for NCCL.
+DDP_TIMEOUT = 5400
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,6 +141,37 @@ class DataConfig:
     seed: int = field(default=42, metadata={"help": "Seed for shuffling and the held-out split."})
 
 
+@dataclass
+class WatchdogConfig:
+    """Hang watchdog (`rlhf_dist.watchdog`): a phase that runs longer than its limit (seconds; null = not watched)
+    ends the job with every thread's stack in RUN/logs/STAGE/. The defaults are far above what a phase of a healthy
+    large run takes; lower them to learn of a hang sooner. Keep them below the process group's timeout
+    (training.ddp_timeout), or a stalled collective ends in that timeout's error instead of this report."""
+
+    enabled: bool = field(default=True, metadata={"help": "Watch the phases of every process."})
+    train_step: float | None = field(
+        default=1800.0, metadata={"help": "pretrain/sft/reward/dpo: one optimizer step, from fetching its batch to the update."})
+    rollout: float | None = field(
+        default=3600.0, metadata={"help": "ppo: sampling one generation chunk and its policy/value/reference forwards."})
+    score: float | None = field(default=1800.0, metadata={"help": "ppo: the reward model or function on one chunk."})
+    gather: float | None = field(default=1800.0, metadata={"help": "ppo: gathering a step's rollouts from every process."})
+    update: float | None = field(default=3600.0, metadata={"help": "ppo: the minibatch epochs of one step."})
+    evaluate: float | None = field(default=3600.0, metadata={"help": "Every stage: one evaluation (before, during, after)."})
+    save: float | None = field(default=3600.0, metadata={"help": "Every stage: writing one checkpoint."})
+    finish: float | None = field(
+        default=3600.0, metadata={"help": "Every stage: writing its output and the last wait for every process."})
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "enabled" and value is not None and not value > 0:
+                raise ValueError(f"watchdog.{f.name} must be a number of seconds > 0, or null to not watch that phase; "
+                                 f"got {value}")
+
+    def limits(self) -> dict[str, float | None]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "enabled"}
+
+
 # ----------------------------------------------------------------------------------------------
 # One config per stage
 # ----------------------------------------------------------------------------------------------
@@ -149,6 +183,7 @@ class StageConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     init_from: str | None = field(
         default=None,
         metadata={
@@ -275,6 +310,8 @@ class PPOTrainingConfig:
         "(same gradients; less memory at no cost). Default: on with one process and a separate value model or value "
         "adapter; always off on several processes (DDP and DeepSpeed expect one backward per forward).")
     use_cpu: bool = _f(False, "Run on CPU even if a GPU is present (always the case without one).")
+    ddp_timeout: int = _f(DDP_TIMEOUT, "Timeout of every collective (seconds): the process group's, set where it is "
+                          "created. Keep it above the watchdog's limits, which report a stall with its phase first.")
     logging_steps: int = _f(1, "Log metrics every N steps (JSONL, TensorBoard, progress bar).")
     num_sample_completions: int = _f(3, "Sample completions written to the log (samples.jsonl) each logged step.")
     report_to: list[str] = _f(["tensorboard"], "Trackers besides the JSONL log: tensorboard, or [] for none.")
@@ -285,7 +322,7 @@ class PPOTrainingConfig:
     def __post_init__(self):
         positive = ("rollout_batch_size", "samples_per_prompt", "generation_batch_size", "mini_batch_size",
                     "per_device_train_batch_size", "ppo_epochs", "max_prompt_length", "max_new_tokens",
-                    "logging_steps", "num_train_epochs", "eval_max_prompts")
+                    "logging_steps", "num_train_epochs", "eval_max_prompts", "ddp_timeout")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
@@ -372,16 +409,18 @@ STAGES: dict[str, type[StageConfig]] = {
 # (ppo's reward model comes from the reward stage, see PPOConfig.reward_model.)
 UPSTREAM = {"pretrain": [], "sft": ["pretrain"], "reward": ["sft", "pretrain"], "ppo": ["sft", "pretrain"],
             "dpo": ["sft", "pretrain"]}
-SHARED_SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "quantization": QuantizationConfig, "data": DataConfig}
+SHARED_SECTIONS = {"model": ModelConfig, "lora": LoraConfig, "quantization": QuantizationConfig, "data": DataConfig,
+                   "watchdog": WatchdogConfig}
 RECIPE_KEYS = ["description", "stages", *SHARED_SECTIONS, *STAGES]
 # Keys of the resolved config that do not change what a stage computes; ignored when deciding
 # whether a run directory holds "the same run" (so such a change neither refuses nor re-runs a stage).
-VOLATILE_KEYS = {"run_dir", "data.num_proc"} | {f"training.{k}" for k in (
+VOLATILE_KEYS = {"run_dir", "data.num_proc"} | {f"watchdog.{f.name}" for f in dataclasses.fields(WatchdogConfig)} | {
+    f"training.{k}" for k in (
     "output_dir", "logging_dir", "run_name", "report_to", "disable_tqdm", "logging_steps", "logging_strategy",
     "logging_first_step", "log_level", "log_level_replica", "hub_token", "push_to_hub", "hub_model_id", "hub_strategy",
     "hub_private_repo", "save_strategy", "save_steps", "save_total_limit", "save_only_model", "per_device_eval_batch_size",
     "eval_accumulation_steps", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
-    "dataloader_prefetch_factor", "dataset_num_proc", "num_sample_completions", "eval_max_prompts",
+    "dataloader_prefetch_factor", "dataset_num_proc", "num_sample_completions", "eval_max_prompts", "ddp_timeout",
 )}
 # Tokenizer-token fields of TRL configs: not secrets, whatever their name ends with.
 TOKENIZER_FIELDS = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token"}
@@ -403,6 +442,7 @@ def training_defaults() -> dict[str, Any]:
         "report_to": "none",
         "logging_steps": 10,
         "save_total_limit": 2,
+        "ddp_timeout": DDP_TIMEOUT,
         "dataloader_pin_memory": cuda,
         # Without a GPU: CPU processes with gloo, so `accelerate launch` of N processes is N ranks, not N
         # unsynchronised single-process runs (CPU_NOTES traps 1 and 2).

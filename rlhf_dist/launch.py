@@ -15,16 +15,18 @@ run. ``--num-processes`` counts processes per machine (GPUs per node); accelerat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from rlhf_dist import preempt, rundir
 from rlhf_dist.errors import UserError
-from rlhf_dist.recipe import STAGE_ORDER, apply_overrides, load_recipe
+from rlhf_dist.recipe import STAGE_ORDER, apply_overrides, check_grace_period, load_recipe, run_flags
 
 
 def config_root() -> Path:
@@ -134,8 +136,6 @@ def check_world_size(output: Path, stage: str, expected: int, started: float) ->
 
 
 def main(argv: list[str]) -> int:
-    import time
-
     from rlhf_dist.recipe import add_run_arguments
 
     parser = argparse.ArgumentParser(prog="rlhf-dist launch", description=__doc__,
@@ -148,11 +148,10 @@ def main(argv: list[str]) -> int:
     if args.strategy is None:
         parser.error("--strategy is required")
     check_launch_arguments(args)
+    check_grace_period(args.grace_period)
     raw, source = load_recipe(args.recipe)  # a missing recipe fails here, not in N processes
     world = check_launch_world(args, apply_overrides(raw, args.overrides), source, [args.stage])
-    stage_args = ["--recipe", args.recipe, "--output", args.output, *(["--overwrite"] if args.overwrite else []),
-                  *(["--resume"] if args.resume else []), *(["--fallback", args.fallback] if args.fallback != "auto" else []),
-                  *(["--gpu-memory", f"{args.gpu_memory:g}"] if args.gpu_memory is not None else []), *args.overrides]
+    stage_args = ["--recipe", args.recipe, "--output", args.output, *run_flags(args), *args.overrides]
     cmd = command(args.stage, args, stage_args)
     if args.dry_run:
         print(shlex.join(cmd))
@@ -162,12 +161,44 @@ def main(argv: list[str]) -> int:
         where += f", rendezvous {args.main_process_ip}:{args.main_process_port}"
     print(f"rlhf-dist launch: {args.stage} with {args.strategy} on {where}", file=sys.stderr, flush=True)
     started = time.time()
-    code, preempted = preempt.run_forwarding(cmd)
     output = Path(args.output).expanduser().resolve()
-    if preempted and not rundir.is_complete(output, args.stage):
-        print(f"rlhf-dist launch: {args.stage} stopped on request (USR1, exit {code}); re-run with --resume to continue "
-              "from its last checkpoint", file=sys.stderr, flush=True)
+    code, stop = run_and_explain(cmd, output, args.stage, "rlhf-dist launch")
+    if code == 0 and not rundir.is_complete(output, args.stage):
+        print(f"rlhf-dist launch: {args.stage} stopped on request ({stop or 'a signal to its processes'}) after saving a "
+              "checkpoint; run the same command again to continue from it", file=sys.stderr, flush=True)
         return preempt.PREEMPTED
     if code == 0 and args.machine_rank == 0:
         check_world_size(output, args.stage, world, started)
     return code
+
+
+def run_and_explain(cmd: list[str], output: Path, stage: str, who: str) -> tuple[int, str | None]:
+    """Run a stage (`python -m rlhf_dist STAGE ...`, or accelerate's launcher, then through `rlhf_dist.agent`),
+    passing stop signals on; if it fails, end with one line naming the process, how it ended and the file to read.
+
+    Returns (exit code, the first stop signal that came or None).
+    """
+    import tempfile
+
+    from rlhf_dist import failures
+
+    started, record = time.time(), None
+    if "accelerate.commands.launch" in cmd:  # torch's agent knows every process's rank, exit code or signal, host
+        fd, record = tempfile.mkstemp(prefix="rlhf-dist-agent-", suffix=".json")
+        os.close(fd)
+        at = cmd.index("accelerate.commands.launch")
+        cmd = [*cmd[:at - 1], "-m", "rlhf_dist.agent", record, "--", *cmd[at + 1:]]
+    try:
+        code, stop = preempt.run_forwarding(cmd)
+        processes, stopped = None, []
+        if record is not None:
+            with contextlib.suppress(OSError, ValueError):
+                agent = json.loads(Path(record).read_text())
+                processes, stopped = agent.get("failures"), agent.get("stopped", [])
+    finally:
+        if record is not None:
+            Path(record).unlink(missing_ok=True)
+    if code not in (0, 2):  # 2: bad input, which the stage has said in one line already
+        print(f"{who}: error: {failures.explain(output, stage, code, started, processes, stopped)}", file=sys.stderr,
+              flush=True)
+    return code, stop

@@ -24,6 +24,7 @@ from rlhf_dist import preempt, rundir
 from rlhf_dist.config import STAGE_ORDER, STAGES, apply_overrides, load_recipe, resolve_stage, validate_recipe
 from rlhf_dist.errors import UserError
 from rlhf_dist.plots import plot_run
+from rlhf_dist.recipe import check_grace_period, run_flags
 
 # The metrics shown in the summary table, per stage (all of them are in each stage's metrics.json).
 HEADLINE = {
@@ -62,12 +63,7 @@ def validate_stage(raw: dict, source: str, stage: str, output: Path, stages: lis
 
 def stage_command(stage: str, args: argparse.Namespace) -> list[str]:
     """`python -m rlhf_dist STAGE ...`, or with --strategy the `rlhf-dist launch` command for it."""
-    stage_args = ["--recipe", args.recipe, "--output", args.output]
-    if args.overwrite:
-        stage_args.append("--overwrite")
-    if args.resume:
-        stage_args.append("--resume")
-    stage_args += list(args.overrides)
+    stage_args = ["--recipe", args.recipe, "--output", args.output, *run_flags(args), *args.overrides]
     if getattr(args, "strategy", None):
         from rlhf_dist import launch
 
@@ -79,6 +75,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     """Validate everything cheap first, then run the stages; returns an exit code."""
     from rlhf_dist.stages.common import load_stage_config
 
+    check_grace_period(getattr(args, "grace_period", preempt.GRACE_SECONDS))
     raw, source = load_recipe(args.recipe)
     raw = apply_overrides(raw, args.overrides)
     stages = parse_stages(args.stages, validate_recipe(raw, source))
@@ -104,12 +101,14 @@ def run_pipeline(args: argparse.Namespace) -> int:
             continue
         print(f"\n{'=' * 20} {banner}: starting from {cfg.init_from} {'=' * 20}", flush=True)
         started = time.time()
-        code, preempted = preempt.run_forwarding(stage_command(stage, args))
-        if preempted:  # the job is about to end: start no further stage
-            where = "complete" if rundir.is_complete(output, stage) else "checkpointed"
-            print(f"{banner}: {where}, stopping on request (USR1); re-run the same command with --resume to continue",
-                  file=sys.stderr, flush=True)
-            return preempt.PREEMPTED
+        from rlhf_dist.launch import run_and_explain
+
+        code, stop = run_and_explain(stage_command(stage, args), output, stage, "rlhf-dist pipeline")
+        if stop or (code == 0 and not rundir.is_complete(output, stage)):  # the job is about to end: start no further stage
+            where = "complete" if rundir.is_complete(output, stage) else "checkpointed" if code == 0 else f"exit {code}"
+            print(f"{banner}: {where}, stopping on request ({stop or 'a signal to its processes'}); run the same command "
+                  "again to continue", file=sys.stderr, flush=True)
+            return preempt.PREEMPTED if code == 0 else code
         if code == 0 and getattr(args, "strategy", None) and args.machine_rank == 0:
             from rlhf_dist.launch import check_world_size
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from rlhf_dist.errors import ConfigError
+from rlhf_dist.preempt import GRACE_SECONDS
 
 STAGE_ORDER = ["pretrain", "sft", "reward", "ppo", "dpo"]
 
@@ -95,6 +96,23 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
+def check_grace_period(seconds: float) -> None:
+    if not seconds >= 0:
+        raise ConfigError(f"--grace-period must be a number of seconds >= 0, got {seconds:g}")
+
+
+def run_flags(args: argparse.Namespace) -> list[str]:
+    """The flags of `add_run_arguments` that `args` sets away from their defaults, to pass on to a stage command."""
+    flags = [*(["--overwrite"] if args.overwrite else []), *(["--resume"] if args.resume else [])]
+    if getattr(args, "fallback", "auto") != "auto":
+        flags += ["--fallback", args.fallback]
+    if getattr(args, "gpu_memory", None) is not None:
+        flags += ["--gpu-memory", f"{args.gpu_memory:g}"]
+    if getattr(args, "grace_period", GRACE_SECONDS) != GRACE_SECONDS:
+        flags += ["--grace-period", f"{args.grace_period:g}"]
+    return flags
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags shared by every stage command and `pipeline`."""
     parser.add_argument("--recipe", required=True, help="Shipped recipe name (see `rlhf-dist recipes`) or a YAML file.")
@@ -110,6 +128,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gpu-memory", type=float, metavar="GIB",
         help="GPU memory in GiB for --fallback auto (default: what device 0 reports); also simulates a device.")
+    parser.add_argument(
+        "--grace-period", type=float, default=GRACE_SECONDS, metavar="SECONDS",
+        help=f"After a TERM or INT: how long the step in progress and its checkpoint may take before the stage exits "
+             f"without saving (default {GRACE_SECONDS:g}: inside Slurm's default KillWait of 30 s). A second TERM or INT "
+             "exits at once.")
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",
         help="Override recipe fields, e.g. sft.training.learning_rate=1e-5 (`rlhf-dist fields STAGE` lists them all).",

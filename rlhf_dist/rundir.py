@@ -9,7 +9,13 @@ Layout of `--output RUN`::
 
 A stage directory exists only once everything in it is written, so "complete" is simply "exists".
 Re-running with the same resolved config (see `config.fingerprint`) skips a complete stage and
-resumes an incomplete one from its last checkpoint. A different config is refused unless
+resumes an incomplete one from its newest complete checkpoint.
+
+Checkpoints (`STAGE.incomplete/checkpoint-N/`, every stage) count only once they are sealed: the
+seal file (`SEAL`) is written last, after every process has finished writing and every file is
+flushed to disk. A folder without it (a run killed while saving, or PPO's `checkpoint-N.tmp`) is
+never resumed from; resuming moves it to `STAGE.incomplete/incomplete/` and says so, so nothing
+is deleted silently. A different config is refused unless
 `--overwrite` (run the stage again; the old output is replaced only when the new one is complete)
 or, for an incomplete stage, `--resume` (continue it under the new config). A non-empty folder
 without the marker file is never written into.
@@ -21,7 +27,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -30,6 +36,8 @@ from rlhf_dist.errors import RunDirError
 
 MARKER = "rlhf_dist_run.json"
 STATE_FILE = "config.yaml"
+SEAL = "rlhf_dist_checkpoint.json"  # written last into a checkpoint: it is complete
+SET_ASIDE = "incomplete"  # STAGE.incomplete/incomplete/: checkpoints a killed run left unfinished
 
 
 def stage_dir(output: str | Path, stage: str) -> Path:
@@ -51,6 +59,7 @@ class Plan:
     action: str
     checkpoint: str | None = None
     reason: str = ""
+    set_aside: list[str] = field(default_factory=list)  # unsealed checkpoints that `prepare` moves away
 
 
 def _read_config(folder: Path) -> dict | None:
@@ -68,9 +77,74 @@ def _explain(old: dict, new: dict) -> str:
     return f"differs in {shown}" if keys else "differs"
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """N for a folder named checkpoint-N, else None (checkpoint-N.tmp, other names)."""
+    prefix, _, number = path.name.partition("-")
+    return int(number) if prefix == "checkpoint" and number.isdigit() else None
+
+
+def is_sealed(path: Path) -> bool:
+    """A complete checkpoint: named checkpoint-N and sealed for step N."""
+    step = checkpoint_step(path)
+    if step is None or not (path / SEAL).is_file():
+        return False
+    try:
+        return json.loads((path / SEAL).read_text()).get("step") == step
+    except (OSError, ValueError):
+        return False
+
+
+def checkpoints(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(complete checkpoints, oldest first; incomplete ones) in a stage's work directory."""
+    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir()]
+    complete = sorted((p for p in found if is_sealed(p)), key=checkpoint_step)
+    return complete, sorted(p for p in found if p not in complete)
+
+
 def last_checkpoint(folder: Path) -> str | None:
-    ckpts = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1]))) if ckpts else None
+    """The newest complete checkpoint in `folder`, or None."""
+    complete, _ = checkpoints(folder)
+    return str(complete[-1]) if complete else None
+
+
+def seal_checkpoint(folder: Path, step: int, **info) -> None:
+    """Mark a fully written checkpoint complete (main process, after every process has written its part).
+
+    Every file in it is flushed to disk first, so a sealed checkpoint survives a machine crash as well.
+    """
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+    write_json(Path(folder) / SEAL, {"step": step, **info}, durable=True)
+
+
+def read_seal(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / SEAL).read_text())
+
+
+def rotate_checkpoints(folder: Path, keep: int) -> None:
+    """Delete complete checkpoints beyond the newest `keep` (at least one is kept). Incomplete ones are left."""
+    complete, _ = checkpoints(folder)
+    for old in complete[:-max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside_incomplete(folder: Path, names: list[str]) -> list[Path]:
+    """Move unsealed checkpoints out of the way (into folder/incomplete/), never deleting them."""
+    moved = []
+    target = Path(folder) / SET_ASIDE
+    for name in names:
+        src = Path(folder) / name
+        if not src.exists():
+            continue
+        target.mkdir(exist_ok=True)
+        dst, k = target / name, 1
+        while dst.exists():
+            dst, k = target / f"{name}.{k}", k + 1
+        os.replace(src, dst)
+        moved.append(dst)
+    return moved
 
 
 def check_output_root(output: str | Path) -> None:
@@ -102,14 +176,20 @@ def plan_stage(output: str | Path, stage: str, resolved: dict, overwrite: bool, 
         return Plan("fresh", reason=f"--overwrite: {done} will be replaced once the new run is complete")
     if work.exists() and not overwrite:
         old = _read_config(work)
-        ckpt = last_checkpoint(work)
+        complete, incomplete = checkpoints(work)
         if old is not None and fingerprint(old) != fingerprint(resolved) and not resume:
             raise RunDirError(
                 f"{work} holds an unfinished different run ({_explain(old, resolved)}); pass --resume to continue "
                 "it with the new config, --overwrite to start the stage again, or choose another --output"
             )
-        if ckpt:
-            return Plan("resume", checkpoint=ckpt, reason=f"resuming from {ckpt}")
+        aside = [p.name for p in incomplete]
+        note = (f"; {len(aside)} incomplete checkpoint(s) ({', '.join(aside)}: not sealed, a run stopped while "
+                f"writing them) set aside in {work / SET_ASIDE}") if aside else ""
+        if complete:
+            return Plan("resume", checkpoint=str(complete[-1]), reason=f"resuming from {complete[-1]}{note}",
+                        set_aside=aside)
+        if aside:
+            return Plan("fresh", reason=f"no complete checkpoint, starting again{note}", set_aside=aside)
     return Plan("fresh")
 
 
@@ -122,8 +202,12 @@ def prepare(output: str | Path, stage: str, resolved: dict, plan: Plan) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     if not (root / MARKER).exists():
         write_json(root / MARKER, {"created_by": "rlhf-dist", "format": 1})
+    set_aside_incomplete(work, plan.set_aside)
     if plan.action == "fresh" and work.exists():
-        shutil.rmtree(work)
+        kept = work / SET_ASIDE
+        for child in work.iterdir():  # a fresh start keeps what was set aside, and nothing else
+            if child != kept:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     work.mkdir(parents=True, exist_ok=True)
     write_text(work / STATE_FILE, yaml.safe_dump(resolved, sort_keys=False))
     return work
@@ -142,14 +226,20 @@ def finalize(output: str | Path, stage: str) -> Path:
     return done
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write a file atomically: a temporary file in the same folder, renamed over the target."""
+def write_text(path: str | Path, text: str, durable: bool = False) -> None:
+    """Write a file atomically: a temporary file in the same folder, renamed over the target.
+
+    ``durable``: flushed to disk before the rename (survives a machine crash, not only a killed process).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -157,5 +247,5 @@ def write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def write_json(path: str | Path, obj: object) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def write_json(path: str | Path, obj: object, durable: bool = False) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", durable)

@@ -113,3 +113,41 @@ def ppo_crashes_at_step(step: int):
             yield
     finally:
         PPOTrainer.train_step = real_step
+
+
+def without_timings(obj):
+    """`obj` (metrics, a log history) without the figures that measure time, which no two runs share."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items()
+                if not (k.startswith("time/") or any(t in k for t in ("runtime", "per_second", "wall_seconds")))}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
+
+
+def stage_process(stage: str, *args: str, fault: str | None = None, timeout: int = 600, **env):
+    """`python -m rlhf_dist STAGE ARGS` in a session of its own (a fault's `kill` ends its whole process group, not
+    pytest), optionally with a fault injected (rlhf_dist.faults); returns the CompletedProcess."""
+    import subprocess
+
+    environ = {**os.environ, **env}
+    environ.pop("RLHF_DIST_FAULT", None)
+    if fault:
+        environ["RLHF_DIST_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "rlhf_dist", stage, *args], capture_output=True, text=True,
+                          timeout=timeout, env=environ, start_new_session=True)
+
+
+def saved_tensors(folder: Path) -> dict:
+    """Every tensor of every safetensors file under `folder`, keyed 'relative/file.safetensors:name'."""
+    from safetensors.torch import load_file
+
+    return {f"{f.relative_to(folder)}:{k}": v for f in sorted(Path(folder).rglob("*.safetensors"))
+            for k, v in load_file(f).items()}
+
+
+def bit_identical(a: Path, b: Path) -> bool:
+    import torch
+
+    x, y = saved_tensors(a), saved_tensors(b)
+    return bool(x) and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

@@ -104,7 +104,10 @@ def test_ddp_launch_on_cpu_really_starts_two_processes(stage, tmp_path, tiny_mod
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / stage / "metrics.json").read_text())
     assert metrics["world_size"] == 2
-    assert sorted(p.name for p in out.iterdir()) == sorted(["rlhf_dist_run.json", stage])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["logs", "rlhf_dist_run.json", stage])
+    for rank in (0, 1):  # each process's stderr and how it ended, in the run directory
+        assert (out / "logs" / stage / f"rank{rank}.log").read_text().startswith(f"==== rlhf-dist {stage}: rank {rank} on ")
+        assert json.loads((out / "logs" / stage / f"rank{rank}.exit.json").read_text())["status"] == 0
 
 
 def test_pipeline_with_a_strategy_refuses_a_world_the_batches_do_not_split_over(tmp_path, capsys):

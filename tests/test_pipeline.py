@@ -328,4 +328,4 @@ def test_two_processes_under_accelerate_launch(tmp_path, tiny_model, demo_data):
     assert metrics["world_size"] == 2  # really two ranks (CPU_NOTES trap 1: --cpu silently starts one)
     assert metrics["train"]["global_step"] == 4
     assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"]
-    assert sorted(p.name for p in out.iterdir()) == ["rlhf_dist_run.json", "sft"]
+    assert sorted(p.name for p in out.iterdir()) == ["logs", "rlhf_dist_run.json", "sft"]

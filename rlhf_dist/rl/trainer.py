@@ -51,7 +51,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from rlhf_dist import preempt
+from rlhf_dist import faults, preempt, rundir, watchdog
 from rlhf_dist.rl.actor_critic import ActorCritic
 from rlhf_dist.rl.adapters import REFERENCE, no_adapter, use_adapter
 from rlhf_dist.rl.advantages import gae, group_baseline, masked_mean, sequence_advantages_to_tokens, whiten
@@ -311,7 +311,8 @@ class PPOTrainer:
         for j in range(chunks_per_process):
             chunk = prompts[j * chunk_size:(j + 1) * chunk_size]
             global_chunk = self.rank * chunks_per_process + j
-            parts.append(self._rollout_chunk(chunk, derived_seed(*seed_parts, global_chunk), device))
+            with watchdog.phase("rollout", self.step):  # each chunk on its own clock
+                parts.append(self._rollout_chunk(chunk, derived_seed(*seed_parts, global_chunk), device))
         return concat_rollouts(parts, self.pad_id)
 
     def _rollout_chunk(self, prompts: list[list[int]], seed: int, device) -> Rollouts:
@@ -334,7 +335,8 @@ class PPOTrainer:
             else:
                 logprobs, entropy, values = model(q_ids, q_mask, r_ids, r_mask)  # the training forward, without grad
             ref_logprobs = self._ref_logprobs(q_ids, q_mask, r_ids, r_mask)
-            scores = self.score(q_ids, q_mask, r_ids, r_mask, sample.ended)
+            with watchdog.phase("score", self.step):
+                scores = self.score(q_ids, q_mask, r_ids, r_mask, sample.ended)
         return Rollouts(q_ids, q_mask, r_ids, r_mask, sample.ended, logprobs, ref_logprobs, entropy, values, scores)
 
     def _ref_logprobs(self, q_ids, q_mask, r_ids, r_mask) -> torch.Tensor:
@@ -368,7 +370,8 @@ class PPOTrainer:
         local = self.rollout(self.step_prompts(step), (a.seed, step))
         rollout_seconds = time.perf_counter() - started
         # 2. gather: every process now holds the whole step (identical tensors everywhere)
-        batch = gather_rollouts(acc, local, self.pad_id)
+        with watchdog.phase("gather", step):
+            batch = gather_rollouts(acc, local, self.pad_id)
         mask = batch.response_mask
 
         # 3. score: optional running normalisation and clipping (item 8)
@@ -401,7 +404,9 @@ class PPOTrainer:
 
         # 7. ppo_epochs x minibatches
         update_started = time.perf_counter()
-        train_stats = self.update(step, batch, advantages, returns, beta)
+        faults.point("step", step)
+        with watchdog.phase("update", step):
+            train_stats = self.update(step, batch, advantages, returns, beta)
         update_seconds = time.perf_counter() - update_started
 
         # 8. log, and adapt beta to this step's KL (Ziegler et al.; a no-op for a fixed coefficient)
@@ -534,6 +539,10 @@ class PPOTrainer:
     def evaluate(self) -> dict[str, float]:
         """Mean score, KL to the reference (sum over tokens of logp - logp_ref), length and EOS rate
         of responses sampled for the held-out prompts, with fixed seeds (the same before and after)."""
+        with watchdog.phase("evaluate"):
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
         a = self.args
         prompts = self.eval_prompts[:a.eval_max_prompts]
         quantum = self.world * a.generation_batch_size  # equal, whole chunks on every process (item 20)
@@ -562,28 +571,32 @@ class PPOTrainer:
                 "moments": self.moments.state_dict(), "world_size": self.world}
 
     def save_checkpoint(self) -> Path:
-        """WORK/checkpoint-STEP: weights, optimizer, RNG (accelerate) + our counters; appears in one rename.
+        """WORK/checkpoint-STEP: weights, optimizer, RNG (accelerate) + our counters; sealed, then renamed.
 
-        A crash while writing leaves ``checkpoint-STEP.tmp``, which resume ignores: the previous
-        checkpoint stays usable.
+        Written as ``checkpoint-STEP.tmp``, sealed (`rundir.seal_checkpoint`) once every process has written
+        its part, and renamed: a crash while writing leaves an unsealed folder that resume sets aside, and the
+        previous checkpoint stays usable.
         """
+        with watchdog.phase("save", self.step):
+            return self._save_checkpoint()
+
+    def _save_checkpoint(self) -> Path:
         acc = self.accelerator
         final = self.work_dir / f"checkpoint-{self.step}"
         tmp = self.work_dir / f"checkpoint-{self.step}.tmp"
         if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp)  # this very run's own unfinished attempt at this step (resume set older ones aside)
         acc.wait_for_everyone()
         acc.save_state(str(tmp), safe_serialization=True)
         acc.wait_for_everyone()
+        faults.point("checkpoint", self.step)
         if acc.is_main_process:
             write_json(tmp / STATE_FILE, self.state())
+            rundir.seal_checkpoint(tmp, self.step)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            kept = sorted((p for p in self.work_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                          key=lambda p: int(p.name.split("-")[-1]))
-            for old in kept[:-max(self.args.save_total_limit, 1)]:
-                shutil.rmtree(old, ignore_errors=True)
+            rundir.rotate_checkpoints(self.work_dir, self.args.save_total_limit)
         acc.wait_for_everyone()
         return final
 
@@ -611,6 +624,7 @@ class PPOTrainer:
         try:
             while self.step < self.max_steps:
                 self.step += 1
+                watchdog.set_phase("train_step", self.step)  # between the phases below (the logging's collectives)
                 metrics, batch = self.train_step(self.step)
                 if self.step % a.logging_steps == 0 or self.step == self.max_steps:
                     samples = self.samples(batch, a.num_sample_completions) if acc.is_main_process else None

@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import logging
 import math
+import os
 import shlex
 import sys
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhf_dist import fallback, preempt, rundir
+from rlhf_dist import failures, fallback, preempt, rundir, watchdog
 from rlhf_dist.config import (
     UPSTREAM,
     StageConfig,
@@ -30,7 +31,7 @@ from rlhf_dist.config import (
 )
 from rlhf_dist.errors import UserError
 from rlhf_dist.plots import plot_stage
-from rlhf_dist.recipe import add_run_arguments
+from rlhf_dist.recipe import add_run_arguments, check_grace_period
 
 log = logging.getLogger("rlhf_dist")
 
@@ -125,23 +126,28 @@ def load_stage_config(stage: str, args: argparse.Namespace) -> tuple[StageConfig
     return cfg, resolved
 
 
-def process_state():
+def process_state(timeout_seconds: float | None = None):
     """The accelerate process state (world size, rank), created the same way by every stage.
 
     Without a GPU it must be created with ``cpu=True``: otherwise ``accelerate launch --multi_gpu``
-    on a CPU machine gives every process a world of one (CPU_NOTES trap 1), and each would train
+    on a CPU machine gives every process a world of one (docs/cpu.md), and each would train
     alone. DeepSpeed runs on CPU through its own CPU accelerator instead (``cpu=True`` would quietly
-    turn it into plain DDP), with the gloo backend.
+    turn it into plain DDP), with the gloo backend. ``timeout_seconds`` is the process group's
+    timeout for every collective (training.ddp_timeout): it only takes effect here, where the group is
+    created, before any Trainer or Accelerator would.
     """
+    import datetime
+
     import torch
     from accelerate import PartialState
 
     from rlhf_dist.rl.distributed import launched_with_deepspeed
 
     on_cpu = not torch.cuda.is_available()
+    extra = {"timeout": datetime.timedelta(seconds=timeout_seconds)} if timeout_seconds else {}
     if launched_with_deepspeed() and on_cpu:  # DeepSpeed's CPU accelerator; without gloo every process would be rank 0 of 1
-        return PartialState(backend="gloo")
-    return PartialState(cpu=on_cpu)
+        return PartialState(backend="gloo", **extra)
+    return PartialState(cpu=on_cpu, **extra)
 
 
 def setup_logging() -> None:
@@ -168,18 +174,21 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     args = parser.parse_args(argv)
-    preempt.install()  # USR1 (Slurm's warning before preemption) -> checkpoint and stop, not death
+    check_grace_period(args.grace_period)
+    preempt.install(args.grace_period)  # USR1/TERM/INT -> checkpoint at the end of the step and stop, not death
     setup_logging()
+    if int(os.environ.get("RANK", "0")) != 0:
+        log.setLevel(logging.WARNING)  # one readable log, from the main process
     from rlhf_dist.data import load_splits
     from rlhf_dist.models import load_tokenizer
-
-    state = process_state()  # one process, or one of many under accelerate/torchrun/srun
-    if not state.is_main_process:
-        log.setLevel(logging.WARNING)  # one readable log, from the main process
 
     # 1. Everything that can be wrong with the input is checked, on every process, before any model
     #    is loaded or anything is written.
     cfg, resolved = load_stage_config(stage, args)
+    timeout = getattr(cfg.training, "ddp_timeout", None)
+    if timeout is not None and not timeout > 0:
+        raise UserError(f"{stage}.training.ddp_timeout must be a number of seconds > 0, got {timeout}")
+    state = process_state(timeout)  # one process, or one of many under accelerate/torchrun/srun
     output = Path(args.output).expanduser().resolve()
     plan = rundir.plan_stage(output, stage, resolved, args.overwrite, args.resume)
     if plan.action == "skip":
@@ -203,18 +212,50 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
     state.wait_for_everyone()
     if plan.reason:
         log.info("%s: %s", stage, plan.reason)
+    failures.start(output, stage, state.process_index, keep_stderr=failures.keep_stderr_default)
+    dog = None
+    if cfg.watchdog.enabled:
+        dog = watchdog.Watchdog(cfg.watchdog.limits(), failures.log_dir(output, stage), state.process_index, stage).start()
+    try:
+        code = _train_and_finish(stage, cfg, ctx, args, resolved, state, run)
+    except preempt.Preempted as stop:
+        preempt.checkpoint_saved()
+        log.warning("%s: %s; continue with the same command and --resume", stage, stop)
+        failures.note(preempt.PREEMPTED, str(stop), checkpoint=stop.checkpoint)
+        with watchdog.phase("finish"):
+            state.wait_for_everyone()
+        return preempt.exit_status()
+    except StageStopped as stop:
+        log.error("%s: %s", stage, stop)
+        failures.note(stop.status, str(stop), **stop.files)
+        return stop.status
+    except BaseException as exc:
+        failures.note(2 if isinstance(exc, UserError) else 1, failures.one_line(exc))
+        raise
+    finally:
+        if dog is not None:
+            dog.stop()
+    failures.note(code, "complete")
+    return code
+
+
+class StageStopped(Exception):
+    """A stage ended early on purpose (a guardrail): the one-line message, the exit status, the files that explain it."""
+
+    def __init__(self, message: str, status: int, **files):
+        super().__init__(message)
+        self.status, self.files = status, files
+
+
+def _train_and_finish(stage, cfg, ctx: StageContext, args, resolved: dict, state, run) -> int:
+    output, final_dir = ctx.output, ctx.final_dir
     log.info("%s: starting from %s; data %s (%d train / %d eval rows); %d process(es)", stage, cfg.init_from,
-             source, len(train), len(evaluation), state.num_processes)
+             ctx.data_source, len(ctx.train), len(ctx.eval), state.num_processes)
     from transformers import set_seed
 
     set_seed(cfg.training.seed)  # new heads (a reward model's score, LoRA) start the same on every run
     started = time.time()
-    try:
-        metrics = run(ctx)
-    except preempt.Preempted as stop:
-        log.warning("%s: %s; continue with the same command and --resume", stage, stop)
-        state.wait_for_everyone()
-        return preempt.exit_status()
+    metrics = run(ctx)
     history = metrics.pop("history", [])
     if "eval_loss" in metrics.get("before", {}):  # train() starts a fresh log; keep the starting point
         history = [{"step": 0, "eval_loss": metrics["before"]["eval_loss"]}, *history]
@@ -224,21 +265,22 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
         "stage": stage,
         "init_from": cfg.init_from,
         "world_size": state.num_processes,
-        "data": {"source": source, "train_rows": len(train), "eval_rows": len(evaluation)},
+        "data": {"source": ctx.data_source, "train_rows": len(ctx.train), "eval_rows": len(ctx.eval)},
         **metrics,
         "wall_seconds": round(time.time() - started, 1),
     }
-    if state.is_main_process:
-        import yaml
+    with watchdog.phase("finish"):
+        if state.is_main_process:
+            import yaml
 
-        rundir.write_text(final_dir / rundir.STATE_FILE, yaml.safe_dump(resolved, sort_keys=False))
-        rundir.write_json(final_dir / "metrics.json", metrics)
-        rundir.write_text(final_dir / "README.md", model_card(stage, cfg, metrics, args))
-        rundir.write_json(final_dir / "log_history.json", history)
-        plot_stage(history, final_dir / "training.png", f"{stage}: {Path(cfg.init_from).name} -> {stage}")
-        done = rundir.finalize(output, stage)
-        log.info("%s: done -> %s\n%s", stage, done, format_metrics(metrics))
-    state.wait_for_everyone()
+            rundir.write_text(final_dir / rundir.STATE_FILE, yaml.safe_dump(resolved, sort_keys=False))
+            rundir.write_json(final_dir / "metrics.json", metrics)
+            rundir.write_text(final_dir / "README.md", model_card(stage, cfg, metrics, args))
+            rundir.write_json(final_dir / "log_history.json", history)
+            plot_stage(history, final_dir / "training.png", f"{stage}: {Path(cfg.init_from).name} -> {stage}")
+            done = rundir.finalize(output, stage)
+            log.info("%s: done -> %s\n%s", stage, done, format_metrics(metrics))
+        state.wait_for_everyone()
     return 0
 
 
@@ -275,48 +317,3 @@ Trained by rlhf-dist stage `{stage}` from `{cfg.init_from}` on `{metrics['data']
 Reproduce: `rlhf-dist {stage} --recipe {shlex.quote(args.recipe)} --output {shlex.quote(args.output)} {overrides}`.
 The fully resolved configuration is in `config.yaml`; all numbers are in `metrics.json`.
 """
-
-
-def fit(trainer, ctx: StageContext, evaluate: Callable[[], dict]) -> tuple[dict, dict, dict]:
-    """Evaluate, train (resuming from the last checkpoint if there is one), evaluate again.
-
-    Returns (before, after, extra) where `extra` holds the training figures and the log history.
-    Raises `preempt.Preempted` once the checkpoint is saved if a USR1 stopped the training.
-
-    The "before" evaluation runs inside train(), once the model is wrapped and before the first step. Earlier,
-    Trainer.evaluate() prepares the bare model for evaluation, and accelerate then never wraps it in DDP: each
-    process would train alone. Under DeepSpeed the Trainer refuses it (ZeRO-1/2), or builds an inference
-    engine that train() cannot train (ZeRO-3). It is kept in the work directory: a resumed run reports the
-    starting model's metrics, not the checkpoint's.
-    """
-    import json
-
-    from transformers import TrainerCallback
-
-    saved = Path(trainer.args.output_dir) / "before.json"
-    before = json.loads(saved.read_text()) if ctx.checkpoint and saved.is_file() else {}
-
-    class EvaluateFirst(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            if before:
-                return
-            logged = len(state.log_history)
-            before.update(evaluate())
-            del state.log_history[logged:]  # stage_main puts it in the history as step 0
-            if trainer.is_world_process_zero():
-                rundir.write_json(saved, before)
-
-    trainer.add_callback(EvaluateFirst())
-    stop = preempt.trainer_callback()
-    trainer.add_callback(stop)
-    result = trainer.train(resume_from_checkpoint=ctx.checkpoint)
-    if stop.stopped_at is not None:
-        raise preempt.Preempted(stop.stopped_at, Path(trainer.args.output_dir) / f"checkpoint-{stop.stopped_at}")
-    after = evaluate()
-    m = result.metrics
-    plugin = trainer.accelerator.state.deepspeed_plugin
-    summary = {"global_step": result.global_step, "train_loss": m.get("train_loss"), "train_runtime": m.get("train_runtime"),
-               "distributed_type": str(trainer.accelerator.distributed_type.value),
-               "zero_stage": int(plugin.zero_stage) if plugin is not None else 0}
-    return before, after, {"train": summary, "history": trainer.state.log_history}
-

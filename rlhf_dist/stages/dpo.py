@@ -15,7 +15,8 @@ Writes OUTPUT/dpo: model (merged; plus `adapter/` with LoRA), tokenizer, config.
 from __future__ import annotations
 
 from rlhf_dist.models import load_causal_lm, peft_config, save_model
-from rlhf_dist.stages.common import StageContext, fit, stage_main
+from rlhf_dist.stages.common import StageContext, stage_main
+from rlhf_dist.stages.fit import fit
 
 STAGE, DATA_KIND = "dpo", "preference"
 

@@ -17,7 +17,8 @@ from itertools import chain
 
 from rlhf_dist.errors import DataError
 from rlhf_dist.models import load_causal_lm, peft_config, save_model
-from rlhf_dist.stages.common import StageContext, fit, perplexity, stage_main
+from rlhf_dist.stages.common import StageContext, perplexity, stage_main
+from rlhf_dist.stages.fit import fit
 
 STAGE, DATA_KIND = "pretrain", "pretrain"
 

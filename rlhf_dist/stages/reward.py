@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from rlhf_dist.models import load_reward_model, peft_config, save_model
-from rlhf_dist.stages.common import StageContext, fit, stage_main
+from rlhf_dist.stages.common import StageContext, stage_main
+from rlhf_dist.stages.fit import fit
 
 STAGE, DATA_KIND = "reward", "preference"
 

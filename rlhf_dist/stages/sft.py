@@ -15,7 +15,8 @@ Writes OUTPUT/sft: model (merged; plus `adapter/` with LoRA), tokenizer, config.
 from __future__ import annotations
 
 from rlhf_dist.models import load_causal_lm, peft_config, save_model
-from rlhf_dist.stages.common import StageContext, fit, perplexity, stage_main
+from rlhf_dist.stages.common import StageContext, perplexity, stage_main
+from rlhf_dist.stages.fit import fit
 
 STAGE, DATA_KIND = "sft", "sft"
 
