@@ -358,6 +358,109 @@ class PPOTrainingConfig:
         return dataclasses.asdict(self)
 
 
+GuardAction = Literal["warn", "stop", "rollback"]
+
+
+@dataclass
+class GuardRule:
+    """A rule on one training metric of the PPO loop (`rlhf_dist.rl.guardrails`); limit null = off."""
+
+    limit: float | None = _f(None, "Threshold of the rule (null: the rule is off).")
+    action: GuardAction = _f("warn", "warn: log it; stop: end the run with a diagnosis; rollback: restore the last healthy "
+                             "checkpoint and continue with guardrails.rollback's smaller learning rate / larger KL coefficient.")
+    patience: int = _f(1, "Consecutive steps the rule must hold before it acts.")
+
+    def __post_init__(self):
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.limit is not None and not self.limit >= 0:
+            raise ValueError(f"limit must be >= 0 (or null to turn the rule off), got {self.limit}")
+
+
+@dataclass
+class KLRule(GuardRule):
+    limit: float | None = _f(50.0, "objective/kl (nats per response) above this.")
+    patience: int = _f(3, "Consecutive steps the rule must hold before it acts.")
+
+
+@dataclass
+class EntropyRule(GuardRule):
+    limit: float | None = _f(0.01, "policy/entropy (nats per token) below this: the policy stopped exploring.")
+    patience: int = _f(3, "Consecutive steps the rule must hold before it acts.")
+
+
+@dataclass
+class RatioRule(GuardRule):
+    limit: float | None = _f(10.0, "policy/ratio_max (new / old probability of a token) above this.")
+    patience: int = _f(3, "Consecutive steps the rule must hold before it acts.")
+
+
+@dataclass
+class ValueLossRule(GuardRule):
+    limit: float | None = _f(None, "value/loss above this (off by default: its scale is the reward's).")
+
+
+@dataclass
+class LengthRule(GuardRule):
+    limit: float | None = _f(0.95, "rollout/response_length at or above this share of max_new_tokens: responses run to "
+                             "the limit (a reward hacked by length). Off with ignore_eos.")
+    patience: int = _f(5, "Consecutive steps the rule must hold before it acts.")
+
+
+@dataclass
+class HeldoutRule(GuardRule):
+    limit: float | None = _f(None, "Reward hacking: the held-out score (every heldout_every steps) fell more than this "
+                             "below its best while the training score rose above its value then.")
+
+
+@dataclass
+class RollbackConfig:
+    """What `rollback` changes after restoring the last healthy checkpoint."""
+
+    lr_factor: float = _f(0.5, "The learning rate is multiplied by this (each rollback).")
+    kl_factor: float = _f(2.0, "The KL coefficient is multiplied by this (each rollback).")
+    max_rollbacks: int = _f(2, "Rollbacks allowed in a run; one more stops it with the diagnosis.")
+
+    def __post_init__(self):
+        if not 0 < self.lr_factor <= 1:
+            raise ValueError(f"lr_factor must be within (0, 1], got {self.lr_factor}")
+        if not self.kl_factor >= 1:
+            raise ValueError(f"kl_factor must be >= 1, got {self.kl_factor}")
+        if self.max_rollbacks < 0:
+            raise ValueError(f"max_rollbacks must be >= 0, got {self.max_rollbacks}")
+
+
+@dataclass
+class GuardrailsConfig:
+    """Training-health guardrails of the PPO loop (`rlhf_dist.rl.guardrails`): each step's metrics go through the
+    rules below; what fires is logged (log.jsonl, TensorBoard, metrics.json) and acted on. The defaults only warn,
+    and skip an optimizer step whose gradients are not finite: they never change a healthy run."""
+
+    nonfinite: Literal["skip", "stop"] = _f(
+        "skip", "NaN/Inf in a loss or in the gradients: skip that optimizer step on every process (counted), or stop. "
+        "Under DeepSpeed, whose engine has stepped by then, it always stops.")
+    max_skipped: int = _f(3, "Skipped optimizer steps in a row after which the run stops.")
+    kl: KLRule = field(default_factory=KLRule, metadata={"help": "KL to the reference too high."})
+    entropy: EntropyRule = field(default_factory=EntropyRule, metadata={"help": "Entropy collapse."})
+    ratio: RatioRule = field(default_factory=RatioRule, metadata={"help": "Policy ratios too far from 1."})
+    value_loss: ValueLossRule = field(default_factory=ValueLossRule, metadata={"help": "Value loss too high."})
+    length: LengthRule = field(default_factory=LengthRule, metadata={"help": "Responses running to max_new_tokens."})
+    heldout: HeldoutRule = field(default_factory=HeldoutRule, metadata={"help": "Training score up, held-out score down."})
+    heldout_every: int = _f(0, "Evaluate the held-out prompts every N steps for the heldout rule (0: never).")
+    rollback: RollbackConfig = field(default_factory=RollbackConfig, metadata={"help": "What a rollback changes."})
+
+    def __post_init__(self):
+        if self.max_skipped < 1:
+            raise ValueError(f"guardrails.max_skipped must be >= 1, got {self.max_skipped}")
+        if self.heldout_every < 0:
+            raise ValueError(f"guardrails.heldout_every must be >= 0, got {self.heldout_every}")
+        if self.heldout.limit is not None and self.heldout_every == 0:
+            raise ValueError("guardrails.heldout.limit needs guardrails.heldout_every > 0 (how often to evaluate)")
+
+    def rules(self) -> dict[str, GuardRule]:
+        return {name: getattr(self, name) for name in ("kl", "entropy", "ratio", "value_loss", "length", "heldout")}
+
+
 @dataclass
 class PPOConfig(StageConfig):
     """RLHF with PPO (or the RLOO/GRPO group baselines): our own sharded rollout-update loop."""
@@ -375,6 +478,8 @@ class PPOConfig(StageConfig):
     reward_adapter: bool | None = _f(
         None, "With LoRA: score with the reward stage's LoRA adapter (reward_model/adapter) on the policy's base, so one "
               "base serves all four models. Default: when that adapter was trained on the same base.")
+    guardrails: GuardrailsConfig = field(default_factory=GuardrailsConfig,
+                                         metadata={"help": "Training-health rules and what they do."})
     training: PPOTrainingConfig | None = None
 
     def __post_init__(self):

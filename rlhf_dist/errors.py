@@ -20,3 +20,12 @@ class DataError(UserError):
 
 class RunDirError(UserError):
     """An output directory that would be clobbered."""
+
+
+class StageStopped(Exception):
+    """A stage that ended early on purpose (a guardrail): the one-line message, its exit status, the files that
+    explain it (for the run's exit note)."""
+
+    def __init__(self, message: str, status: int, **files):
+        super().__init__(message)
+        self.status, self.files = status, files

@@ -5,7 +5,9 @@
     WORK/tensorboard/     TensorBoard event files: `tensorboard --logdir OUTPUT/ppo/tensorboard`
 
 On resume from step S, lines of later steps (written after the checkpoint) are dropped first, so
-the logs continue exactly where the checkpoint left off.
+the logs continue exactly where the checkpoint left off. Guardrail events (`rlhf_dist.rl.guardrails`) are rows
+with an "event" key in log.jsonl: a rollback keeps them (they happened) while the metric rows after the step it
+went back to are dropped; a resume keeps the ones the checkpoint's state counts.
 """
 
 from __future__ import annotations
@@ -29,11 +31,17 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
+def _truncate_jsonl(path: Path, last_step: int, keep_events: int | None = None) -> None:
+    """Drop rows of steps after `last_step`; event rows: keep those numbered up to `keep_events` (None: all)."""
     if not path.is_file():
         return
-    kept = [row for row in _rows(path) if row.get("step", 0) <= last_step]
-    write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+    def kept(row):
+        if "event" in row:
+            return keep_events is None or row.get("n", 0) <= keep_events
+        return row.get("step", 0) <= last_step
+
+    write_text(path, "".join(json.dumps(row) + "\n" for row in _rows(path) if kept(row)))
 
 
 def _jsonable(value: Any) -> Any:
@@ -45,8 +53,9 @@ def _jsonable(value: Any) -> Any:
 class Tracker:
     """Writes metrics and samples; a no-op on processes other than the main one."""
 
-    def __init__(self, folder: Path, enabled: bool, report_to: list[str], resume_step: int = 0):
+    def __init__(self, folder: Path, enabled: bool, report_to: list[str], resume_step: int = 0, events: int = 0):
         self.enabled = enabled
+        self.report_to = list(report_to)
         self.folder = Path(folder)
         self.metrics_path = self.folder / "log.jsonl"
         self.samples_path = self.folder / "samples.jsonl"
@@ -57,14 +66,39 @@ class Tracker:
         if not enabled:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        _truncate_jsonl(self.metrics_path, resume_step)
+        _truncate_jsonl(self.metrics_path, resume_step, keep_events=events)
         _truncate_jsonl(self.samples_path, resume_step)
-        if "tensorboard" in report_to:
+        self._open_tensorboard(resume_step)
+
+    def _open_tensorboard(self, after_step: int) -> None:
+        if "tensorboard" in self.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: on resume, TensorBoard hides events logged after the checkpoint
-            purge = resume_step + 1 if resume_step else None
+            purge = after_step + 1 if after_step else None
             self.tensorboard = SummaryWriter(str(self.folder / "tensorboard"), purge_step=purge)
+
+    def event(self, event: dict) -> None:
+        """A guardrail event: a row of its own in log.jsonl, text and a scalar in TensorBoard."""
+        if not self.enabled:
+            return
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps({"event": "guardrail", **{k: _jsonable(v) for k, v in event.items()}}) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.add_text("guardrails", f"**{event['rule']}** ({event['action']}): {event['message']}",
+                                      event["step"])
+            if isinstance(event.get("value"), (int, float)):
+                self.tensorboard.add_scalar(f"guardrails/{event['rule']}", event["value"], event["step"])
+            self.tensorboard.flush()
+
+    def rewind(self, step: int) -> None:
+        """Back to `step` (a rollback): metric and sample rows after it are dropped, events kept."""
+        if not self.enabled:
+            return
+        self.close()
+        _truncate_jsonl(self.metrics_path, step)
+        _truncate_jsonl(self.samples_path, step)
+        self._open_tensorboard(step)
 
     def log(self, step: int, metrics: dict[str, float], samples: list[dict] | None = None) -> None:
         if not self.enabled:
@@ -87,9 +121,10 @@ class Tracker:
             self.tensorboard.flush()
 
     def history(self) -> list[dict]:
+        """The metric rows (one per logged step)."""
         if not self.enabled or not self.metrics_path.is_file():
             return []
-        return _rows(self.metrics_path)
+        return [row for row in _rows(self.metrics_path) if "event" not in row]
 
     def close(self) -> None:
         if self.tensorboard is not None:

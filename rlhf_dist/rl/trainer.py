@@ -53,8 +53,10 @@ from torch import nn
 
 from rlhf_dist import faults, preempt, rundir, watchdog
 from rlhf_dist.rl.actor_critic import ActorCritic
+from rlhf_dist.errors import StageStopped
 from rlhf_dist.rl.adapters import REFERENCE, no_adapter, use_adapter
 from rlhf_dist.rl.advantages import gae, group_baseline, masked_mean, sequence_advantages_to_tokens, whiten
+from rlhf_dist.rl.guardrails import GUARD_STOPPED, Guardrails, worst
 from rlhf_dist.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_dist.rl.losses import aggregate, explained_variance, ppo_policy_loss, value_loss
 from rlhf_dist.rl.reward_fn import call_reward_fn
@@ -221,10 +223,12 @@ class PPOTrainer:
         tokenizer: the policy's tokenizer.
         train_prompts, eval_prompts: token id lists (already checked against max_prompt_length).
         work_dir: where checkpoints and logs go.
+        guardrails: `rlhf_dist.config.GuardrailsConfig` (default: its defaults), see `rlhf_dist.rl.guardrails`.
     """
 
     def __init__(self, args, accelerator, actor_critic: ActorCritic, reference: nn.Module | None, reward: RewardSource,
-                 tokenizer, train_prompts: list[list[int]], eval_prompts: list[list[int]], work_dir: Path):
+                 tokenizer, train_prompts: list[list[int]], eval_prompts: list[list[int]], work_dir: Path,
+                 guardrails=None):
         self.args, self.accelerator, self.reward = args, accelerator, reward
         self.tokenizer, self.train_prompts, self.eval_prompts = tokenizer, train_prompts, eval_prompts
         self.work_dir = Path(work_dir)
@@ -267,6 +271,13 @@ class PPOTrainer:
         self.moments = RunningMoments()
         self.step = 0
         self.optimizer_step = 0
+        if guardrails is None:
+            from rlhf_dist.config import GuardrailsConfig
+
+            guardrails = GuardrailsConfig()
+        self.guard = Guardrails(guardrails, args.max_new_tokens, args.ignore_eos)
+        self.deepspeed = deepspeed
+        self._guard_events = []  # events of the step in progress (the optimizer's), handled after it
 
     # -- small helpers ---------------------------------------------------------------------------
     @property
@@ -286,7 +297,7 @@ class PPOTrainer:
         return 1.0
 
     def _set_lr(self) -> None:
-        factor = self._lr_factor(self.optimizer_step)
+        factor = self._lr_factor(self.optimizer_step) * self.guard.lr_scale
         for group, base in zip(self.raw_optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
 
@@ -478,7 +489,7 @@ class PPOTrainer:
                         first.add({"policy/ratio_first_minibatch": micro_stats["policy/ratio_mean"]}, tokens)
         out = stats.reduce(acc)
         out.update(first.reduce(acc))
-        out["train/lr"] = self.base_lrs[0] * self._lr_factor(max(self.optimizer_step - 1, 0))
+        out["train/lr"] = self.base_lrs[0] * self._lr_factor(max(self.optimizer_step - 1, 0)) * self.guard.lr_scale
         return out
 
     def loss(self, mb: Rollouts, advantages: torch.Tensor, returns: torch.Tensor | None, denominator: float,
@@ -525,12 +536,32 @@ class PPOTrainer:
                                     "value/mean": v_stats["value_mean"]}
 
     def optimizer_update(self, stats: "WeightedMeans") -> None:
-        """Clip the accumulated gradients, step Adam, zero them (under DeepSpeed the engine did all of it)."""
+        """Clip the accumulated gradients, step Adam, zero them (under DeepSpeed the engine did all of it).
+
+        Gradients that are not finite (a NaN or Inf loss anywhere makes them so on every process: they are
+        averaged) skip the step on every process; the schedule moves on as if it had been taken.
+        """
+        grad_norm = None
         if self.args.max_grad_norm is not None:
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-            if grad_norm is not None:  # the pre-clip global norm (DeepSpeed reports its own)
-                stats.add({"train/grad_norm": float(grad_norm)}, 1.0)
-        self.optimizer.step()
+        elif not self.deepspeed:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        if self.deepspeed:  # the engine stepped inside backward(); it knows the norm it clipped
+            grad_norm = getattr(self.model, "get_global_grad_norm", lambda: None)()
+        norm = None if grad_norm is None else float(grad_norm)
+        stopping = any(e.action == "stop" for e in self._guard_events)  # the step ends in a stop: no more updates
+        if stopping or (norm is not None and not math.isfinite(norm)):
+            if not stopping:
+                self._guard_events.append(self.guard.skipped(self.step, self.optimizer_step + 1, norm, self.deepspeed))
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer_step += 1
+            return
+        if norm is not None and self.args.max_grad_norm is not None and not self.deepspeed:  # the pre-clip global norm
+            stats.add({"train/grad_norm": norm}, 1.0)
+        self.guard.stepped()
+        if not self.deepspeed:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_step += 1
 
@@ -568,7 +599,7 @@ class PPOTrainer:
     # -- checkpoints -------------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"step": self.step, "optimizer_step": self.optimizer_step, "kl_ctl": self.kl_ctl.state_dict(),
-                "moments": self.moments.state_dict(), "world_size": self.world}
+                "moments": self.moments.state_dict(), "world_size": self.world, "guardrails": self.guard.state_dict()}
 
     def save_checkpoint(self) -> Path:
         """WORK/checkpoint-STEP: weights, optimizer, RNG (accelerate) + our counters; sealed, then renamed.
@@ -600,7 +631,9 @@ class PPOTrainer:
         acc.wait_for_everyone()
         return final
 
-    def load_checkpoint(self, folder: str | Path) -> None:
+    def load_checkpoint(self, folder: str | Path, rollback: bool = False) -> None:
+        """Weights, optimizer, RNG and counters from `folder`. A resume also takes the guardrails' state from it; a
+        rollback keeps the run's (its counters and scales go on) and puts the KL coefficient on the current scale."""
         folder = Path(folder)
         # A PEFT policy's checkpoint holds only what trains (ActorCritic.state_dict): the frozen base is not in it.
         peft = hasattr(self.unwrapped.policy, "peft_config")
@@ -609,6 +642,11 @@ class PPOTrainer:
         self.step, self.optimizer_step = int(state["step"]), int(state["optimizer_step"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.moments.load_state_dict(state["moments"])
+        saved_guard = state.get("guardrails", {})
+        if rollback:
+            self.kl_ctl.value *= self.guard.kl_scale / saved_guard.get("kl_scale", 1.0)
+        elif saved_guard:
+            self.guard.load_state_dict(saved_guard)
 
     # -- the loop ------------------------------------------------------------------------------------------
     def train(self, resume_from: str | None = None) -> list[dict]:
@@ -619,20 +657,32 @@ class PPOTrainer:
         if resume_from:
             self.load_checkpoint(resume_from)
             log.info("ppo: resumed at step %d from %s", self.step, resume_from)
-        tracker = Tracker(self.work_dir, acc.is_main_process, list(a.report_to), resume_step=self.step)
+        elif a.save_steps and any(self.guard.cfg.rules()[name].action == "rollback" for name in self.guard.acting_rules()):
+            self.save_checkpoint()  # checkpoint-0: a rollback before the first checkpoint goes back to the start
+        self.tracker = tracker = Tracker(self.work_dir, acc.is_main_process, list(a.report_to), resume_step=self.step,
+                                         events=len(self.guard.events))
         bar = tqdm(total=self.max_steps, initial=self.step, desc="ppo", disable=not acc.is_main_process, dynamic_ncols=True)
         try:
             while self.step < self.max_steps:
                 self.step += 1
                 watchdog.set_phase("train_step", self.step)  # between the phases below (the logging's collectives)
                 metrics, batch = self.train_step(self.step)
+                heldout = None
+                every = self.guard.cfg.heldout_every
+                if every and self.step % every == 0:
+                    heldout = metrics["heldout/score"] = self.evaluate()["score"]
                 if self.step % a.logging_steps == 0 or self.step == self.max_steps:
                     samples = self.samples(batch, a.num_sample_completions) if acc.is_main_process else None
                     tracker.log(self.step, metrics, samples)
                 bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
                                 ratio=f"{metrics['policy/ratio_mean']:.3f}")
                 bar.update(1)
+                if self.guardrails(metrics, heldout, bar):
+                    continue  # rolled back: self.step is the checkpoint's
                 saved = a.save_steps and self.step % a.save_steps == 0 and self.step < self.max_steps
+                if saved and not self.guard.healthy():  # every checkpoint on disk is one a rollback may go back to
+                    log.info("ppo: no checkpoint at step %d: a guardrail is firing", self.step)
+                    saved = False
                 if saved:
                     self.save_checkpoint()
                 if preempt.requested():  # a collective: every process asks after every step
@@ -642,6 +692,62 @@ class PPOTrainer:
             bar.close()
             tracker.close()
         return tracker.history()
+
+    def guardrails(self, metrics: dict, heldout: float | None, bar=None) -> bool:
+        """This step's guardrail events: logged, then acted on; True if the run rolled back to a checkpoint."""
+        events = [*self._guard_events, *self.guard.check(self.step, metrics, heldout)]
+        self._guard_events = []
+        for event in events:
+            (log.warning if event.action in ("warn", "skip") else log.error)(
+                "ppo: guardrail '%s' at step %d: %s (%s)", event.rule, event.step, event.message, event.action)
+            self.tracker.event(event.as_dict())
+        event = worst(events)
+        if event is None or event.action in ("warn", "skip"):
+            return False
+        since = self.guard.since.get(event.rule, self.step)
+        if event.action == "rollback":
+            target = self._healthy_checkpoint(since)
+            limit = self.guard.cfg.rollback.max_rollbacks
+            if target is not None and self.guard.rollbacks < limit:
+                self._rollback(target, event)
+                if bar is not None:
+                    bar.n = self.step
+                    bar.refresh()
+                return True
+            why = f"{limit} rollback(s) already" if target is not None else "no checkpoint from before it to go back to"
+            self._stop(event, f"rollback refused: {why}")
+        self._stop(event)
+        return False
+
+    def _healthy_checkpoint(self, since: int) -> Path | None:
+        """The newest complete checkpoint whose policy was seen healthy: a rule firing since step `since` judges the
+        rollouts of step `since`, sampled by the policy of checkpoint-(since - 1); one from before that is healthy."""
+        complete, _ = rundir.checkpoints(self.work_dir)
+        older = [p for p in complete if rundir.checkpoint_step(p) < since - 1]
+        return older[-1] if older else None
+
+    def _rollback(self, target: Path, event) -> None:
+        rb = self.guard.cfg.rollback
+        self.guard.rollbacks += 1
+        self.guard.lr_scale *= rb.lr_factor
+        self.guard.kl_scale *= rb.kl_factor
+        step = self.step
+        self.load_checkpoint(target, rollback=True)
+        self.guard.reset_streaks()
+        self.tracker.rewind(self.step)
+        log.warning("ppo: rollback %d of %d: from step %d back to %s; learning rate x%g (now x%g), KL coefficient now %.4g",
+                    self.guard.rollbacks, rb.max_rollbacks, step, target, rb.lr_factor, self.guard.lr_scale,
+                    self.kl_ctl.value)
+
+    def _stop(self, event, why: str = "") -> None:
+        newest = rundir.last_checkpoint(self.work_dir)
+        rolled = f" after {self.guard.rollbacks} rollback(s)" if self.guard.rollbacks else ""
+        resume = (f"the newest checkpoint, {newest}, is from before it: change the recipe (e.g. a lower "
+                  "ppo.training.learning_rate or a higher ppo.training.kl_coef) and run again with --resume"
+                  if newest else "no checkpoint was saved: change the recipe and run again")
+        raise StageStopped(f"guardrail '{event.rule}' stopped the run at step {event.step}{rolled}: {event.message}"
+                           f"{'; ' + why if why else ''}; {resume}", GUARD_STOPPED,
+                           log=self.work_dir / "log.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------

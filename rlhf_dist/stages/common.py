@@ -29,7 +29,7 @@ from rlhf_dist.config import (
     resolve_stage,
     to_dict,
 )
-from rlhf_dist.errors import UserError
+from rlhf_dist.errors import StageStopped, UserError
 from rlhf_dist.plots import plot_stage
 from rlhf_dist.recipe import add_run_arguments, check_grace_period
 
@@ -237,14 +237,6 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
             dog.stop()
     failures.note(code, "complete")
     return code
-
-
-class StageStopped(Exception):
-    """A stage ended early on purpose (a guardrail): the one-line message, the exit status, the files that explain it."""
-
-    def __init__(self, message: str, status: int, **files):
-        super().__init__(message)
-        self.status, self.files = status, files
 
 
 def _train_and_finish(stage, cfg, ctx: StageContext, args, resolved: dict, state, run) -> int:

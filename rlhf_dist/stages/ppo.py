@@ -428,7 +428,7 @@ def run(ctx: StageContext) -> dict:
              mem["separate_16bit_bytes"] / 2**20, 100 * mem["saved_vs_separate_16bit"])
     work = ctx.final_dir.parent
     trainer = PPOTrainer(a, accelerator, actor_critic, reference, reward, ctx.tokenizer, ctx.extra["train_prompts"],
-                         ctx.extra["eval_prompts"], work)
+                         ctx.extra["eval_prompts"], work, guardrails=cfg.guardrails)
     before_file = work / "before.json"
     if ctx.checkpoint and before_file.is_file():  # the starting policy's figures, measured by the first attempt
         import json
@@ -453,7 +453,8 @@ def run(ctx: StageContext) -> dict:
              "distributed_type": str(accelerator.distributed_type.value), "zero_stage": trainer.zero_stage,
              "final_kl": last.get("objective/kl"), "final_score": last.get("objective/scores"),
              "final_kl_coef": last.get("objective/kl_coef")}
-    return {"before": before, "after": after, "train": train, "models": ctx.extra["memory"], "history": history}
+    return {"before": before, "after": after, "train": train, "models": ctx.extra["memory"],
+            "guardrails": trainer.guard.summary(), "history": history}
 
 
 def main(argv: list[str] | None = None) -> int:
