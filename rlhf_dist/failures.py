@@ -60,18 +60,25 @@ def start(output: str | Path, stage: str, rank: int, keep_stderr: bool = True) -
 def _tee_stderr(path: Path) -> None:
     """fd 2 -> a `tee -a` of its own session -> the file and the console.
 
-    tee (not a thread) writes every byte as it comes, so the file is complete even when this process is killed;
-    in its own session, a signal to this process group (Ctrl-C, `kill -- -PGID`) does not end it before us: it
-    exits when every writer (this process and its children) has closed the pipe.
+    tee (not a thread) writes every byte as it comes, so the file is complete even when this process is killed.
+    It must outlive this process's own last words: in its own session a signal to this process group (Ctrl-C,
+    `kill -- -PGID`) does not reach it, and it ignores the stop signals, which Slurm sends to every process of a job
+    step (a dead tee would turn the stage's next line of output into a BrokenPipeError). It exits when every writer
+    (this process and its children) has closed the pipe.
     """
     import shutil
 
     tee = shutil.which("tee")
     if tee is None:  # not a GNU/BSD system: the console only
         return
+
+    def ignore_signals():  # an ignored signal stays ignored across exec
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+
     sys.stderr.flush()
     proc = subprocess.Popen([tee, "-a", str(path)], stdin=subprocess.PIPE, stdout=sys.__stderr__.fileno(),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=ignore_signals)
     os.dup2(proc.stdin.fileno(), 2)
     proc.stdin.close()
 

@@ -29,6 +29,9 @@ from rlhf_dist.errors import UserError
 from rlhf_dist.recipe import STAGE_ORDER, apply_overrides, check_grace_period, load_recipe, run_flags
 
 
+STOP_MARKER_ENV = "RLHF_DIST_STOP_MARKER"
+
+
 def config_root() -> Path:
     """The folder holding launch/ and ds_configs/: $RLHF_DIST_HOME (the container sets it), else the clone
     this package runs from (pip install -e .), else the current directory."""
@@ -166,6 +169,10 @@ def main(argv: list[str]) -> int:
     if code == 0 and not rundir.is_complete(output, args.stage):
         print(f"rlhf-dist launch: {args.stage} stopped on request ({stop or 'a signal to its processes'}) after saving a "
               "checkpoint; run the same command again to continue from it", file=sys.stderr, flush=True)
+        marker = os.environ.get(STOP_MARKER_ENV)  # the sbatch script's: requeue even if srun reports another status
+        if marker:
+            with contextlib.suppress(OSError):
+                Path(marker).write_text(f"{args.stage} {stop}\n")
         return preempt.PREEMPTED
     if code == 0 and args.machine_rank == 0:
         check_world_size(output, args.stage, world, started)

