@@ -10,7 +10,9 @@
     rlhf-dist fields STAGE                                  every config field of a stage, with help
 
 Errors in the input (config, data, paths, run directory) print one line and exit with status 2
-before any model is loaded.
+before any model is loaded. Other exit statuses of a stage: 75 stopped on a signal with its checkpoint saved
+(run the same command again), 124 a phase ran past its watchdog limit, 3 a guardrail stopped the run,
+128 + N ended by signal N without saving (docs/reliability.md).
 """
 
 from __future__ import annotations

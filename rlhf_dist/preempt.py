@@ -22,6 +22,7 @@ after 30 s) leave them alone, and passes each signal it gets on to every process
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
@@ -111,6 +112,16 @@ def install(grace_seconds: float = GRACE_SECONDS) -> None:
     _pid, _requested, _terminal_at, _grace, _timer = os.getpid(), None, None, grace_seconds, None
     for sig in SIGNALS:
         signal.signal(sig, _on_signal)
+    atexit.register(_ignore_at_exit)
+
+
+def _ignore_at_exit() -> None:
+    """Once the stage is over: a late stop signal changes nothing. Python resets handlers it set to the default
+    action while it shuts down (not ignored ones), and a USR1 arriving then would kill the finished process
+    (seen on Slurm: the signal before a time limit came as the stage completed, and the job looked failed)."""
+    if os.getpid() == _pid:
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def checkpoint_saved() -> None:

@@ -4,6 +4,7 @@ Layout of `--output RUN`::
 
     RUN/rlhf_dist_run.json    marks the folder as ours (refusing to write into a stranger's folder)
     RUN/sft.incomplete/       a stage at work: trainer checkpoints, and `final/` while it is saved
+    RUN/logs/sft/             every process's stderr and how it ended (`rlhf_dist.failures`), stall reports
     RUN/sft/                  a complete stage (renamed from sft.incomplete/final in one step):
                               model (safetensors), tokenizer, config.yaml, metrics.json, README.md
 

@@ -41,6 +41,20 @@ SAFE = {
 TIME = re.compile(r"\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{1,2}|\d+-\d{1,2}:\d{1,2}:\d{1,2}")
 
 
+def time_limit_seconds(text: str) -> int:
+    """Seconds in a Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS); `text` matches TIME."""
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        parts += [0] * (3 - len(parts))
+        return int(days) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if len(parts) == 1:  # MM
+        return parts[0] * 60
+    if len(parts) == 2:  # MM:SS
+        return parts[0] * 60 + parts[1]
+    return parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
 def template_dir() -> Path:
     from rlhf_dist.launch import config_root
 
@@ -125,6 +139,9 @@ def check(args: argparse.Namespace) -> tuple[list[str], Path]:
         check_safe(flag, getattr(args, flag[2:].replace("-", "_")))
     if not TIME.fullmatch(args.time):
         raise UserError(f"--time {args.time!r} is not a Slurm time limit; write MM, HH:MM:SS or D-HH:MM:SS (e.g. 1-00:00:00)")
+    if args.preempt_signal_seconds >= time_limit_seconds(args.time):
+        raise UserError(f"--preempt-signal-seconds {args.preempt_signal_seconds} is not shorter than --time {args.time}: "
+                        "the warning would come at once and every restart would stop after one step; lower it")
     raw, source = load_recipe(args.recipe)
     raw = apply_overrides(raw, args.overrides)  # a malformed KEY=VALUE fails now, not on the cluster
     recipe_stages = validate_recipe(raw, source)

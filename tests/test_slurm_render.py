@@ -242,6 +242,11 @@ def test_submit_chains_with_afterok(tmp_path, stubs, capsys):
                                                 ["--dependency=afterok:102", "--kill-on-invalid-dep=yes"]]
 
 
+def test_time_limits_in_seconds():
+    assert [slurm.time_limit_seconds(t) for t in ("30", "1:30", "02:00:05", "1-02", "1-02:03", "1-02:03:04")] == [
+        1800, 90, 7205, 93600, 93780, 93784]
+
+
 @pytest.mark.parametrize("change, flag", [
     ({"--strategy": "zero9"}, "--strategy"),
     ({"--partition": "gpu;rm -rf /"}, "--partition"),
@@ -257,6 +262,7 @@ def test_submit_chains_with_afterok(tmp_path, stubs, capsys):
     ({"--grace-period": "50", "--kill-wait": "45"}, "--grace-period 50 is not shorter than the cluster's KillWait of 45"),
     ({"--grace-period": "-2"}, "--grace-period must be a number of seconds >= 0"),
     ({"--kill-wait": "0"}, "--kill-wait must be >= 1"),
+    ({"--time": "2", "--preempt-signal-seconds": "120"}, "--preempt-signal-seconds 120 is not shorter than --time 2"),
 ])
 def test_bad_input_writes_nothing(tmp_path, stubs, change, flag):
     args = base_args(tmp_path, "--stage", "sft", "--account", "proj", "--container", "img:1", action="submit")
