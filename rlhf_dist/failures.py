@@ -138,40 +138,38 @@ def explain(output: str | Path, stage: str, code: int, since: float, processes: 
     a stall with its stack file, a guardrail, an exception.
     """
     notes = read_notes(output, stage, since)
+    halted = set(stopped)
 
-    def order(p):  # the agent's times are whole seconds: a process's own note is more precise; a signal comes first
+    def when(p):  # the agent's times are whole seconds; a process's own note is more precise
         n = notes.get(p["rank"], {})
-        return (n["time"] if n.get("status") is not None else p.get("time", 0), p["exitcode"] >= 0, p["rank"])
+        return n["time"] if n.get("status") is not None else p.get("time", 0)
 
-    # a process the agent killed because it was stopped is reported as such below, not as the first failure
-    failed = sorted(processes or [], key=lambda p: (p["pid"] in set(stopped), *order(p)))
-    if failed:
-        first = failed[0]
-        rank, status = first["rank"], first["exitcode"]
-    else:
-        done = {r: n for r, n in notes.items() if n.get("status") not in (None, 0)}
-        rank = min(done, key=lambda r: done[r]["time"]) if done else 0
-        status = code
+    # The first failure: not a process the agent killed because it was stopped (said below), a signal before an exit
+    # (the peers of a killed process fail in their collectives after it).
+    failed = sorted(processes or [], key=lambda p: (p["pid"] in halted, when(p), p["exitcode"] >= 0, p["rank"]))
+    if not failed:  # no agent (one process under `pipeline`): the stage process's own exit code
+        ended = {r: n for r, n in notes.items() if n.get("status") not in (None, 0)}
+        failed = [{"rank": min(ended, key=lambda r: ended[r]["time"]) if ended else 0, "exitcode": code}]
+    first = failed[0]
+    rank, status = first["rank"], first["exitcode"]
     n = notes.get(rank, {})
-    host = first.get("host") if failed else None
-    where = f"rank {rank} on node {n.get('node', '?')} ({n.get('host') or host or '?'}, pid {n.get('pid') or (first.get('pid') if failed else '?')})"
-    reason = n.get("reason") if n.get("status") not in (None, 0) else None
-    if reason is None and n.get("status") is None and n:
-        reason = "it wrote no reason (killed from outside, or by the kernel's OOM killer: see `dmesg`)" if status < 0 \
-            else "it wrote no reason"
-    stderr = n.get("stderr") or str(log_dir(output, stage) / f"rank{rank}.log")
-    parts = [f"{stage} failed: {where}: {how(status)}"]
-    if reason:
-        parts.append(reason)
+    parts = [f"{stage} failed: rank {rank} on node {n.get('node', '?')} ({n.get('host', first.get('host', '?'))}, pid "
+             f"{n.get('pid', first.get('pid', '?'))}): {how(status)}"]
+    if n.get("status") not in (None, 0):
+        parts.append(n["reason"])
+    elif n:  # it noted that it was running, and never how it ended
+        parts.append("it wrote no reason" + (" (killed from outside, or by the kernel's OOM killer: see `dmesg`)"
+                                             if status < 0 else ""))
     if n.get("stack"):
         parts.append(f"every thread's stack: {n['stack']}")
+    stderr = n.get("stderr") or str(log_dir(output, stage) / f"rank{rank}.log")
     parts.append(f"its stderr: {stderr}" if Path(stderr).is_file() else "no stderr file (it failed before the run "
                  "directory was claimed; see the console)")
-    halted = sorted(r for r, n_ in notes.items() if n_.get("pid") in set(stopped))
-    if halted:
-        parts.append(f"rank(s) {', '.join(map(str, halted))} had been stopped (SIGSTOP, state T: doing nothing, "
+    stalled = sorted(r for r, n_ in notes.items() if n_.get("pid") in halted)
+    if stalled:
+        parts.append(f"rank(s) {', '.join(map(str, stalled))} had been stopped (SIGSTOP, state T: doing nothing, "
                      "holding up every collective) and were killed")
-    others = len({p["rank"] for p in failed} - {rank} - set(halted))
+    others = len({p["rank"] for p in failed} - {rank} - set(stalled))
     if others > 0:
         parts.append(f"{others} more process(es) failed after it")
     return "; ".join(parts)

@@ -39,6 +39,7 @@ MARKER = "rlhf_dist_run.json"
 STATE_FILE = "config.yaml"
 SEAL = "rlhf_dist_checkpoint.json"  # written last into a checkpoint: it is complete
 SET_ASIDE = "incomplete"  # STAGE.incomplete/incomplete/: checkpoints a killed run left unfinished
+UNHEALTHY = "unhealthy"  # STAGE.incomplete/unhealthy/: PPO checkpoints a guardrail condemned (rlhf_dist.rl.guardrails)
 
 
 def stage_dir(output: str | Path, stage: str) -> Path:
@@ -131,10 +132,10 @@ def rotate_checkpoints(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def set_aside_incomplete(folder: Path, names: list[str]) -> list[Path]:
-    """Move unsealed checkpoints out of the way (into folder/incomplete/), never deleting them."""
+def set_aside(folder: Path, names: list[str], into: str = SET_ASIDE) -> list[Path]:
+    """Move checkpoints out of the way of resuming (into folder/incomplete/ or another subfolder), never deleting them."""
     moved = []
-    target = Path(folder) / SET_ASIDE
+    target = Path(folder) / into
     for name in names:
         src = Path(folder) / name
         if not src.exists():
@@ -203,11 +204,11 @@ def prepare(output: str | Path, stage: str, resolved: dict, plan: Plan) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     if not (root / MARKER).exists():
         write_json(root / MARKER, {"created_by": "rlhf-dist", "format": 1})
-    set_aside_incomplete(work, plan.set_aside)
+    set_aside(work, plan.set_aside)
     if plan.action == "fresh" and work.exists():
-        kept = work / SET_ASIDE
+        kept = {work / SET_ASIDE, work / UNHEALTHY}
         for child in work.iterdir():  # a fresh start keeps what was set aside, and nothing else
-            if child != kept:
+            if child not in kept:
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     work.mkdir(parents=True, exist_ok=True)
     write_text(work / STATE_FILE, yaml.safe_dump(resolved, sort_keys=False))

@@ -53,6 +53,20 @@ def tiny_reward_model(tiny_model, tmp_path_factory) -> Path:
 STEPS = {"pretrain": 40, "sft": 40, "reward": 40, "ppo": 4, "dpo": 30}
 
 
+# The kill and signal tests: 12 optimizer steps with a checkpoint every 4 (PPO: 6 steps, every 2), logged every step.
+STEPS_CHECKPOINTED = {"pretrain": 12, "sft": 12, "reward": 12, "dpo": 12, "ppo": 6}
+EVERY = {"pretrain": 4, "sft": 4, "reward": 4, "dpo": 4, "ppo": 2}
+
+
+def checkpointed_args(stage: str, recipe: Path, reward_model: Path) -> list[str]:
+    """A stage's arguments for the kill and signal tests (tiny_recipe's stage with checkpoints, see above)."""
+    args = ["--recipe", str(recipe), f"{stage}.training.max_steps={STEPS_CHECKPOINTED[stage]}",
+            f"{stage}.training.logging_steps=1", f"{stage}.training.save_steps={EVERY[stage]}"]
+    if stage == "ppo":
+        return [*args, f"ppo.reward_model={reward_model}"]
+    return [*args, f"{stage}.training.save_strategy=steps", f"{stage}.training.save_total_limit=3"]
+
+
 def tiny_recipe(tmp_path: Path, tiny_model: Path, demo_data: dict, extra: str = "") -> Path:
     """A five-stage recipe on the tiny model and demo data, a few dozen steps per stage (ppo: a few)."""
     common = 'per_device_train_batch_size: 16, save_strategy: "no", seed: 0'
@@ -151,3 +165,26 @@ def bit_identical(a: Path, b: Path) -> bool:
 
     x, y = saved_tensors(a), saved_tensors(b)
     return bool(x) and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.fixture(scope="session")
+def shared_recipe(tmp_path_factory, tiny_model, demo_data) -> Path:
+    """`tiny_recipe` once for the session (tests that share `uninterrupted` runs must name the same file)."""
+    return tiny_recipe(tmp_path_factory.mktemp("shared_recipe"), tiny_model, demo_data)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """`uninterrupted(stage, *args)`: the run directory of `rlhf_dist STAGE ARGS` in a process of its own, run once per
+    argument list in the session: the reference that the kill and signal tests compare with, bit for bit."""
+    done: dict[tuple, Path] = {}
+
+    def run(stage: str, *args: str) -> Path:
+        if (stage, args) not in done:
+            out = tmp_path_factory.mktemp(f"uninterrupted-{stage}")
+            proc = stage_process(stage, *args, "--output", str(out))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done[(stage, args)] = out
+        return done[(stage, args)]
+
+    return run

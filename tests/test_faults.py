@@ -15,24 +15,11 @@ import sys
 import time
 
 import pytest
-from conftest import bit_identical, stage_process, tiny_recipe, without_timings
+from conftest import EVERY, STEPS_CHECKPOINTED, bit_identical, checkpointed_args, stage_process, without_timings
 
 from rlhf_dist import rundir
 
 pytestmark = pytest.mark.slow
-
-# 12 optimizer steps with a checkpoint every 4 (PPO: 6 steps, every 2), logged at every step.
-STEPS = {"pretrain": 12, "sft": 12, "reward": 12, "dpo": 12, "ppo": 6}
-EVERY = {"pretrain": 4, "sft": 4, "reward": 4, "dpo": 4, "ppo": 2}
-
-
-def stage_args(stage: str, recipe, reward_model) -> list[str]:
-    args = ["--recipe", str(recipe), f"{stage}.training.max_steps={STEPS[stage]}", f"{stage}.training.logging_steps=1",
-            f"{stage}.training.save_steps={EVERY[stage]}"]
-    if stage == "ppo":
-        return [*args, f"ppo.reward_model={reward_model}"]
-    return [*args, f"{stage}.training.save_strategy=steps", f"{stage}.training.save_total_limit=3"]
-
 
 def outputs(out, stage):
     folder = rundir.stage_dir(out, stage)
@@ -40,13 +27,12 @@ def outputs(out, stage):
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "ppo", "dpo"])
-def test_killed_at_three_moments_resumes_to_the_uninterrupted_run(stage, tmp_path, tiny_model, tiny_reward_model,
-                                                                    demo_data):
-    args = stage_args(stage, tiny_recipe(tmp_path, tiny_model, demo_data), tiny_reward_model)
-    clean, out = tmp_path / "clean", tmp_path / "killed"
-    assert stage_process(stage, *args, "--output", str(clean)).returncode == 0
+def test_killed_at_three_moments_resumes_to_the_uninterrupted_run(stage, tmp_path, shared_recipe, tiny_reward_model,
+                                                                    uninterrupted):
+    args = checkpointed_args(stage, shared_recipe, tiny_reward_model)
+    clean, out = uninterrupted(stage, *args), tmp_path / "killed"
     work = rundir.work_dir(out, stage)
-    last, saving = STEPS[stage], 2 * EVERY[stage]
+    last, saving = STEPS_CHECKPOINTED[stage], 2 * EVERY[stage]
 
     # 1. inside a step (its gradients computed, the weights not yet updated), before any checkpoint exists
     killed = stage_process(stage, *args, "--output", str(out), fault=f"step@{EVERY[stage] - 1}:kill")
@@ -79,11 +65,10 @@ def test_killed_at_three_moments_resumes_to_the_uninterrupted_run(stage, tmp_pat
     assert without_timings(h_out) == without_timings(h_clean)
 
 
-def test_sft_killed_from_outside_while_a_checkpoint_appears(tmp_path, tiny_model, demo_data):
+def test_sft_killed_from_outside_while_a_checkpoint_appears(tmp_path, shared_recipe, tiny_reward_model, uninterrupted):
     """No injection: the run's process group gets SIGKILL the moment checkpoint-8's folder shows up, mid-write."""
-    args = stage_args("sft", tiny_recipe(tmp_path, tiny_model, demo_data), None)
-    clean, out = tmp_path / "clean", tmp_path / "killed"
-    assert stage_process("sft", *args, "--output", str(clean)).returncode == 0
+    args = checkpointed_args("sft", shared_recipe, tiny_reward_model)
+    clean, out = uninterrupted("sft", *args), tmp_path / "killed"
     env = {k: v for k, v in os.environ.items() if k != "RLHF_DIST_FAULT"}
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_dist", "sft", *args, "--output", str(out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)

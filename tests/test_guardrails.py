@@ -110,11 +110,25 @@ def test_kl_blow_up_with_stop_ends_with_a_diagnosis(tmp_path, tiny_model, tiny_r
     assert not rundir.is_complete(out, "ppo")
     note = json.loads((out / "logs" / "ppo" / "rank0.exit.json").read_text())
     assert note["status"] == GUARD_STOPPED
-    assert note["reason"].startswith("guardrail 'kl' stopped the run at step 3: objective/kl = 3.843 > 2; the newest "
-                                     f"checkpoint, {rundir.work_dir(out, 'ppo') / 'checkpoint-2'}, is from before it")
+    # checkpoint-2 holds the policy whose rollouts step 3 judged: set aside, nothing healthy is left to resume from
+    assert note["reason"] == ("guardrail 'kl' stopped the run at step 3: objective/kl = 3.843 > 2; no checkpoint from "
+                              "before it: change the recipe and run again")
     assert f"ppo: {note['reason']}" in caplog.text  # the log's one line
+    work = rundir.work_dir(out, "ppo")
+    assert rundir.last_checkpoint(work) is None and (work / rundir.UNHEALTHY / "checkpoint-2" / rundir.SEAL).is_file()
     _, events = log_rows(out)
     assert [(e["rule"], e["action"], e["step"]) for e in events] == [("kl", "stop", 3)]
+
+    # with a checkpoint every step, --resume continues from the last healthy one (checkpoint-1)
+    out = tmp_path / "every"
+    assert run(tmp_path, tiny_model, tiny_reward_model, demo_data, out, *BLOW_UP, "ppo.guardrails.kl.action=stop",
+               "ppo.training.save_steps=1", "ppo.training.save_total_limit=5") == GUARD_STOPPED
+    work = rundir.work_dir(out, "ppo")
+    reason = json.loads((out / "logs" / "ppo" / "rank0.exit.json").read_text())["reason"]
+    assert reason.endswith(f"--resume continues from {work / 'checkpoint-1'}, saved before it: change the recipe first "
+                           "(e.g. a lower ppo.training.learning_rate or a higher ppo.training.kl_coef)")
+    assert rundir.last_checkpoint(work) == str(work / "checkpoint-1")
+    assert sorted(p.name for p in (work / rundir.UNHEALTHY).iterdir()) == ["checkpoint-2"]
 
 
 def test_nan_in_one_micro_batch_skips_that_optimizer_step(tmp_path, tiny_model, tiny_reward_model, demo_data,

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, bit_identical, stage_process, tiny_recipe, without_timings
+from conftest import REPO, bit_identical, checkpointed_args, stage_process, tiny_recipe, without_timings
 
 from rlhf_dist import preempt, rundir
 
@@ -28,24 +28,24 @@ def recipe(tmp_path, tiny_model, demo_data):
     return tiny_recipe(tmp_path, tiny_model, demo_data)  # save_strategy "no": any checkpoint comes from the signal
 
 
-@pytest.mark.parametrize("signame", ["TERM", "INT"])
-def test_one_process_stops_at_the_step_saves_and_resumes_exactly(signame, recipe, tmp_path):
-    args = ["--recipe", str(recipe), *SFT]
-    clean, out = tmp_path / "clean", tmp_path / "stopped"
-    assert stage_process("sft", *args, "--output", str(clean)).returncode == 0
+@pytest.mark.parametrize("stage, signame", [("sft", "TERM"), ("sft", "INT"), ("ppo", "TERM")])
+def test_one_process_stops_at_the_step_saves_and_resumes_exactly(stage, signame, tmp_path, shared_recipe,
+                                                                 tiny_reward_model, uninterrupted):
+    args = checkpointed_args(stage, shared_recipe, tiny_reward_model)  # the kill tests' runs: one uninterrupted run
+    clean, out = uninterrupted(stage, *args), tmp_path / "stopped"
     # the signal comes inside step 3 (a real signal to the real handler), twice within a moment: one request
-    stopped = stage_process("sft", *args, "--output", str(out), fault=f"step@3:{signame.lower()};step@3:{signame.lower()}")
+    stopped = stage_process(stage, *args, "--output", str(out), fault=f"step@3:{signame.lower()};step@3:{signame.lower()}")
     assert stopped.returncode == preempt.PREEMPTED, stopped.stderr[-3000:]
     assert f"got SIG{signame}: finishing the step in progress" in stopped.stderr
-    work = rundir.work_dir(out, "sft")
+    work = rundir.work_dir(out, stage)
     assert rundir.last_checkpoint(work) == str(work / "checkpoint-3")  # the step it was in, sealed
-    note = json.loads((out / "logs" / "sft" / "rank0.exit.json").read_text())
+    note = json.loads((out / "logs" / stage / "rank0.exit.json").read_text())
     assert note["status"] == preempt.PREEMPTED and f"on SIG{signame}" in note["reason"]
-    resumed = stage_process("sft", *args, "--output", str(out))
+    resumed = stage_process(stage, *args, "--output", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert bit_identical(clean / "sft", out / "sft")
+    assert bit_identical(clean / stage, out / stage)
     for name in ("metrics.json", "log_history.json"):
-        a, b = (json.loads((run / "sft" / name).read_text()) for run in (clean, out))
+        a, b = (json.loads((run / stage / name).read_text()) for run in (clean, out))
         assert without_timings(a) == without_timings(b), name
 
 

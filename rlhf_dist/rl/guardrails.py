@@ -86,6 +86,9 @@ class Guardrails:
     def acting_rules(self) -> list[str]:
         return [name for name, rule in self.cfg.rules().items() if rule.limit is not None and rule.action != "warn"]
 
+    def may_roll_back(self) -> bool:
+        return any(self.cfg.rules()[name].action == "rollback" for name in self.acting_rules())
+
     def healthy(self) -> bool:
         """No stop or rollback rule is firing (a checkpoint saved now is one to go back to)."""
         return all(self.streak[name] == 0 for name in self.acting_rules())

@@ -541,14 +541,13 @@ class PPOTrainer:
         Gradients that are not finite (a NaN or Inf loss anywhere makes them so on every process: they are
         averaged) skip the step on every process; the schedule moves on as if it had been taken.
         """
-        grad_norm = None
-        if self.args.max_grad_norm is not None:
+        if self.args.max_grad_norm is not None:  # the pre-clip global norm (under DeepSpeed: its engine's)
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-        elif not self.deepspeed:
+        elif self.deepspeed:  # the engine stepped inside backward(); it knows the norm
+            grad_norm = getattr(self.model, "get_global_grad_norm", lambda: None)()
+        else:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
-        if self.deepspeed:  # the engine stepped inside backward(); it knows the norm it clipped
-            grad_norm = getattr(self.model, "get_global_grad_norm", lambda: None)()
         norm = None if grad_norm is None else float(grad_norm)
         stopping = any(e.action == "stop" for e in self._guard_events)  # the step ends in a stop: no more updates
         if stopping or (norm is not None and not math.isfinite(norm)):
@@ -557,7 +556,7 @@ class PPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer_step += 1
             return
-        if norm is not None and self.args.max_grad_norm is not None and not self.deepspeed:  # the pre-clip global norm
+        if norm is not None and self.args.max_grad_norm is not None:
             stats.add({"train/grad_norm": norm}, 1.0)
         self.guard.stepped()
         if not self.deepspeed:
@@ -657,7 +656,7 @@ class PPOTrainer:
         if resume_from:
             self.load_checkpoint(resume_from)
             log.info("ppo: resumed at step %d from %s", self.step, resume_from)
-        elif a.save_steps and any(self.guard.cfg.rules()[name].action == "rollback" for name in self.guard.acting_rules()):
+        elif a.save_steps and self.guard.may_roll_back():
             self.save_checkpoint()  # checkpoint-0: a rollback before the first checkpoint goes back to the start
         self.tracker = tracker = Tracker(self.work_dir, acc.is_main_process, list(a.report_to), resume_step=self.step,
                                          events=len(self.guard.events))
@@ -704,47 +703,56 @@ class PPOTrainer:
         event = worst(events)
         if event is None or event.action in ("warn", "skip"):
             return False
-        since = self.guard.since.get(event.rule, self.step)
+        healthy, condemned = self._healthy_checkpoint(self.guard.since.get(event.rule, self.step))
         if event.action == "rollback":
-            target = self._healthy_checkpoint(since)
             limit = self.guard.cfg.rollback.max_rollbacks
-            if target is not None and self.guard.rollbacks < limit:
-                self._rollback(target, event)
+            if healthy is not None and self.guard.rollbacks < limit:
+                self._rollback(healthy, condemned)
                 if bar is not None:
                     bar.n = self.step
                     bar.refresh()
                 return True
-            why = f"{limit} rollback(s) already" if target is not None else "no checkpoint from before it to go back to"
-            self._stop(event, f"rollback refused: {why}")
-        self._stop(event)
+            why = f"{limit} rollback(s) already" if healthy is not None else "no checkpoint from before it to go back to"
+            self._stop(event, healthy, condemned, f"rollback refused: {why}")
+        self._stop(event, healthy, condemned)
         return False
 
-    def _healthy_checkpoint(self, since: int) -> Path | None:
-        """The newest complete checkpoint whose policy was seen healthy: a rule firing since step `since` judges the
-        rollouts of step `since`, sampled by the policy of checkpoint-(since - 1); one from before that is healthy."""
+    def _healthy_checkpoint(self, since: int) -> tuple[Path | None, list[Path]]:
+        """(the newest complete checkpoint whose policy was seen healthy, the newer ones). A rule firing since step
+        `since` judges the rollouts of step `since`, sampled by the policy of checkpoint-(since - 1): a healthy one is
+        older than that."""
         complete, _ = rundir.checkpoints(self.work_dir)
         older = [p for p in complete if rundir.checkpoint_step(p) < since - 1]
-        return older[-1] if older else None
+        return (older[-1] if older else None), [p for p in complete if p not in older]
 
-    def _rollback(self, target: Path, event) -> None:
+    def _set_aside(self, condemned: list[Path]) -> None:
+        """Checkpoints a rule condemns go to WORK/unhealthy/, out of the way of resuming (kept, not deleted)."""
+        if condemned and self.accelerator.is_main_process:
+            moved = rundir.set_aside(self.work_dir, [p.name for p in condemned], into=rundir.UNHEALTHY)
+            log.warning("ppo: set aside %s (saved after the policy went wrong) in %s", ", ".join(p.name for p in moved),
+                        self.work_dir / rundir.UNHEALTHY)
+        self.accelerator.wait_for_everyone()
+
+    def _rollback(self, target: Path, condemned: list[Path]) -> None:
         rb = self.guard.cfg.rollback
         self.guard.rollbacks += 1
         self.guard.lr_scale *= rb.lr_factor
         self.guard.kl_scale *= rb.kl_factor
         step = self.step
         self.load_checkpoint(target, rollback=True)
+        self._set_aside(condemned)
         self.guard.reset_streaks()
         self.tracker.rewind(self.step)
         log.warning("ppo: rollback %d of %d: from step %d back to %s; learning rate x%g (now x%g), KL coefficient now %.4g",
                     self.guard.rollbacks, rb.max_rollbacks, step, target, rb.lr_factor, self.guard.lr_scale,
                     self.kl_ctl.value)
 
-    def _stop(self, event, why: str = "") -> None:
-        newest = rundir.last_checkpoint(self.work_dir)
+    def _stop(self, event, healthy: Path | None, condemned: list[Path], why: str = "") -> None:
+        self._set_aside(condemned)
         rolled = f" after {self.guard.rollbacks} rollback(s)" if self.guard.rollbacks else ""
-        resume = (f"the newest checkpoint, {newest}, is from before it: change the recipe (e.g. a lower "
-                  "ppo.training.learning_rate or a higher ppo.training.kl_coef) and run again with --resume"
-                  if newest else "no checkpoint was saved: change the recipe and run again")
+        resume = (f"--resume continues from {healthy}, saved before it: change the recipe first (e.g. a lower "
+                  "ppo.training.learning_rate or a higher ppo.training.kl_coef)" if healthy else
+                  "no checkpoint from before it: change the recipe and run again")
         raise StageStopped(f"guardrail '{event.rule}' stopped the run at step {event.step}{rolled}: {event.message}"
                            f"{'; ' + why if why else ''}; {resume}", GUARD_STOPPED,
                            log=self.work_dir / "log.jsonl")
