@@ -88,7 +88,7 @@ def fit(trainer, ctx, evaluate: Callable[[], dict]) -> tuple[dict, dict, dict]:
     if stop.stopped_at is not None:
         raise preempt.Preempted(stop.stopped_at, work / f"checkpoint-{stop.stopped_at}")
     faults.point("trained")
-    watchdog.set_phase("evaluate")
+    watchdog.set_phase("finish")  # the evaluation below, then the stage saving its model
     after = watched_evaluate()
     m = result.metrics
     plugin = trainer.accelerator.state.deepspeed_plugin

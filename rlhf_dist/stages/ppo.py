@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_dist import faults, rundir
+from rlhf_dist import faults, rundir, watchdog
 from rlhf_dist.errors import ConfigError, DataError, UserError
 from rlhf_dist.models import base_config, load_causal_lm, load_frozen_reward_model, load_reward_model, load_tokenizer, peft_config
 from rlhf_dist.rl.distributed import make_accelerator, replicated_loading, untied
@@ -440,6 +440,7 @@ def run(ctx: StageContext) -> dict:
             rundir.write_json(before_file, before)
     history = trainer.train(resume_from=ctx.checkpoint)
     faults.point("trained")
+    watchdog.set_phase("finish")  # the evaluation below, then saving the models
     after = trainer.evaluate()
     save_final(trainer, ctx)
     if accelerator.is_main_process:
