@@ -82,6 +82,9 @@ def _on_signal(signum, frame) -> None:
         return
     if _terminal_at is None:
         _terminal_at = now
+        if not first:  # after a USR1: the stop goes on, now against the clock
+            print(f"rlhf-dist: got {signal_name(signum)} while stopping: exiting without a checkpoint if that takes "
+                  f"over {_grace:g} s (--grace-period)", file=sys.stderr, flush=True)
         _start_grace(signum)
     elif now - _terminal_at > DUPLICATE_SECONDS:
         _exit_now(signum, f"a second {signal_name(signum)}: exiting at once, without a checkpoint (the last complete "

@@ -117,3 +117,25 @@ def test_two_processes_term_to_the_launcher_checkpoints_exits_75_and_resumes_exa
     assert bit_identical(clean / "sft", out / "sft")
     a, b = (json.loads((run / "sft" / "metrics.json").read_text()) for run in (clean, out))
     assert without_timings(a) == without_timings(b)
+
+
+USR1_THEN_TERM = """
+import os, signal, time
+from rlhf_dist import preempt
+preempt.install(1.0)
+os.kill(os.getpid(), signal.SIGUSR1)
+time.sleep(0.1)
+os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGTERM)  # the same request again at once (another sender): not a second one
+time.sleep(10)  # a step that never ends
+"""
+
+
+def test_usr1_then_term_starts_the_grace_period_and_a_duplicate_is_one_request():
+    """Slurm's USR1 warning, then the time limit's TERM (twice, from two senders) while the stop is still going on."""
+    started = time.time()
+    done = subprocess.run([sys.executable, "-c", USR1_THEN_TERM], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert 1.0 <= time.time() - started < 8
+    assert "got SIGTERM while stopping" in done.stderr and "within the grace period of 1 s" in done.stderr
+    assert "second SIGTERM" not in done.stderr
