@@ -173,7 +173,7 @@ def render_stage(args: argparse.Namespace, stage: str, out_dir: Path) -> str:
                                          grace_period=args.grace_period))
     groups = [[stage], ["--recipe", recipe], ["--output", output], ["--strategy", args.strategy],
               ["--num-processes", str(args.gpus_per_node)], ["--num-machines", str(args.nodes)],
-              *([flags[i], flags[i + 1]] for i in range(0, len(flags), 2)), *([o] for o in args.overrides)]
+              *([flags] if flags else []), *([o] for o in args.overrides)]
     container = ""
     if args.container:
         mounts = sorted({output, *([os.path.dirname(recipe)] if os.path.isabs(recipe) else []), str(out_dir)})
