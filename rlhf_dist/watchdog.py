@@ -77,10 +77,6 @@ class Watchdog:
                 self._stack.pop()
             self._stack.append([phase, step, time.monotonic()])
 
-    def current(self) -> tuple[str, int | None] | None:
-        with self._lock:
-            return (self._stack[-1][0], self._stack[-1][1]) if self._stack else None
-
     def _watch(self) -> None:
         while not self._stop.wait(self.poll):
             with self._lock:  # the innermost phase is the one running
