@@ -144,9 +144,10 @@ def explain(output: str | Path, stage: str, code: int, since: float, processes: 
         n = notes.get(p["rank"], {})
         return n["time"] if n.get("status") is not None else p.get("time", 0)
 
-    # The first failure: not a process the agent killed because it was stopped (said below), a signal before an exit
-    # (the peers of a killed process fail in their collectives after it).
-    failed = sorted(processes or [], key=lambda p: (p["pid"] in halted, when(p), p["exitcode"] >= 0, p["rank"]))
+    # The first failure: not a process the agent killed because it was stopped (said below); a process killed by a
+    # signal before any that exited (the peers of a killed process fail in their collectives within milliseconds,
+    # and the agent may only see the killed one up to its poll interval later: times cannot order them); then time.
+    failed = sorted(processes or [], key=lambda p: (p["pid"] in halted, p["exitcode"] >= 0, when(p), p["rank"]))
     if not failed:  # no agent (one process under `pipeline`): the stage process's own exit code
         ended = {r: n for r, n in notes.items() if n.get("status") not in (None, 0)}
         failed = [{"rank": min(ended, key=lambda r: ended[r]["time"]) if ended else 0, "exitcode": code}]
