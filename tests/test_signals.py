@@ -91,7 +91,7 @@ def launch(out, recipe, *extra):
 def test_two_processes_term_to_the_launcher_checkpoints_exits_75_and_resumes_exactly(recipe, tmp_path):
     """TERM to `rlhf-dist launch` (what Slurm and Kubernetes send it): it passes the signal on to both training
     processes once, they agree on the step, save there, and the launcher exits 75; the same command resumes."""
-    steps = "sft.training.max_steps=40"
+    steps = "sft.training.max_steps=150"  # ~4 s of training: the TERM surely lands inside it
     clean, out = tmp_path / "clean", tmp_path / "stopped"
     env = {k: v for k, v in os.environ.items() if k != "RLHF_DIST_FAULT"}
     done = subprocess.run(launch(clean, recipe, steps), capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
@@ -100,7 +100,7 @@ def test_two_processes_term_to_the_launcher_checkpoints_exits_75_and_resumes_exa
                             start_new_session=True)
     log = out / "logs" / "sft" / "rank0.log"
     deadline = time.time() + 300
-    while not (log.is_file() and "2/40" in log.read_text()):  # training is under way
+    while not (log.is_file() and "2/150" in log.read_text()):  # training is under way
         assert proc.poll() is None and time.time() < deadline, "the run ended early"
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -110,7 +110,7 @@ def test_two_processes_term_to_the_launcher_checkpoints_exits_75_and_resumes_exa
     notes = [json.loads((out / "logs" / "sft" / f"rank{r}.exit.json").read_text()) for r in (0, 1)]
     assert [n["status"] for n in notes] == [preempt.PREEMPTED] * 2
     step = int(notes[0]["reason"].split("preempted at step ")[1].split()[0])
-    assert notes[1]["reason"] == notes[0]["reason"] and 2 <= step < 40  # both stopped at the same step
+    assert notes[1]["reason"] == notes[0]["reason"] and 2 <= step < 150  # both stopped at the same step
     assert rundir.last_checkpoint(rundir.work_dir(out, "sft")).endswith(f"checkpoint-{step}")
     resumed = subprocess.run(launch(out, recipe, steps), capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
