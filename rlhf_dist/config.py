@@ -16,8 +16,10 @@ class (`transformers.TrainingArguments` for pretrain, `trl.SFTConfig`, `trl.Rewa
 
 Any field can be overridden on the command line as `section.key=value`, for example
 `sft.training.learning_rate=1e-5` or `model.name_or_path=./my-model`. Unknown keys fail with a
-suggestion, values are checked against the field's type, and `${output}` in any string is replaced
-by the run directory. `rlhf-dist fields STAGE` lists every field with its help text.
+suggestion, values are checked against the field's type and, for numbers, its valid range (`RANGES`:
+every numeric field of our sections and the common ones of the Hugging Face/TRL `training` sections), and
+`${output}` in any string is replaced by the run directory. `rlhf-dist fields STAGE` lists every field with
+its help text.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import difflib
 import enum
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -52,6 +55,193 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The process group's timeout (seconds): a backstop behind the watchdog's limits, so it must exceed them (the
 # defaults of WatchdogConfig are at most 3600 s); torch's own default is 1800 s for gloo, 600 s for NCCL.
 DDP_TIMEOUT = 5400
+
+
+# ----------------------------------------------------------------------------------------------
+# Valid ranges of numeric fields (checked by `build` for every value a recipe or override sets, and by the
+# `__post_init__` of our dataclasses that call `check_ranges`)
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Range:
+    """Valid values of a numeric field: [low, high], either end open or absent, plus a few special values
+    (`also`, e.g. HF's max_steps=-1). null is valid wherever the field's type allows it."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    also: tuple = ()
+    unit: str = ""  # what the number is, for the message: "a number of seconds"
+
+    def ok(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        if self.high is not None and not (value < self.high if self.high_open else value <= self.high):
+            return False
+        return not (isinstance(value, float) and math.isnan(value))
+
+    def describe(self, nullable: bool = False) -> str:
+        if self.low is not None and self.high is not None:
+            text = (f"within {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.high_open else ']'}")
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            text = f"{'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            text = "a number"
+        if self.unit:
+            text = f"{self.unit} {text}"
+        special = [f"{v:g}" for v in self.also]
+        return " or ".join([*special, text, *(["null"] if nullable else [])])
+
+
+
+POSITIVE = Range(0, low_open=True)  # > 0
+NON_NEGATIVE = Range(0)  # >= 0
+AT_LEAST_1 = Range(1)  # >= 1 (counts, sizes, lengths)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+UNIT_CLOSED = Range(0, 1)  # [0, 1]
+PROBABILITY = Range(0, 1, low_open=True)  # (0, 1]
+SECONDS = Range(0, low_open=True, unit="a number of seconds")
+
+# Field name -> valid range. A key "Class.field" applies to that class and its subclasses and wins over the bare
+# field name, which applies to a field of that name in any section: ours and the Hugging Face/TRL `training`
+# classes alike. Every int/float field of our own dataclasses must have a rule (tests/test_config_checks.py).
+RANGES: dict[str, Range] = {
+    # optimisation
+    "learning_rate": POSITIVE,
+    "value_learning_rate": POSITIVE,
+    "num_train_epochs": POSITIVE,
+    "max_steps": Range(1, also=(-1,)),  # Hugging Face: -1 = num_train_epochs decides
+    "warmup_steps": NON_NEGATIVE,  # Hugging Face: a float below 1 is a share of the steps
+    "warmup_ratio": FRACTION,
+    "weight_decay": NON_NEGATIVE,
+    "max_grad_norm": NON_NEGATIVE,  # Hugging Face: 0 = no clipping
+    "adam_beta1": FRACTION,
+    "adam_beta2": FRACTION,
+    "adam_epsilon": POSITIVE,
+    "label_smoothing_factor": FRACTION,
+    "neftune_noise_alpha": NON_NEGATIVE,
+    "router_aux_loss_coef": NON_NEGATIVE,
+    # batches and steps
+    "per_device_train_batch_size": AT_LEAST_1,
+    "per_device_eval_batch_size": AT_LEAST_1,
+    "gradient_accumulation_steps": AT_LEAST_1,
+    "eval_accumulation_steps": AT_LEAST_1,
+    "rollout_batch_size": AT_LEAST_1,
+    "samples_per_prompt": AT_LEAST_1,
+    "generation_batch_size": AT_LEAST_1,
+    "mini_batch_size": AT_LEAST_1,
+    "ppo_epochs": AT_LEAST_1,
+    "precompute_ref_batch_size": AT_LEAST_1,
+    "logging_steps": POSITIVE,  # Hugging Face: a float below 1 is a share of the steps
+    "save_steps": POSITIVE,
+    "eval_steps": POSITIVE,
+    "eval_delay": NON_NEGATIVE,
+    "save_total_limit": NON_NEGATIVE,  # Hugging Face: 0 = keep all
+    "torch_empty_cache_steps": AT_LEAST_1,
+    "ref_model_sync_steps": AT_LEAST_1,
+    # lengths
+    "max_length": AT_LEAST_1,
+    "max_prompt_length": AT_LEAST_1,
+    "max_completion_length": AT_LEAST_1,
+    "max_seq_length": AT_LEAST_1,
+    "block_size": AT_LEAST_1,
+    "max_new_tokens": AT_LEAST_1,
+    "pad_to_multiple_of": AT_LEAST_1,
+    # data and processes
+    "eval_fraction": FRACTION,
+    "max_samples": AT_LEAST_1,
+    "max_eval_samples": AT_LEAST_1,
+    "eval_max_prompts": AT_LEAST_1,
+    "num_sample_completions": NON_NEGATIVE,
+    "num_proc": AT_LEAST_1,
+    "dataset_num_proc": AT_LEAST_1,
+    "dataloader_num_workers": NON_NEGATIVE,
+    "dataloader_prefetch_factor": AT_LEAST_1,
+    "ddp_timeout": AT_LEAST_1,  # seconds
+    "ddp_bucket_cap_mb": AT_LEAST_1,
+    "seed": NON_NEGATIVE,
+    "data_seed": NON_NEGATIVE,
+    "dropout": FRACTION,
+    # sampling
+    "temperature": POSITIVE,
+    "top_k": NON_NEGATIVE,
+    "top_p": PROBABILITY,
+    # preference and RL coefficients
+    "beta": POSITIVE,  # DPO: 0 gives a constant (sigmoid) or infinite (IPO) loss
+    "label_smoothing": Range(0, 0.5, high_open=True),  # TRL: a label-flip probability in [0, 0.5)
+    "ld_alpha": UNIT_CLOSED,
+    "ref_model_mixup_alpha": UNIT_CLOSED,
+    "discopop_tau": POSITIVE,
+    "center_rewards_coefficient": NON_NEGATIVE,
+    "kl_coef": NON_NEGATIVE,
+    "kl_target": POSITIVE,
+    "kl_horizon": POSITIVE,
+    "kl_clamp": POSITIVE,
+    "missing_eos_penalty": NON_NEGATIVE,
+    "reward_clip": POSITIVE,
+    "gamma": UNIT_CLOSED,
+    "lam": UNIT_CLOSED,
+    "clip_eps": POSITIVE,
+    "value_clip": POSITIVE,
+    "vf_coef": NON_NEGATIVE,
+    "entropy_coef": NON_NEGATIVE,
+    # our classes, where the bare name means something else there
+    "LoraConfig.r": AT_LEAST_1,
+    "LoraConfig.alpha": POSITIVE,
+    "PPOTrainingConfig.max_steps": AT_LEAST_1,  # null = num_train_epochs decides
+    "PPOTrainingConfig.save_steps": NON_NEGATIVE,  # 0 = only at the end
+    "PPOTrainingConfig.save_total_limit": AT_LEAST_1,
+    "PPOTrainingConfig.max_grad_norm": POSITIVE,  # null = no clipping
+    "GuardRule.limit": NON_NEGATIVE,  # null = rule off
+    "GuardRule.patience": AT_LEAST_1,
+    "GuardrailsConfig.max_skipped": AT_LEAST_1,
+    "GuardrailsConfig.heldout_every": NON_NEGATIVE,  # 0 = never
+    "RollbackConfig.lr_factor": PROBABILITY,
+    "RollbackConfig.kl_factor": AT_LEAST_1,
+    "RollbackConfig.max_rollbacks": NON_NEGATIVE,
+    **{f"WatchdogConfig.{phase}": SECONDS  # null = not watched
+       for phase in ("train_step", "rollout", "score", "gather", "update", "evaluate", "save", "finish")},
+}
+
+
+def range_rule(cls: type, name: str) -> Range | None:
+    """The valid range of field `name` of dataclass `cls` (see RANGES), or None if it has none."""
+    for klass in getattr(cls, "__mro__", (cls,)):
+        rule = RANGES.get(f"{klass.__name__}.{name}")
+        if rule is not None:
+            return rule
+    return RANGES.get(name)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _allows_none(tp: Any) -> bool:
+    return tp is type(None) or (typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp))
+
+
+def range_error(cls: type, name: str, value: Any, where: str, tp: Any = None) -> str | None:
+    """'WHERE must be RANGE, got VALUE' for a value outside field `name`'s range (see RANGES); None if it is within,
+    not a number, or the field has no rule. `tp`, the field's type, says whether null is valid too."""
+    rule = range_rule(cls, name) if _is_number(value) else None
+    if rule is None or rule.ok(value):
+        return None
+    return f"{where} must be {rule.describe(_allows_none(tp))}, got {value!r}"
+
+
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """Raise ValueError for the first numeric field of dataclass `obj` outside its range (for `__post_init__`)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        message = range_error(type(obj), f.name, getattr(obj, f.name), f"{prefix}{f.name}", hints.get(f.name))
+        if message is not None:
+            raise ValueError(message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,11 +352,7 @@ class WatchdogConfig:
         default=3600.0, metadata={"help": "Every stage: writing its output and the last wait for every process."})
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name != "enabled" and value is not None and not value > 0:
-                raise ValueError(f"watchdog.{f.name} must be a number of seconds > 0, or null to not watch that phase; "
-                                 f"got {value}")
+        check_ranges(self, "watchdog.")  # each limit: seconds > 0, or null to not watch that phase
 
     def limits(self) -> dict[str, float | None]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "enabled"}
@@ -320,16 +506,7 @@ class PPOTrainingConfig:
     eval_max_prompts: int = _f(64, "Held-out prompts used for the before/after reward and KL.")
 
     def __post_init__(self):
-        positive = ("rollout_batch_size", "samples_per_prompt", "generation_batch_size", "mini_batch_size",
-                    "per_device_train_batch_size", "ppo_epochs", "max_prompt_length", "max_new_tokens",
-                    "logging_steps", "num_train_epochs", "eval_max_prompts", "ddp_timeout")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"training.max_steps must be >= 1 (or null), got {self.max_steps}")
-        if self.temperature <= 0:
-            raise ValueError(f"training.temperature must be > 0, got {self.temperature}")
+        check_ranges(self, "training.")  # every numeric field within its range (RANGES)
         if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
             raise ValueError(f"training.advantage_estimator={self.advantage_estimator} compares samples of the same "
                              f"prompt: set training.samples_per_prompt >= 2 (got {self.samples_per_prompt})")
@@ -339,14 +516,6 @@ class PPOTrainingConfig:
                              f"(rollout_batch_size x samples_per_prompt = {rollouts})")
         if self.bf16 and self.fp16:
             raise ValueError("training.bf16 and training.fp16 are both true; choose one")
-        for name in ("gamma", "lam"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"training.{name} must be within [0, 1], got {getattr(self, name)}")
-        for name in ("clip_eps", "learning_rate"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"training.{name} must be > 0, got {getattr(self, name)}")
-        if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon <= 0):
-            raise ValueError("training.kl_target and training.kl_horizon must be > 0 with adaptive_kl")
         unknown = [r for r in self.report_to if r != "tensorboard"]
         if unknown:
             raise ValueError(f"training.report_to: unknown tracker(s) {unknown}; the PPO stage logs to JSONL always, and to "
@@ -371,10 +540,7 @@ class GuardRule:
     patience: int = _f(1, "Consecutive steps the rule must hold before it acts.")
 
     def __post_init__(self):
-        if self.patience < 1:
-            raise ValueError(f"patience must be >= 1, got {self.patience}")
-        if self.limit is not None and not self.limit >= 0:
-            raise ValueError(f"limit must be >= 0 (or null to turn the rule off), got {self.limit}")
+        check_ranges(self)  # limit >= 0 (or null: the rule is off), patience >= 1
 
 
 @dataclass
@@ -422,12 +588,7 @@ class RollbackConfig:
     max_rollbacks: int = _f(2, "Rollbacks allowed in a run; one more stops it with the diagnosis.")
 
     def __post_init__(self):
-        if not 0 < self.lr_factor <= 1:
-            raise ValueError(f"lr_factor must be within (0, 1], got {self.lr_factor}")
-        if not self.kl_factor >= 1:
-            raise ValueError(f"kl_factor must be >= 1, got {self.kl_factor}")
-        if self.max_rollbacks < 0:
-            raise ValueError(f"max_rollbacks must be >= 0, got {self.max_rollbacks}")
+        check_ranges(self)  # lr_factor within (0, 1], kl_factor >= 1, max_rollbacks >= 0
 
 
 @dataclass
@@ -450,10 +611,7 @@ class GuardrailsConfig:
     rollback: RollbackConfig = field(default_factory=RollbackConfig, metadata={"help": "What a rollback changes."})
 
     def __post_init__(self):
-        if self.max_skipped < 1:
-            raise ValueError(f"guardrails.max_skipped must be >= 1, got {self.max_skipped}")
-        if self.heldout_every < 0:
-            raise ValueError(f"guardrails.heldout_every must be >= 0, got {self.heldout_every}")
+        check_ranges(self, "guardrails.")  # max_skipped >= 1, heldout_every >= 0
         if self.heldout.limit is not None and self.heldout_every == 0:
             raise ValueError("guardrails.heldout.limit needs guardrails.heldout_every > 0 (how often to evaluate)")
 
@@ -685,7 +843,13 @@ def build(cls: type, data: Any, where: str) -> Any:
         if key not in names:
             raise unknown_key_error(str(key), names, where)
         sub = _dataclass_type(hints[key])
-        kwargs[key] = build(sub, value, f"{where}.{key}") if sub is not None else coerce(value, hints[key], f"{where}.{key}")
+        if sub is not None:
+            kwargs[key] = build(sub, value, f"{where}.{key}")
+            continue
+        kwargs[key] = coerce(value, hints[key], f"{where}.{key}")
+        message = range_error(cls, key, kwargs[key], f"{where}.{key}", hints[key])
+        if message is not None:
+            raise ConfigError(f"{message}; fix it in the recipe or override {where}.{key}=VALUE")
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:

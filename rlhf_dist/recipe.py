@@ -43,6 +43,27 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def yaml_error(exc: yaml.YAMLError, text: str) -> tuple[tuple[int, int] | None, str]:
+    """((line, column) counted from 1, or None; the problem in one line) of a YAML error in `text`."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = " ".join(str(exc.problem or exc.context or type(exc).__name__).split())
+        if exc.context and exc.problem:
+            context = " ".join(str(exc.context).split())
+            cm = exc.context_mark
+            if cm is not None and mark is not None and (cm.line, cm.column) != (mark.line, mark.column):
+                context += f" that starts at line {cm.line + 1}, column {cm.column + 1}"
+            problem += f" ({context})"
+        return ((mark.line + 1, mark.column + 1) if mark is not None else None), problem
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow: an offset, not a mark
+        pos = exc.position
+        line, column = text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos)
+        char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        return (line, column), f"unacceptable character {char!r}: {exc.reason}"
+    lines = str(exc).strip().splitlines()
+    return None, (lines[0] if lines else type(exc).__name__)
+
+
 def shipped_recipes() -> dict[str, Path]:
     """Recipes that ship inside the package: name -> path."""
     folder = resources.files("rlhf_dist") / "recipes"
@@ -63,10 +84,13 @@ def load_recipe(name_or_path: str) -> tuple[dict, str]:
                 f"recipe '{name_or_path}' is neither a file nor a shipped recipe; {hint}"
                 f"shipped: {', '.join(sorted(shipped))} (or pass the path of your own YAML file)"
             )
+    text = path.read_text()
     try:
-        raw = parse_yaml(path.read_text()) or {}
+        raw = parse_yaml(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        mark, problem = yaml_error(exc, text)
+        where = f" line {mark[0]}, column {mark[1]}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}; fix the indentation or quoting there") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections (model, data, sft, ...)")
     return raw, str(path)
@@ -81,8 +105,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         key, _, text = item.partition("=")
         try:
             value = parse_yaml(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
+        except yaml.YAMLError as exc:
+            mark, problem = yaml_error(exc, text)
+            where = "" if mark is None else f" column {mark[1]}" if "\n" not in text else f" line {mark[0]}, column {mark[1]}"
+            raise ConfigError(
+                f"override '{key.strip()}' (value {text!r}){where}: not valid YAML: {problem}; fix the value, or put "
+                "it in quotes to pass it as a string"
+            ) from None
         parts = key.strip().split(".")
         node = out
         for i, part in enumerate(parts[:-1]):

@@ -18,8 +18,10 @@ flushed to disk. A folder without it (a run killed while saving, or PPO's `check
 never resumed from; resuming moves it to `STAGE.incomplete/incomplete/` and says so, so nothing
 is deleted silently. A different config is refused unless
 `--overwrite` (run the stage again; the old output is replaced only when the new one is complete)
-or, for an incomplete stage, `--resume` (continue it under the new config). A non-empty folder
-without the marker file is never written into.
+or, for an incomplete stage, `--resume` (continue it under the new config). An incomplete stage
+whose earlier attempt wrote no complete checkpoint (it failed before training anything worth
+keeping) is not refused: the corrected config simply starts it afresh, its unsealed checkpoints
+set aside as above. A non-empty folder without the marker file is never written into.
 """
 
 from __future__ import annotations
@@ -179,14 +181,19 @@ def plan_stage(output: str | Path, stage: str, resolved: dict, overwrite: bool, 
     if work.exists() and not overwrite:
         old = _read_config(work)
         complete, incomplete = checkpoints(work)
-        if old is not None and fingerprint(old) != fingerprint(resolved) and not resume:
-            raise RunDirError(
-                f"{work} holds an unfinished different run ({_explain(old, resolved)}); pass --resume to continue "
-                "it with the new config, --overwrite to start the stage again, or choose another --output"
-            )
         aside = [p.name for p in incomplete]
         note = (f"; {len(aside)} incomplete checkpoint(s) ({', '.join(aside)}: not sealed, a run stopped while "
                 f"writing them) set aside in {work / SET_ASIDE}") if aside else ""
+        if old is not None and fingerprint(old) != fingerprint(resolved) and not resume:
+            if not complete:  # an attempt that failed before its first checkpoint: nothing worth keeping
+                return Plan("fresh", reason=f"the earlier attempt in {work} (a different config: "
+                            f"{_explain(old, resolved)}) wrote no complete checkpoint; starting the stage afresh "
+                            f"with the new config{note}", set_aside=aside)
+            raise RunDirError(
+                f"{work} holds an unfinished different run ({_explain(old, resolved)}) with a complete checkpoint "
+                f"({Path(complete[-1]).name}); pass --resume to continue it with the new config, --overwrite to "
+                "start the stage again, or choose another --output"
+            )
         if complete:
             return Plan("resume", checkpoint=str(complete[-1]), reason=f"resuming from {complete[-1]}{note}",
                         set_aside=aside)

@@ -359,7 +359,9 @@ def test_load_recipe_invalid_yaml_is_one_line(tmp_path):
         C.load_recipe(str(bad))
     msg = str(info.value)
     assert "\n" not in msg
-    assert msg.startswith(f"{bad}: not valid YAML (") and "flow sequence" in msg
+    # the position of the problem (1-based), and where the unclosed sequence starts
+    assert msg == (f"{bad} line 2, column 4: not valid YAML: expected ',' or ']', but got ':' (while parsing a flow "
+                   "sequence that starts at line 1, column 8); fix the indentation or quoting there")
 
 
 def test_load_recipe_not_a_mapping(tmp_path):
