@@ -2,7 +2,9 @@
 
 * `trust_remote_code` is off unless the recipe turns it on.
 * Weights are saved as safetensors. A LoRA stage saves its adapter in `adapter/` and, unless
-  `lora.merge: false`, the merged full weights at the top level (what the next stage loads).
+  `lora.merge: false`, the merged full weights at the top level (what the next stage loads). The adapter's
+  `base_model_name_or_path` is stored relative to the run directory (`./sft`) when the base is in the run, so a
+  copied or moved run still loads (`rlhf_dist.relocate`); `load_adapter` finds the base from anywhere.
 * A tokenizer without a pad token gets one that is not EOS where it can (its unk token), so
   that EOS is never mistaken for padding; TRL's collators mask padding by length in any case.
 
@@ -274,6 +276,10 @@ def save_model(trainer, tokenizer, out_dir: Path, cfg: StageConfig, loader) -> l
         trainer.save_model(str(out_dir / "adapter"))
         written.append("adapter")
     if trainer.is_world_process_zero():
+        if is_peft:  # the base's path relative to the run (`rlhf_dist.relocate`): a moved run's adapter still loads
+            from rlhf_dist.relocate import fix_adapter_config
+
+            fix_adapter_config(out_dir / "adapter")
         if is_peft and cfg.lora.merge:
             from peft import PeftModel
 
@@ -287,3 +293,21 @@ def save_model(trainer, tokenizer, out_dir: Path, cfg: StageConfig, loader) -> l
         for pickled in out_dir.rglob("training_args.bin"):
             pickled.unlink()
     return written
+
+
+def load_adapter(adapter_dir: str | Path, cfg: StageConfig, loader=None, base: str | None = None, is_trainable=False):
+    """A saved LoRA adapter on its base model (a PeftModel), from wherever the run directory is now.
+
+    The base is `base` if given, else the one the adapter names (`relocate.adapter_base`: a run-relative
+    ``./sft`` is resolved against the adapter's run directory, not the current one), loaded plain
+    (`base_config`) by `loader(path, cfg)` (default `load_causal_lm`).
+    """
+    from peft import PeftModel
+
+    from rlhf_dist.relocate import adapter_base
+
+    base = base or adapter_base(adapter_dir)
+    if not base:
+        raise UserError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass the base model")
+    model = (loader or load_causal_lm)(base, base_config(cfg))
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)

@@ -4,6 +4,12 @@
     WORK/samples.jsonl    a few (prompt, completion, score) per logged step
     WORK/tensorboard/     TensorBoard event files: `tensorboard --logdir OUTPUT/ppo/tensorboard`
 
+The PPO loop's TensorBoard files are in the stage's work folder, RUN/ppo.incomplete/tensorboard, and the stage copies
+them into its output (RUN/ppo/tensorboard). `tracker_env` points the Hugging Face Trainer's trackers of the other
+stages at the same places (TensorBoard at WORK/tensorboard, W&B at the run directory, unless the user chose
+otherwise), and `keep_tracker_files` copies WORK/tensorboard into the stage's output before it is made final:
+every tracker writes under the run, so a moved run takes its logs along.
+
 On resume from step S, lines of later steps (written after the checkpoint) are dropped first, so
 the logs continue exactly where the checkpoint left off. Guardrail events (`rlhf_dist.rl.guardrails`) are rows
 with an "event" key in log.jsonl: a rollback keeps them (they happened) while the metric rows after the step it
@@ -12,12 +18,66 @@ went back to are dropped; a resume keeps the ones the checkpoint's state counts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 from rlhf_dist.rundir import write_text
+
+
+TENSORBOARD_DIR = "tensorboard"  # in the stage's work folder, then in its output
+
+
+def tracker_env_vars(work_dir: str | Path, run_dir: str | Path, environ: MutableMapping[str, str] | None = None
+                     ) -> dict[str, str]:
+    """Where the Hugging Face Trainer's trackers should write, as environment variables the user has not set.
+
+    transformers 5 has no ``TrainingArguments.logging_dir``: its TensorBoardCallback writes to
+    ``$TENSORBOARD_LOGGING_DIR``, else ``output_dir/runs/DATE_HOST`` (here the stage's work folder, which the
+    stage deletes once it is complete). W&B's WandbCallback calls ``wandb.init()`` without a ``dir``: its files go to
+    ``$WANDB_DIR``, else ``./wandb`` under the current directory. Returns {TENSORBOARD_LOGGING_DIR:
+    WORK/tensorboard, WANDB_DIR: RUN} minus what `environ` (default os.environ) already sets.
+    """
+    environ = os.environ if environ is None else environ
+    wanted = {"TENSORBOARD_LOGGING_DIR": str(Path(work_dir).absolute() / TENSORBOARD_DIR),
+              "WANDB_DIR": str(Path(run_dir).absolute())}
+    return {k: v for k, v in wanted.items() if not environ.get(k)}
+
+
+@contextlib.contextmanager
+def tracker_env(work_dir: str | Path, run_dir: str | Path) -> Iterator[dict[str, str]]:
+    """Within the block, `tracker_env_vars` are set in os.environ (what the user set is kept); restored after.
+
+    Enter it before the Trainer is built (TensorBoardCallback reads its variable when it is created) and leave it
+    after training: a pipeline that runs several stages in one process gives each its own folders.
+    """
+    added = tracker_env_vars(work_dir, run_dir)
+    os.environ.update(added)
+    try:
+        yield added
+    finally:
+        for key, value in added.items():
+            if os.environ.get(key) == value:
+                del os.environ[key]
+
+
+def keep_tracker_files(work_dir: str | Path, final_dir: str | Path) -> list[Path]:
+    """Copy WORK/tensorboard into the stage's output folder (main process, before `rundir.finalize`).
+
+    Returns what was copied. A folder already there (a resumed stage's earlier save) is merged into.
+    """
+    copied = []
+    src = Path(work_dir) / TENSORBOARD_DIR
+    if src.is_dir() and any(src.rglob("*")):
+        dst = Path(final_dir) / TENSORBOARD_DIR
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        copied.append(dst)
+    return copied
 
 
 def _rows(path: Path) -> list[dict]:
@@ -76,7 +136,7 @@ class Tracker:
 
             # purge_step: on resume, TensorBoard hides events logged after the checkpoint
             purge = after_step + 1 if after_step else None
-            self.tensorboard = SummaryWriter(str(self.folder / "tensorboard"), purge_step=purge)
+            self.tensorboard = SummaryWriter(str(self.folder / TENSORBOARD_DIR), purge_step=purge)
 
     def event(self, event: dict) -> None:
         """A guardrail event: a row of its own in log.jsonl, text and a scalar in TensorBoard."""
