@@ -329,6 +329,18 @@ class DataConfig:
     )
     num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation (datasets.map)."})
     seed: int = field(default=42, metadata={"help": "Seed for shuffling and the held-out split."})
+    on_bad_row: Literal["error", "skip"] = field(
+        default="error",
+        metadata={"help": "A row that fails its checks (missing or empty field, not JSON, identical pair, ...): error "
+                          "lists every such row and stops before any model loads; skip drops them, counted by reason "
+                          "in the log and metrics.json."},
+    )
+    on_long_row: Literal["truncate", "skip", "error"] | None = field(
+        default=None,
+        metadata={"help": "A row longer than the stage's limit (sft/reward/dpo training.max_length, ppo "
+                          "training.max_prompt_length): truncate (prompts on the left), skip, or error; counted in "
+                          "metrics.json. Default: truncate for sft, dpo and ppo, skip for reward (what TRL does)."},
+    )
 
 
 @dataclass

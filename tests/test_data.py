@@ -16,6 +16,7 @@ USER = {"role": "user", "content": "What is 2+2?"}
 ASSISTANT = {"role": "assistant", "content": "It is 4."}
 WRONG = {"role": "assistant", "content": "It is 5."}
 SYSTEM = {"role": "system", "content": "Be brief."}
+SKIP = ", or set stage.data.on_bad_row=skip to drop them (counted in metrics.json)"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -117,7 +118,7 @@ def test_eval_split_rows_are_numbered_in_their_own_source(tmp_path):
     write_jsonl(folder / "train.jsonl", [{"text": "a"}, {"text": "b"}])
     write_jsonl(folder / "test.jsonl", [{"text": "c"}, {"text": " "}])
     msg = data_error("pretrain", folder, eval_split="test")
-    assert msg == f"{folder} [test] row 2: field 'text' is empty; fix or remove the row"
+    assert msg == f"{folder} [test] row 2: field 'text' is empty; fix or remove the row" + SKIP
 
 
 def test_separate_eval_path(tmp_path):
@@ -192,7 +193,7 @@ def test_max_samples(tmp_path):
 def test_eval_fraction_needs_two_rows(tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", [{"text": "only"}])
     assert data_error("pretrain", path, eval_fraction=0.1) == (
-        f"{path}: only 1 row(s); need at least 2 to hold out eval data")
+        f"{path}: only 1 usable row(s); need at least 2 to hold out eval data")
 
 
 def test_path_not_set():
@@ -238,32 +239,32 @@ def test_sft_messages_must_end_with_assistant(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [USER, ASSISTANT]}, {"messages": [USER, ASSISTANT]},
                                               {"messages": [SYSTEM, USER]}])
     assert data_error("sft", path) == (
-        f"{path} row 3: field 'messages' should end with an assistant message after at least one other; "
-        "fix or remove the row")
+        f"{path} line 3: field 'messages' should end with an assistant message after at least one other; "
+        "fix or remove the row" + SKIP)
 
 
 def test_sft_messages_need_more_than_the_answer(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [ASSISTANT]}])
-    assert f"{path} row 1: field 'messages' should end with an assistant message" in data_error("sft", path)
+    assert f"{path} line 1: field 'messages' should end with an assistant message" in data_error("sft", path)
 
 
 def test_sft_bad_message(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [USER, ASSISTANT]},
                                               {"messages": [{"role": "user"}, ASSISTANT]}])
     assert data_error("sft", path) == (
-        f"{path} row 2: field 'messages[0]' should be a message {{role: str, content: str}}; fix or remove the row")
+        f"{path} line 2: field 'messages[0]' should be a message {{role: str, content: str}}; fix or remove the row" + SKIP)
 
 
 def test_sft_empty_message_content(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [USER, {"role": "assistant", "content": "  "}]}])
-    assert data_error("sft", path) == f"{path} row 1: field 'messages[1].content' is empty; fix or remove the row"
+    assert data_error("sft", path) == f"{path} line 1: field 'messages[1].content' is empty; fix or remove the row" + SKIP
 
 
 def test_sft_prompt_string_completion_messages(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "Q", "completion": [ASSISTANT]}])
     assert data_error("sft", path) == (
-        f"{path} row 1: field 'completion' must be a string when prompt is a string (messages with messages); "
-        "fix or remove the row")
+        f"{path} line 1: field 'completion' must be a string when prompt is a string (messages with messages); "
+        "fix or remove the row" + SKIP)
 
 
 def test_sft_prompt_without_completion_column(tmp_path):
@@ -276,7 +277,7 @@ def test_sft_prompt_without_completion_column(tmp_path):
 def test_sft_no_known_columns(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"question": "Q", "answer": "A"}])
     msg = data_error("sft", path)
-    assert msg.startswith(f"{path}: no SFT columns (need 'text', 'prompt'+'completion', or 'messages'")
+    assert msg.startswith(f"{path}: no SFT columns (need 'text', 'prompt'+'completion', 'messages', or 'chosen'+'rejected'")
     assert "columns are: question, answer" in msg and msg.endswith("map yours with data.columns")
 
 
@@ -341,27 +342,29 @@ def test_preference_demo_file(demo_data):
 def test_preference_no_shared_prompt(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"chosen": "abc", "rejected": "abd"}])
     assert data_error("preference", path) == (
-        f"{path} row 1: field 'chosen' shares no prompt with 'rejected'; add a 'prompt' column; fix or remove the row")
+        f"{path} line 1: field 'chosen' shares no prompt with 'rejected'; add a 'prompt' column; fix or remove the row" + SKIP)
 
 
 def test_preference_identical_messages(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"chosen": [USER, ASSISTANT], "rejected": [USER, ASSISTANT]}])
     assert data_error("preference", path) == (
-        f"{path} row 1: field 'chosen' is empty once the shared prompt is removed; fix or remove the row")
+        f"{path} line 1: field 'chosen' equals 'rejected': the pair prefers nothing (a DPO or reward loss learns nothing "
+        "from it); fix or remove the row" + SKIP)
 
 
 def test_preference_rows_mixing_strings_and_messages(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"},
                                               {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [WRONG]}])
     assert data_error("preference", path) == (
-        f"{path} row 2: field 'chosen' mixes strings and message lists with earlier rows; fix or remove the row")
+        f"{path} line 2: field 'prompt' is a message list, but in line 1 (the first good row) it holds strings; use one "
+        "type per column; fix or remove the row" + SKIP)
 
 
 def test_check_preference_direct():
     import datasets
 
     ds = datasets.Dataset.from_list([{"chosen": "x y", "rejected": "x z"}])
-    assert check_preference(ds, "src", DataConfig()) == [{"prompt": "x ", "chosen": "y", "rejected": "z"}]
+    assert check_preference(ds, "src", DataConfig()) == ([{"prompt": "x ", "chosen": "y", "rejected": "z"}], [])
     prepared = prepare(ds, DataConfig(), "preference", "src")
     assert prepared.column_names == ["prompt", "chosen", "rejected"] and prepared[0]["prompt"] == "x "
 
@@ -394,7 +397,7 @@ def test_prompts_missing_column(tmp_path):
 def test_rows_mixing_strings_and_messages_give_data_error(tmp_path, kind, rows):
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     msg = data_error(kind, path)
-    assert f"{path} row 2: field 'prompt'" in msg
+    assert f"{path} line 2: field 'prompt'" in msg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,13 +409,13 @@ def test_preference_row_without_chosen(tmp_path):
         {"prompt": "Q", "chosen": " a", "rejected": " b"},
         {"prompt": "Q", "rejected": " b"},
     ])
-    assert data_error("preference", path) == f"{path} row 3: field 'chosen' is missing; fix or remove the row"
+    assert data_error("preference", path) == f"{path} line 3: field 'chosen' is missing; fix or remove the row" + SKIP
 
 
 def test_preference_chosen_null(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q", "chosen": " a", "rejected": " b"},
                                               {"prompt": "Q", "chosen": None, "rejected": " b"}])
-    assert f"{path} row 2: field 'chosen' is missing" in data_error("preference", path)
+    assert f"{path} line 2: field 'chosen' is missing" in data_error("preference", path)
 
 
 def test_preference_without_chosen_column(tmp_path):
@@ -429,7 +432,7 @@ def test_preference_chosen_column_mapped(tmp_path):
 
 def test_pretrain_empty_text(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "fine"}, {"text": "   \n"}])
-    assert data_error("pretrain", path) == f"{path} row 2: field 'text' is empty; fix or remove the row"
+    assert data_error("pretrain", path) == f"{path} line 2: field 'text' is empty; fix or remove the row" + SKIP
 
 
 def test_pretrain_missing_text_column(tmp_path):
@@ -441,14 +444,14 @@ def test_non_string_field(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q", "chosen": " a", "rejected": " b"},
                                               {"prompt": "Q", "chosen": 5, "rejected": " b"}])
     assert data_error("preference", path) == (
-        f"{path} row 2: field 'chosen' should be a string, got int; fix or remove the row")
+        f"{path} line 2: field 'chosen' should be a string, got int; fix or remove the row" + SKIP)
 
 
 def test_chosen_string_rejected_messages(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q", "chosen": " a", "rejected": [WRONG]}])
     assert data_error("preference", path) == (
-        f"{path} row 1: field 'rejected' must have the same type as 'chosen' (both strings or both messages); "
-        "fix or remove the row")
+        f"{path} line 1: field 'rejected' must have the same type as 'chosen' (both strings or both messages); "
+        "fix or remove the row" + SKIP)
 
 
 def test_missing_data_file(tmp_path):
@@ -468,7 +471,8 @@ def test_unsupported_extension(tmp_path):
     path = tmp_path / "data.xml"
     path.write_text("<rows/>")
     assert data_error("sft", path) == (
-        f"stage.data.path: {path} has an unsupported extension; use one of .jsonl, .json, .parquet, .csv, .txt")
+        f"stage.data.path: {path} has an unsupported extension; use one of .jsonl, .json, .parquet, .csv, .txt (each also as "
+        ".gz/.bz2/.xz/.zst)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,11 +503,11 @@ def test_string_prompt_with_message_answers_that_repeat_it(tmp_path):
     other = write_jsonl(tmp_path / "bad.jsonl", [
         {"prompt": "Something else", "chosen": [USER, ASSISTANT], "rejected": [USER, WRONG]},
     ])
-    assert data_error("preference", other).startswith(f"{other} row 1: field 'prompt' is a string but")
+    assert data_error("preference", other).startswith(f"{other} line 1: field 'prompt' is a string but")
 
 
 def test_skip_empty_drops_blank_pretraining_texts(tmp_path):
     path = write_jsonl(tmp_path / "wiki.jsonl", [{"text": "A line."}, {"text": ""}, {"text": "  "}, {"text": "B."}])
-    assert "row 2: field 'text' is empty" in data_error("pretrain", path)
+    assert "line 2: field 'text' is empty" in data_error("pretrain", path)
     train, _, _ = load("pretrain", path, skip_empty=True)
     assert train == [{"text": "A line."}, {"text": "B."}]

@@ -150,3 +150,42 @@ def corpus(seed: int = 0) -> list[str]:
             texts.append(good_answer(rng, world, v, a) + bad_answer(rng, world, v, a))
     texts += POLITE + RUDE + REFUSALS + [" ".join(CROPS + ANIMALS + MONTHS)]
     return texts
+
+
+def hh_pairs(path: str | Path, seed: int = 0, n: int = 200, n_empty: int = 4, n_identical: int = 3,
+             n_long: int = 5, long_words: int = 120) -> dict:
+    """Preference pairs as Anthropic HH-RLHF ships them, gzipped JSON lines of {chosen, rejected}, defects included.
+
+    Each text is a whole conversation, "\\n\\nHuman: ...\\n\\nAssistant: ...", some of two turns; the prompt is the
+    shared part up to the last "\\n\\nAssistant:". Like the real data, `n_empty` pairs end in an empty Assistant
+    turn (rejected) and `n_identical` have chosen == rejected; `n_long` pairs have a first Human turn of
+    `long_words` words (over-long prompts). Returns the counts written, by defect.
+    """
+    import gzip
+
+    rng = random.Random(seed + 7)
+    world = World.make(seed)
+    rows = []
+    for i in range(n):
+        v, a, q = question(rng, world)
+        human = q
+        if i < n_long:
+            human = " ".join(rng.choice(FACT_SENTENCES["crop"]).format(v=v, x=world.facts[v]["crop"])
+                             for _ in range(long_words // 8)) + " " + q
+        prefix = f"\n\nHuman: {human}\n\nAssistant:"
+        if rng.random() < 0.3:  # a second turn: an earlier exchange first
+            v2, a2, q2 = question(rng, world)
+            prefix = f"\n\nHuman: {q2}\n\nAssistant:{good_answer(rng, world, v2, a2)}" + prefix
+        chosen, rejected = prefix + good_answer(rng, world, v, a), prefix + bad_answer(rng, world, v, a)
+        if n_long <= i < n_long + n_empty:
+            rejected = prefix  # the empty final Assistant turn of the real data
+        elif n_long + n_empty <= i < n_long + n_empty + n_identical:
+            rejected = chosen
+        rows.append({"chosen": chosen, "rejected": rejected})
+    rng.shuffle(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return {"rows": n, "empty_response": n_empty, "identical": n_identical, "long": n_long}
