@@ -50,10 +50,14 @@ def validate_stage(raw: dict, source: str, stage: str, output: Path, stages: lis
     """The checks that need no earlier stage's output: the typed config, local data files, ppo's reward."""
     from rlhf_dist.data import check_local_path
 
+    from rlhf_dist.data import STAGE_DATA, load_splits
+
     cfg = resolve_stage(raw, source, stage, str(output), str(rundir.work_dir(output, stage)))
     for key in ("path", "eval_path"):
         if getattr(cfg.data, key):
             check_local_path(getattr(cfg.data, key), f"{stage}.data.{key}")
+    if cfg.data.path:  # every row of every stage's data, before the first stage starts (the stage checks again)
+        load_splits(cfg.data, STAGE_DATA[stage], stage)
     if stage == "ppo":
         from rlhf_dist.stages.ppo import resolve_reward
 

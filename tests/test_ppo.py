@@ -303,8 +303,8 @@ def ppo_bad_cases(tmp_path: Path, tiny_reward_model: Path, three_label_model: Pa
                                              "ppo.data.eval_fraction=0.3", "ppo.training.rollout_batch_size=2",
                                              "ppo.training.generation_batch_size=2", "ppo.training.mini_batch_size=2",
                                              "ppo.training.per_device_train_batch_size=2",
-                                             "ppo.training.max_prompt_length=64"],
-                                            "long.jsonl: 1 of 6 prompts are longer than ppo.training.max_prompt_length=64"),
+                                             "ppo.training.max_prompt_length=64", "ppo.data.on_long_row=error"],
+                                            "rows are longer than ppo.training.max_prompt_length=64 tokens"),
         "batch that does not split into generation chunks": (
             [f"ppo.reward_model={tiny_reward_model}", "ppo.training.generation_batch_size=3"],
             "generation_batch_size=3 does not divide the 8 rollouts per process"),

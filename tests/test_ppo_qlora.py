@@ -120,8 +120,7 @@ def test_qlora_updates_lower_the_losses_and_change_only_the_adapters(tmp_path, t
                                                   "ppo.training.learning_rate=3e-3", "ppo.training.lr_scheduler_type=constant",
                                                   "ppo.training.value_clip=null")
     a = ctx.cfg.training
-    prompts = encode_prompts([f"Question: what is village {i} known for?\nAnswer:" for i in range(16)], ctx.tokenizer,
-                             a.max_prompt_length, "test")
+    prompts = encode_prompts([f"Question: what is village {i} known for?\nAnswer:" for i in range(16)], ctx.tokenizer)
     trainer = PPOTrainer(a, make_acc(a), actor_critic, reference, reward, ctx.tokenizer, prompts, prompts[:4], tmp_path)
     batch = trainer.rollout(trainer.step_prompts(1), (a.seed, 1))
     kl = kl_estimate(batch.logprobs, batch.ref_logprobs, a.kl_estimator, a.kl_clamp, batch.response_mask)
@@ -296,5 +295,5 @@ def test_qlora_pipeline_sft_reward_ppo_on_one_4bit_base(tmp_path, tiny_model, de
     assert summary["reward"]["after"]["accuracy"] > summary["reward"]["before"]["accuracy"]
     assert "the reward model is its adapter" in result.stderr  # one base for all four models
     ppo = json.loads((out / "ppo" / "metrics.json").read_text())
-    assert ppo["init_from"] == str(out / "sft") and ppo["before"]["kl"] == 0.0 and ppo["after"]["kl"] != 0.0
+    assert ppo["init_from"] == "${output}/sft" and ppo["before"]["kl"] == 0.0 and ppo["after"]["kl"] != 0.0
     assert ppo["models"]["saved_vs_separate"] > 0.5

@@ -8,6 +8,7 @@ bad input (config, data, model path, run directory) is checked here before a mod
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import logging
 import math
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhf_dist import failures, fallback, preempt, rundir, watchdog
+from rlhf_dist import failures, fallback, preempt, relocate, rundir, watchdog
 from rlhf_dist.config import (
     UPSTREAM,
     StageConfig,
@@ -49,6 +50,7 @@ class StageContext:
     checkpoint: str | None
     output: Path | None = None
     extra: dict = field(default_factory=dict)  # what a stage's `check` prepared for its `run`
+    report: Any = None  # data.DataReport: rows read, skipped, too long (metrics.json's `data`)
 
 
 def resolve_init(cfg: StageConfig, stage: str, output: Path) -> str:
@@ -179,7 +181,8 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
     setup_logging()
     if int(os.environ.get("RANK", "0")) != 0:
         log.setLevel(logging.WARNING)  # one readable log, from the main process
-    from rlhf_dist.data import load_splits
+    from rlhf_dist import lengths
+    from rlhf_dist.data import DataReport, load_splits
     from rlhf_dist.models import load_tokenizer
 
     # 1. Everything that can be wrong with the input is checked, on every process, before any model
@@ -194,14 +197,18 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
     if plan.action == "skip":
         log.info("%s: %s; skipping", stage, plan.reason)
         return 0
+    report = DataReport()
     with state.main_process_first():  # the main process fills the datasets cache, the others reuse it
-        train, evaluation, source = load_splits(cfg.data, data_kind, stage)
+        train, evaluation, source = load_splits(cfg.data, data_kind, stage, report)
     if evaluation is None or len(evaluation) == 0:
         raise UserError(f"{stage}: no held-out data for the before/after metrics; set {stage}.data.eval_fraction > 0, "
                         f"{stage}.data.eval_path or {stage}.data.eval_split")
     tokenizer = load_tokenizer(cfg.init_from, cfg.model)
+    lengths.check_roles(tokenizer, report.roles, source, cfg.init_from)
+    splits = lengths.apply(stage, cfg, {"train": train, "eval": evaluation}, tokenizer, report)
+    train, evaluation = splits["train"], splits["eval"]
     final_dir = rundir.work_dir(output, stage) / "final"
-    ctx = StageContext(cfg, train, evaluation, source, tokenizer, final_dir, plan.checkpoint, output)
+    ctx = StageContext(cfg, train, evaluation, source, tokenizer, final_dir, plan.checkpoint, output, report=report)
     if check is not None:
         check(ctx)
 
@@ -247,8 +254,22 @@ def _train_and_finish(stage, cfg, ctx: StageContext, args, resolved: dict, state
 
     set_seed(cfg.training.seed)  # new heads (a reward model's score, LoRA) start the same on every run
     started = time.time()
-    metrics = run(ctx)
+    from rlhf_dist.rl.tracking import keep_tracker_files, tracker_env
+
+    with tracker_env(rundir.work_dir(output, stage), output):  # TensorBoard / W&B files under the run, not the cwd
+        metrics = run(ctx)
     history = metrics.pop("history", [])
+    data = {"source": ctx.data_source, "train_rows": len(ctx.train), "eval_rows": len(ctx.eval)}
+    if ctx.report is not None:
+        data.update(ctx.report.as_dict())
+    used = metrics.pop("rows", {})  # what the trainer kept of the rows it was given (TRL may drop rows on its own)
+    for split, given in (("train", len(ctx.train)), ("eval", len(ctx.eval))):
+        if split in used:
+            data[f"{split}_rows_used"] = used[split]
+            if stage in ("sft", "reward", "dpo") and used[split] != given:  # TRL trainers filter on their own
+                data[f"{split}_rows_dropped_by_trainer"] = given - used[split]
+                log.warning("%s: the trainer used %d of the %d %s rows it was given (it dropped %d on its own)", stage,
+                            used[split], given, split, given - used[split])
     if "eval_loss" in metrics.get("before", {}):  # train() starts a fresh log; keep the starting point
         history = [{"step": 0, "eval_loss": metrics["before"]["eval_loss"]}, *history]
 
@@ -257,7 +278,7 @@ def _train_and_finish(stage, cfg, ctx: StageContext, args, resolved: dict, state
         "stage": stage,
         "init_from": cfg.init_from,
         "world_size": state.num_processes,
-        "data": {"source": ctx.data_source, "train_rows": len(ctx.train), "eval_rows": len(ctx.eval)},
+        "data": data,
         **metrics,
         "wall_seconds": round(time.time() - started, 1),
     }
@@ -265,9 +286,12 @@ def _train_and_finish(stage, cfg, ctx: StageContext, args, resolved: dict, state
         if state.is_main_process:
             import yaml
 
-            rundir.write_text(final_dir / rundir.STATE_FILE, yaml.safe_dump(resolved, sort_keys=False))
-            rundir.write_json(final_dir / "metrics.json", metrics)
-            rundir.write_text(final_dir / "README.md", model_card(stage, cfg, metrics, args))
+            # Paths inside the run are written as ${output}/...: a copied or moved run means the same (relocate.resolve)
+            here = functools.partial(relocate.to_relative, run_dir=output)
+            rundir.write_text(final_dir / rundir.STATE_FILE, yaml.safe_dump(here(resolved), sort_keys=False))
+            rundir.write_json(final_dir / "metrics.json", here(metrics))
+            rundir.write_text(final_dir / "README.md", here(model_card(stage, cfg, metrics, args)))
+            keep_tracker_files(rundir.work_dir(output, stage), final_dir)
             rundir.write_json(final_dir / "log_history.json", history)
             plot_stage(history, final_dir / "training.png", f"{stage}: {Path(cfg.init_from).name} -> {stage}")
             done = rundir.finalize(output, stage)

@@ -95,7 +95,10 @@ def fit(trainer, ctx, evaluate: Callable[[], dict]) -> tuple[dict, dict, dict]:
     summary = {"global_step": result.global_step, "train_loss": train_loss, "train_runtime": m.get("train_runtime"),
                "distributed_type": str(trainer.accelerator.distributed_type.value),
                "zero_stage": int(plugin.zero_stage) if plugin is not None else 0}
-    return before, after, {"train": summary, "history": trainer.state.log_history}
+    rows = {"train": len(trainer.train_dataset)}
+    if trainer.eval_dataset is not None and hasattr(trainer.eval_dataset, "__len__"):
+        rows["eval"] = len(trainer.eval_dataset)
+    return before, after, {"train": summary, "history": trainer.state.log_history, "rows": rows}
 
 
 def _in_phase(fn: Callable, name: str) -> Callable:

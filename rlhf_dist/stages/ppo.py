@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf_dist import faults, rundir, watchdog
-from rlhf_dist.errors import ConfigError, DataError, UserError
+from rlhf_dist import faults, relocate, rundir, watchdog
+from rlhf_dist.errors import ConfigError, UserError
 from rlhf_dist.models import base_config, load_causal_lm, load_frozen_reward_model, load_reward_model, load_tokenizer, peft_config
 from rlhf_dist.rl.distributed import make_accelerator, replicated_loading, untied
 from rlhf_dist.stages.common import StageContext, process_state, stage_main
@@ -81,9 +81,9 @@ def policy_base(cfg) -> str:
     adapter = sft_adapter(cfg)
     if adapter is None:
         return cfg.init_from
-    import json
+    from rlhf_dist import relocate
 
-    base = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = relocate.adapter_base(adapter)  # stored relative to the run (./sft): resolved wherever the run is now
     if not base:
         raise UserError(f"ppo.init_from: {adapter}/adapter_config.json names no base_model_name_or_path; merge the "
                         "adapter into its base, or add the base's path to the file")
@@ -100,14 +100,14 @@ def reward_adapter_path(cfg) -> str | None:
         if cfg.reward_adapter and not cfg.lora.enabled:
             raise UserError("ppo.reward_adapter: the reward adapter sits on the policy's LoRA base; set ppo.lora.enabled: true")
         return None
-    import json
+    from rlhf_dist import relocate
 
     path = Path(cfg.reward_model) / "adapter"
     why = None
     if not (path / "adapter_config.json").is_file():
         why = f"{cfg.reward_model} has no adapter/ (a reward stage trained with LoRA writes one)"
     else:
-        trained_on = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or "?"
+        trained_on = relocate.adapter_base(path) or "?"
         base = policy_base(cfg)
         if Path(trained_on).expanduser().resolve() != Path(base).expanduser().resolve():
             why = f"its adapter was trained on {trained_on}, the policy's base is {base}"
@@ -143,23 +143,11 @@ def check_classifier(path: str, key: str, cfg, causal_ok: bool = False) -> None:
                         "gives one score (AutoModelForSequenceClassification, num_labels=1): train it with the reward stage")
 
 
-def encode_prompts(prompts: list, tokenizer, max_length: int, source: str) -> list[list[int]]:
-    """Token ids of each prompt (chat template for message lists); every prompt must fit max_length."""
-    encoded, too_long = [], []
-    for prompt in prompts:
-        if isinstance(prompt, list):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        else:
-            ids = tokenizer(prompt)["input_ids"]
-        if len(ids) > max_length:
-            too_long.append((len(ids), prompt))
-        encoded.append(list(ids))
-    if too_long:
-        n, example = max(too_long, key=lambda x: x[0])
-        preview = str(example)[:60].replace("\n", " ")
-        raise DataError(f"{source}: {len(too_long)} of {len(prompts)} prompts are longer than ppo.training.max_prompt_length="
-                        f"{max_length} tokens (longest {n}: '{preview}...'); raise the limit or remove those prompts")
-    return encoded
+def encode_prompts(prompts: list, tokenizer) -> list[list[int]]:
+    """Token ids of each prompt (chat template with the generation prompt for message lists)."""
+    from rlhf_dist.lengths import _ids
+
+    return [_ids(tokenizer, p, generation_prompt=True) for p in prompts]
 
 
 def check(ctx: StageContext) -> None:
@@ -182,9 +170,13 @@ def check(ctx: StageContext) -> None:
         stop_token_ids(ctx.tokenizer, a.stop_tokens, a.ignore_eos)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    train, held_out = list(ctx.train["prompt"]), list(ctx.eval["prompt"])
-    encoded = encode_prompts(train + held_out, ctx.tokenizer, a.max_prompt_length, ctx.data_source)
-    ctx.extra["train_prompts"], ctx.extra["eval_prompts"] = encoded[:len(train)], encoded[len(train):]
+    # Token ids from the length policy (rlhf_dist.lengths: prompts over max_prompt_length truncated on the left,
+    # skipped, or refused, as ppo.data.on_long_row says)
+    def ids(ds):
+        return [list(x) for x in ds["input_ids"]] if "input_ids" in ds.column_names else encode_prompts(ds["prompt"], ctx.tokenizer)
+
+    encoded = ids(ctx.train) + ids(ctx.eval)
+    ctx.extra["train_prompts"], ctx.extra["eval_prompts"] = encoded[:len(ctx.train)], encoded[len(ctx.train):]
     limit = getattr(_text_config(policy_base(cfg), cfg), "max_position_embeddings", None)
     longest = max(len(p) for p in encoded)
     if limit is not None and longest + a.max_new_tokens > limit:
@@ -393,11 +385,13 @@ def save_final(trainer, ctx: StageContext) -> None:
 
         model.policy.save_pretrained(str(out / "adapter"), state_dict=part["policy"], selected_adapters=[POLICY],
                                      safe_serialization=True)
+        relocate.fix_adapter_config(out / "adapter")  # the base stored relative to the run: a moved run still loads
         if model.value_adapter is not None:  # value_adapter/: the value function's adapter (its head: value_head.safetensors)
             (out / "value_adapter").mkdir(parents=True, exist_ok=True)
             weights = get_peft_model_state_dict(model.policy, state_dict=part["policy"], adapter_name=model.value_adapter)
             save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "value_adapter" / "adapter_model.safetensors"))
             model.policy.peft_config[model.value_adapter].save_pretrained(str(out / "value_adapter"))
+            relocate.fix_adapter_config(out / "value_adapter")
         if cfg.lora.merge:  # reload the base unquantised, apply the adapter, merge
             with replicated_loading():  # only this process loads it: no ZeRO-3 collectives
                 base = load_causal_lm(policy_base(cfg), base_config(cfg))
@@ -454,8 +448,10 @@ def run(ctx: StageContext) -> dict:
              "distributed_type": str(accelerator.distributed_type.value), "zero_stage": trainer.zero_stage,
              "final_kl": last.get("objective/kl"), "final_score": last.get("objective/scores"),
              "final_kl_coef": last.get("objective/kl_coef")}
+    # Prompts sampled from (each step takes rollout_batch_size of them, in epochs) and held-out prompts evaluated
+    rows = {"train": len(ctx.extra["train_prompts"]), "eval": min(len(ctx.extra["eval_prompts"]), a.eval_max_prompts)}
     return {"before": before, "after": after, "train": train, "models": ctx.extra["memory"],
-            "guardrails": trainer.guard.summary(), "history": history}
+            "guardrails": trainer.guard.summary(), "history": history, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:

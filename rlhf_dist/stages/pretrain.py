@@ -13,6 +13,8 @@ Writes OUTPUT/pretrain: model (safetensors), tokenizer, config.yaml, metrics.jso
 
 from __future__ import annotations
 
+import logging
+
 from itertools import chain
 
 from rlhf_dist.errors import DataError
@@ -21,6 +23,7 @@ from rlhf_dist.stages.common import StageContext, perplexity, stage_main
 from rlhf_dist.stages.fit import fit
 
 STAGE, DATA_KIND = "pretrain", "pretrain"
+log = logging.getLogger("rlhf_dist")
 
 
 def group_texts(dataset, tokenizer, block_size: int, num_proc: int | None, source: str):
@@ -41,7 +44,7 @@ def group_texts(dataset, tokenizer, block_size: int, num_proc: int | None, sourc
     blocks = tokens.map(group, batched=True, batch_size=1000, num_proc=num_proc, desc=f"Grouping into {block_size}-token blocks")
     if len(blocks) == 0:
         raise DataError(f"{source}: fewer tokens than one block of {block_size}; lower pretrain.block_size or add text")
-    return blocks
+    return blocks, sum(len(ids) for ids in tokens["input_ids"])
 
 
 def run(ctx: StageContext) -> dict:
@@ -51,8 +54,15 @@ def run(ctx: StageContext) -> dict:
     model = load_causal_lm(cfg.init_from, cfg)
     block = min(cfg.block_size, getattr(model.config, "max_position_embeddings", cfg.block_size))
     with cfg.training.main_process_first(desc="tokenising"):  # ranks share the datasets cache
-        train = group_texts(ctx.train, ctx.tokenizer, block, cfg.data.num_proc, ctx.data_source)
-        evaluation = group_texts(ctx.eval, ctx.tokenizer, block, cfg.data.num_proc, ctx.data_source + " (eval)")
+        train, train_tokens = group_texts(ctx.train, ctx.tokenizer, block, cfg.data.num_proc, ctx.data_source)
+        evaluation, eval_tokens = group_texts(ctx.eval, ctx.tokenizer, block, cfg.data.num_proc, ctx.data_source + " (eval)")
+    if block < cfg.block_size:
+        log.warning("pretrain: block_size %d is more than the model's %d positions; blocks of %d tokens are used",
+                    cfg.block_size, block, block)
+    # Every text is used whole: they are concatenated, so no text is too long; what is left over at the end of each
+    # 1000-text group (shorter than a block) is not trained on, and counted here.
+    tokens = {"train": train_tokens, "eval": eval_tokens,
+              "train_dropped": train_tokens - len(train) * block, "eval_dropped": eval_tokens - len(evaluation) * block}
     lora = peft_config(cfg.lora, "CAUSAL_LM")
     if lora is not None:
         from peft import get_peft_model
@@ -68,7 +78,7 @@ def run(ctx: StageContext) -> dict:
         return {"eval_loss": m["eval_loss"], "perplexity": perplexity(m["eval_loss"])}
 
     return {"before": report(before), "after": report(after), **extra,
-            "blocks": {"block_size": block, "train": len(train), "eval": len(evaluation)}}
+            "blocks": {"block_size": block, "train": len(train), "eval": len(evaluation)}, "tokens": tokens}
 
 
 def main(argv: list[str] | None = None) -> int:

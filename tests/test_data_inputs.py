@@ -1,0 +1,366 @@
+"""Data as it really comes: compressed files, malformed files, every bad row at once, semantic checks, chat roles,
+HH-format data reused by every stage, and the length policy (rlhf_dist.readers, rlhf_dist.data, rlhf_dist.lengths).
+
+Every failing file here is built by the test itself; each must give one line naming the file (and the line or row
+where it is known), never a traceback."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import io
+import json
+import lzma
+from pathlib import Path
+
+import pytest
+
+from rlhf_dist import lengths
+from rlhf_dist.config import DataConfig
+from rlhf_dist.data import DataReport, load_splits
+from rlhf_dist.errors import DataError
+
+ROWS = [{"prompt": "Question: one?\nAnswer:", "completion": " One."}, {"prompt": "Question: two?\nAnswer:", "completion": " Two."}]
+USER = {"role": "user", "content": "What is 2+2?"}
+ASSISTANT = {"role": "assistant", "content": "It is 4."}
+
+
+def compress(data: bytes, ext: str) -> bytes:
+    if ext == ".gz":
+        return gzip.compress(data)
+    if ext == ".bz2":
+        return bz2.compress(data)
+    if ext == ".xz":
+        return lzma.compress(data)
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def as_format(fmt: str, rows: list[dict]) -> bytes:
+    if fmt == ".jsonl":
+        return "".join(json.dumps(r) + "\n" for r in rows).encode()
+    if fmt == ".json":
+        return json.dumps(rows).encode()
+    if fmt == ".csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue().encode()
+    if fmt == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), sink)
+        return sink.getvalue()
+    return "\n\n".join(r["text"] for r in rows).encode()
+
+
+def load(kind: str, path, **kw):
+    kw.setdefault("eval_fraction", 0.0)
+    report = DataReport()
+    train, _, _ = load_splits(DataConfig(path=str(path), **kw), kind, "stage", report)
+    return train.to_list(), report
+
+
+def one_line_error(kind: str, path, **kw) -> str:
+    with pytest.raises(DataError) as info:
+        load(kind, path, **kw)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message, message
+    return message
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Compressed files: every format, every compression, the same rows
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ext", [".gz", ".bz2", ".xz", ".zst"])
+@pytest.mark.parametrize("fmt", [".jsonl", ".json", ".csv", ".parquet", ".txt"])
+def test_compressed_files_give_the_rows_of_the_plain_file(tmp_path, fmt, ext):
+    kind, rows = ("pretrain", [{"text": "alpha beta"}, {"text": "gamma"}]) if fmt == ".txt" else ("sft", ROWS)
+    plain, packed = tmp_path / f"d{fmt}", tmp_path / f"d{fmt}{ext}"
+    plain.write_bytes(as_format(fmt, rows))
+    packed.write_bytes(compress(as_format(fmt, rows), ext))
+    assert load(kind, packed)[0] == load(kind, plain)[0] == rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Malformed files: one line, with the file and the line, before any model
+# ----------------------------------------------------------------------------------------------
+GOOD = json.dumps(ROWS[0]) + "\n"
+MALFORMED = {
+    # name: (file name, bytes, expected pieces of the message)
+    "empty file": ("e.jsonl", b"", ["the file is empty"]),
+    "only blank lines": ("e.jsonl", b"\n\n  \n", ["the file is empty"]),
+    "line that is not JSON": ("n.jsonl", (GOOD + "{prompt: oops}\n" + GOOD).encode(), ["line 2: is not valid JSON", "one JSON object"]),
+    "truncated last line": ("t.jsonl", (GOOD + GOOD + GOOD[:20]).encode(), ["line 3: is not valid JSON", "looks truncated"]),
+    "not UTF-8": ("l.jsonl", (GOOD + '{"prompt": "caf\xe9", "completion": " x"}\n').encode("latin-1"),
+                  ["line 2: is not UTF-8 text (byte 0xe9", "iconv"]),
+    "a JSON list on a line": ("a.jsonl", (GOOD + "[1, 2]\n").encode(), ["line 2: is a JSON list, not an object"]),
+    "corrupt parquet": ("c.parquet", b"PAR1 this is not parquet at all", ["not a readable parquet file"]),
+    "corrupt gzip": ("c.jsonl.gz", b"\x1f\x8b\x08\x00garbage", ["not a readable gzip", "damaged or cut off"]),
+    "truncated gzip": ("c.jsonl.gz", gzip.compress((GOOD * 50).encode())[:-30], ["not a readable gzip"]),
+    "JSON document cut off": ("d.json", json.dumps(ROWS * 3, indent=1).encode()[:-15], ["line", "column", "not valid JSON",
+                                                                                        "truncated"]),
+    "JSON that is not a list of rows": ("d.json", b'"just a string"', ["the JSON document is a str"]),
+    "CSV row with too many fields": ("d.csv", b"prompt,completion\nQ1,A1\nQ2,A2,extra\n", ["line 3: has 3 fields, the header 2"]),
+    "CSV without a header": ("d.csv", b"\n\n", ["the file is empty"]),
+    "not UTF-8 CSV": ("d.csv", "prompt,completion\nQ,caf\xe9\n".encode("latin-1"), ["line 2: not UTF-8", "column 6"]),
+    "compressed file holding nothing": ("z.jsonl.xz", lzma.compress(b""), ["the file is empty"]),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_file_is_one_line_naming_file_and_line(tmp_path, case):
+    name, data, pieces = MALFORMED[case]
+    path = tmp_path / name
+    path.write_bytes(data)
+    message = one_line_error("sft", path)
+    for piece in pieces:
+        assert piece in message, message
+
+
+def test_json_lines_under_a_json_name_are_read(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(GOOD + json.dumps(ROWS[1]) + "\n")
+    assert load("sft", path)[0] == ROWS
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Every bad row at once; skipping them, counted
+# ----------------------------------------------------------------------------------------------
+def bad_file(tmp_path) -> Path:
+    rows = [json.dumps({"prompt": "Q", "chosen": " good", "rejected": " bad"})] * 6
+    rows[1] = json.dumps({"prompt": "Q", "chosen": " same", "rejected": " same"})
+    rows[2] = '{"prompt": "Q", "chosen": '  # not JSON
+    rows[4] = json.dumps({"prompt": "Q", "chosen": "", "rejected": " bad"})
+    rows.append(json.dumps({"prompt": "Q", "rejected": " bad"}))
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_every_bad_row_is_reported_at_once(tmp_path):
+    path = bad_file(tmp_path)
+    message = one_line_error("preference", path)
+    assert message.startswith(f"{path}: 4 of 7 rows are bad (")
+    for reason in ("identical: 1", "not_json: 1", "empty: 1", "missing: 1"):
+        assert reason in message, message
+    # the first three, with their lines and fields, and how many more
+    assert "line 3: is not valid JSON" in message
+    assert "line 2: field 'chosen' equals 'rejected'" in message
+    assert "line 5: field 'chosen' is empty" in message
+    assert "and 1 more" in message and "stage.data.on_bad_row=skip" in message
+
+
+def test_skip_drops_bad_rows_and_counts_them_by_reason(tmp_path):
+    rows, report = load("preference", bad_file(tmp_path), on_bad_row="skip")
+    assert len(rows) == 3 and all(r["chosen"] == " good" for r in rows)
+    assert report.rows_read == 7
+    assert report.bad_rows == {"identical": 1, "not_json": 1, "empty": 1, "missing": 1}
+    assert report.as_dict()["bad_rows_skipped"] == {"empty": 1, "identical": 1, "missing": 1, "not_json": 1}
+
+
+def test_skip_leaving_no_rows_is_an_error(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"chosen": "same", "rejected": "same"}) + "\n")
+    assert "no usable rows (of 1)" in one_line_error("preference", path, on_bad_row="skip")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Semantic checks
+# ----------------------------------------------------------------------------------------------
+def write(tmp_path, rows, name="d.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("kind, row, piece", [
+    ("preference", {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: a"},
+     "line 1: field 'chosen' equals 'rejected'"),
+    ("preference", {"chosen": "\n\nHuman: hi there", "rejected": "\n\nHuman: hi you"},
+     "line 1: field 'chosen' is Anthropic HH text, but 'chosen' and 'rejected' share no '\\n\\nAssistant:' turn"),
+    ("preference", {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant:"},
+     "line 1: field 'rejected' is empty once the shared prompt is removed"),
+    ("sft", {"text": "\n\nHuman: tell me a story"}, "line 1: field 'text' is Anthropic HH text with no"),
+    ("sft", {"text": "\n\nHuman: hi\n\nAssistant:   "}, "line 1: field 'text' ends in an empty Assistant turn"),
+    ("prompts", {"text": "\n\nHuman: no answer"}, "line 1: field 'text' is Anthropic HH text with no"),
+    ("preference", {"chosen": [USER, ASSISTANT], "rejected": [USER, {"role": "user", "content": "more?"}]},
+     "line 1: field 'rejected' starts with a 'user' message once the shared prompt is removed"),
+])
+def test_semantic_checks(tmp_path, kind, row, piece):
+    good = {"preference": {"prompt": "Q", "chosen": " a", "rejected": " b"}, "sft": {"text": "\n\nHuman: q\n\nAssistant: a"},
+            "prompts": {"prompt": "Q"}}[kind]
+    message = one_line_error(kind, write(tmp_path, [row, good]))
+    assert piece in message, message
+
+
+def test_a_file_that_mixes_formats(tmp_path):
+    rows = [{"messages": [USER, ASSISTANT]}, {"text": "plain text"}, {"prompt": "Q", "completion": " A"}]
+    message = one_line_error("sft", write(tmp_path, rows))
+    assert "2 of 3 rows are bad (mixed_format: 2)" in message
+    assert "line 2: is text data, but line 1 (the first good row) is messages; one file holds one format" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Chat roles, against what the tokenizer's template renders
+# ----------------------------------------------------------------------------------------------
+STRICT = ("{% for m in messages %}{% if m['role'] == 'user' %}U: {{ m['content'] }}\n{% elif m['role'] == 'assistant' %}"
+          "A: {{ m['content'] }}\n{% else %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}{% endfor %}")
+DROPPING = ("{% for m in messages %}{% if m['role'] in ['user', 'system'] %}U: {{ m['content'] }}\n"
+            "{% elif m['role'] == 'assistant' %}A: {{ m['content'] }}\n{% endif %}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.mark.parametrize("template", [STRICT, DROPPING], ids=["raises", "drops"])
+def test_roles_the_template_does_not_render(tmp_path, tokenizer, template):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    rows = [{"messages": [{"role": "human", "content": "hi"}, ASSISTANT]}]
+    _, report = load("sft", write(tmp_path, rows))
+    assert report.roles == {"human", "assistant"}
+    with pytest.raises(DataError) as info:
+        lengths.check_roles(tok, report.roles, "chats.jsonl", "my-model")
+    message = str(info.value)
+    assert "chat role(s) 'human' are not rendered by the chat template of my-model" in message
+    assert "it renders: assistant" in message and "human -> user" in message
+    lengths.check_roles(tok, {"user", "assistant"}, "chats.jsonl", "my-model")  # the known ones pass
+
+
+def test_messages_without_a_chat_template(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    with pytest.raises(DataError, match="has no chat template"):
+        lengths.check_roles(tok, {"user"}, "chats.jsonl", "base-model")
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. HH data reused by every stage
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hh(tmp_path_factory):
+    from rlhf_dist.demo import synthetic
+
+    path = tmp_path_factory.mktemp("hh") / "harmless-base.jsonl.gz"
+    return path, synthetic.hh_pairs(path, n=120, n_empty=4, n_identical=3, n_long=5)
+
+
+def test_hh_defects_are_all_found_in_one_run(hh):
+    path, counts = hh
+    message = one_line_error("preference", path)
+    assert message.startswith(f"{path}: 7 of 120 rows are bad (empty_response: 4, identical: 3)")
+
+
+@pytest.mark.parametrize("kind", ["preference", "sft", "prompts"])
+def test_hh_file_feeds_every_kind_with_skip(hh, kind):
+    path, counts = hh
+    rows, report = load(kind, path, on_bad_row="skip")
+    assert len(rows) == 120 - 7 and report.rows_read == 120
+    assert report.bad_rows == {"empty_response": 4, "identical": 3}
+    first = rows[0]
+    if kind == "preference":
+        assert first["prompt"].endswith("\n\nAssistant:") and first["prompt"].startswith("\n\nHuman:")
+        assert "\n\nAssistant:" not in first["chosen"] and first["chosen"].strip()
+    elif kind == "sft":  # the loss falls on the final assistant turn: the chosen answer
+        assert set(first) == {"prompt", "completion"} and first["prompt"].endswith("\n\nAssistant:")
+        assert "Human:" not in first["completion"]
+    else:
+        assert set(first) == {"prompt"} and first["prompt"].endswith("\n\nAssistant:")
+
+
+def test_prompts_from_chat_and_sft_files(tmp_path):
+    chats = write(tmp_path, [{"messages": [USER, ASSISTANT]}], "chats.jsonl")
+    assert load("prompts", chats)[0] == [{"prompt": [USER]}]
+    pc = write(tmp_path, [{"prompt": "Q?", "completion": " A"}], "pc.jsonl")
+    assert load("prompts", pc)[0] == [{"prompt": "Q?"}]
+    pairs = write(tmp_path, [{"chosen": [USER, ASSISTANT], "rejected": [USER, {"role": "assistant", "content": "5"}]}],
+                  "pairs.jsonl")
+    assert load("prompts", pairs)[0] == [{"prompt": [USER]}]
+
+
+def test_sft_on_pairs_learns_the_chosen_answer(tmp_path):
+    pairs = write(tmp_path, [{"prompt": "Q?", "chosen": " yes", "rejected": " no"}])
+    assert load("sft", pairs)[0] == [{"prompt": "Q?", "completion": " yes"}]
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The length policy: counted, and done as the option says
+# ----------------------------------------------------------------------------------------------
+def splits(rows):
+    import datasets
+
+    return {"train": datasets.Dataset.from_list(rows), "eval": None}
+
+
+def stage_cfg(stage: str, limit: int, action: str | None):
+    from rlhf_dist.config import STAGES, build
+
+    training = {lengths.LIMITS[stage]: limit, "output_dir": "/tmp/x"}
+    if stage != "ppo":
+        training.update(use_cpu=True, report_to="none")
+    return build(STAGES[stage], {"data": {"on_long_row": action}, "training": training}, stage)
+
+
+def test_ppo_prompts_truncated_on_the_left_and_counted(tokenizer):
+    long, short = "Question: " + "the village of Ulm grows wheat. " * 10 + "what grows?\nAnswer:", "Question: hi?\nAnswer:"
+    report = DataReport()
+    out = lengths.apply("ppo", stage_cfg("ppo", 16, None), splits([{"prompt": long}, {"prompt": short}]), tokenizer, report)
+    ids = out["train"]["input_ids"]
+    full = tokenizer(long)["input_ids"]
+    assert ids[0] == full[-16:] and ids[1] == tokenizer(short)["input_ids"]  # the end, with the question, is kept
+    assert report.too_long == {"train": {"limit": 16, "action": "truncate", "truncated": 1}}
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "ppo"])
+def test_skip_and_error(tokenizer, stage):
+    long_prompt = "Question: " + "the village of Ulm grows wheat. " * 10 + "what?\nAnswer:"
+    row = {"ppo": {"prompt": long_prompt}, "sft": {"prompt": long_prompt, "completion": " A."}}.get(
+        stage, {"prompt": long_prompt, "chosen": " A.", "rejected": " B."})
+    short = {k: (v if k != "prompt" else "Question: hi?\nAnswer:") for k, v in row.items()}
+    report = DataReport()
+    out = lengths.apply(stage, stage_cfg(stage, 24, "skip"), splits([row, short, short]), tokenizer, report)
+    assert len(out["train"]) == 2 and report.too_long["train"]["skipped"] == 1
+    with pytest.raises(DataError, match=rf"1 of 3 train rows are longer than {stage}.training.{lengths.LIMITS[stage]}=24 "
+                                        rf"tokens .*set {stage}.data.on_long_row=truncate or skip"):
+        lengths.apply(stage, stage_cfg(stage, 24, "error"), splits([row, short, short]), tokenizer, DataReport())
+
+
+def test_defaults_follow_the_trainers(tokenizer):
+    assert {s: lengths.policy(s, DataConfig()) for s in lengths.LIMITS} == {
+        "sft": "truncate", "reward": "skip", "dpo": "truncate", "ppo": "truncate"}
+
+
+def test_reward_pairs_tokenised_as_trl_does(tokenizer):
+    """The reward stage's rows are tokenised here; they must equal what TRL's RewardTrainer would make of the text."""
+    from trl import RewardConfig, RewardTrainer  # noqa: F401 - the import documents what is compared
+
+    rows = [{"prompt": "Question: hi?\nAnswer:", "chosen": " Yes.", "rejected": " No."}]
+    out = lengths.apply("reward", stage_cfg("reward", 64, None), splits(rows), tokenizer, DataReport())["train"][0]
+    eos = tokenizer.eos_token
+    assert out["chosen_ids"] == tokenizer(text=rows[0]["prompt"] + " Yes." + eos)["input_ids"]
+    assert out["rejected_ids"] == tokenizer(text=rows[0]["prompt"] + " No." + eos)["input_ids"]
+
+
+def test_dpo_rows_whose_prompt_fills_the_limit_are_counted(tokenizer):
+    long_prompt = "Question: " + "the village of Ulm grows wheat. " * 10 + "what?\nAnswer:"
+    rows = [{"prompt": long_prompt, "chosen": " A.", "rejected": " B."},
+            {"prompt": "Question: " + "Ulm. " * 4 + "?\nAnswer:", "chosen": " A long answer " * 6, "rejected": " B."},
+            {"prompt": "Question: hi?\nAnswer:", "chosen": " A.", "rejected": " B."}]
+    report = DataReport()
+    out = lengths.apply("dpo", stage_cfg("dpo", 24, None), splits(rows), tokenizer, report)
+    assert len(out["train"]) == 2
+    assert report.too_long["train"] == {"limit": 24, "action": "truncate", "prompt_fills_max_length": 1, "truncated": 1}
