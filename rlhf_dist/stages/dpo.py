@@ -1,8 +1,9 @@
 """Stage `dpo`: direct preference optimisation (TRL DPOTrainer) on preference pairs.
 
 The reference model is a frozen copy of the starting model, or, with LoRA, the same model with
-its adapter disabled (no second copy in memory). Reported on held-out pairs, before and after:
-the implicit-reward accuracy and margin, beta * [(log pi - log pi_ref)(chosen) - (...)(rejected)],
+its adapter disabled (no second copy in memory). Reported on every held-out pair, before and after:
+the implicit-reward accuracy (a tie counts one half; TRL's own, ties as wrong, as trl_accuracy), the share
+of ties, the margin, beta * [(log pi - log pi_ref)(chosen) - (...)(rejected)],
 and the policy's log-probabilities of chosen and rejected answers.
 
     rlhf-dist dpo --recipe demo --output runs/demo
@@ -14,11 +15,55 @@ Writes OUTPUT/dpo: model (merged; plus `adapter/` with LoRA), tokenizer, config.
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from rlhf_dist.models import load_causal_lm, peft_config, save_model
 from rlhf_dist.stages.common import StageContext, stage_main
 from rlhf_dist.stages.fit import fit
+from rlhf_dist.stages.reward import pair_metrics
 
 STAGE, DATA_KIND = "dpo", "preference"
+
+
+def _sequence_logps(model, batch) -> torch.Tensor:
+    """Sum of log pi(token) over each row's completion tokens ([2B] for a [chosen; rejected] batch)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token = torch.gather(logps, 2, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (token * batch["completion_mask"][:, 1:]).sum(dim=1)
+
+
+@torch.no_grad()
+def pairwise_eval(trainer) -> dict:
+    """Implicit-reward accuracy over every held-out pair, a tie counting one half (TRL's own counts a tie as wrong:
+    before training, when the policy is the reference, every pair ties and its accuracy reads 0).
+
+    margin = beta * [(log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected)], TRL's implicit reward.
+    """
+    from accelerate.utils import is_peft_model
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    margins = []
+    for batch in trainer.get_eval_dataloader():
+        batch = trainer._prepare_inputs(batch)
+        logps = _sequence_logps(model, batch)
+        if "ref_chosen_logps" in batch:
+            ref = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+        elif trainer.ref_model is not None:
+            ref = _sequence_logps(trainer.ref_model, batch)
+        else:  # LoRA: the reference is the policy with its adapter off
+            unwrapped = trainer.accelerator.unwrap_model(model)
+            off = unwrapped.disable_adapter() if is_peft_model(unwrapped) else contextlib.nullcontext()
+            with off:
+                ref = _sequence_logps(model, batch)
+        chosen, rejected = (logps - ref).chunk(2)
+        margins.append(trainer.accelerator.gather_for_metrics(trainer.beta * (chosen - rejected)))
+    model.train(was_training)
+    return pair_metrics(torch.cat(margins))
 
 
 def run(ctx: StageContext) -> dict:
@@ -31,13 +76,19 @@ def run(ctx: StageContext) -> dict:
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=cfg.training, train_dataset=ctx.train,
                          eval_dataset=ctx.eval, processing_class=ctx.tokenizer, peft_config=lora)
 
-    before, after, extra = fit(trainer, ctx, trainer.evaluate)
+    def evaluate():
+        return {**trainer.evaluate(), **pairwise_eval(trainer)}
+
+    before, after, extra = fit(trainer, ctx, evaluate)
     save_model(trainer, ctx.tokenizer, ctx.final_dir, cfg, load_causal_lm)
 
     def report(m):
         return {
-            "accuracy": m["eval_rewards/accuracies"],
-            "margin": m["eval_rewards/margins"],
+            "accuracy": m["accuracy"],
+            "ties": m["ties"],
+            "margin": m["margin"],
+            "pairs": m["pairs"],
+            "trl_accuracy": m["eval_rewards/accuracies"],  # TRL's: a tie counts as wrong
             "logp_chosen": m["eval_logps/chosen"],
             "logp_rejected": m["eval_logps/rejected"],
             "eval_loss": m["eval_loss"],

@@ -1,8 +1,10 @@
 """Stage `reward`: a reward model (sequence classifier, one score) trained on preference pairs.
 
 Loss: -log sigmoid(r(chosen) - r(rejected)) (Bradley-Terry), TRL's RewardTrainer. Reported: the
-pairwise accuracy (share of held-out pairs with r(chosen) > r(rejected)) and the mean margin,
-before and after training, computed over every held-out pair.
+pairwise accuracy (share of held-out pairs with r(chosen) > r(rejected), a tie counting one half), the
+share of ties and the mean margin, before and after training, computed over every held-out pair.
+The pairs come tokenised from `rlhf_dist.lengths` (as TRL would tokenise them), so what the length
+policy counted is exactly what is trained.
 
     rlhf-dist reward --recipe demo --output runs/demo
     accelerate launch -m rlhf_dist reward --recipe my.yaml --output runs/x
@@ -35,8 +37,14 @@ def pairwise_eval(trainer) -> dict:
         chosen, rejected = scores.chunk(2)
         margins.append(trainer.accelerator.gather_for_metrics(chosen - rejected))
     model.train(was_training)
-    margins = torch.cat(margins)
-    return {"accuracy": (margins > 0).float().mean().item(), "margin": margins.mean().item(), "pairs": len(margins)}
+    return pair_metrics(torch.cat(margins))
+
+
+def pair_metrics(margins: torch.Tensor) -> dict:
+    """Pairwise accuracy with a tie (margin exactly 0) counted as one half, the tie share, the mean margin."""
+    wins, ties = (margins > 0).float(), (margins == 0).float()
+    return {"accuracy": (wins + 0.5 * ties).mean().item(), "ties": ties.mean().item(), "margin": margins.mean().item(),
+            "pairs": len(margins)}
 
 
 def run(ctx: StageContext) -> dict:
