@@ -188,9 +188,9 @@ def test_defaults_leave_a_healthy_run_as_it_was(tmp_path, tiny_model, tiny_rewar
 @pytest.mark.parametrize("override, message", [
     ("ppo.guardrails.kll.limit=3", "unknown key 'ppo.guardrails.kll'; did you mean 'kl'?"),
     ("ppo.guardrails.kl.action=explode", "ppo.guardrails.kl.action: expected one of 'warn', 'stop', 'rollback'"),
-    ("ppo.guardrails.entropy.limit=-1", "ppo.guardrails.entropy: limit must be >= 0"),
-    ("ppo.guardrails.kl.patience=0", "ppo.guardrails.kl: patience must be >= 1"),
-    ("ppo.guardrails.rollback.lr_factor=2", "ppo.guardrails.rollback: lr_factor must be within (0, 1]"),
+    ("ppo.guardrails.entropy.limit=-1", "ppo.guardrails.entropy.limit must be >= 0"),
+    ("ppo.guardrails.kl.patience=0", "ppo.guardrails.kl.patience must be >= 1"),
+    ("ppo.guardrails.rollback.lr_factor=2", "ppo.guardrails.rollback.lr_factor must be within (0, 1]"),
     ("ppo.guardrails.heldout.limit=0.5", "needs guardrails.heldout_every > 0"),
     ("ppo.watchdog.update=-5", "watchdog.update must be a number of seconds > 0"),
     ("ppo.training.ddp_timeout=0", "ddp_timeout must be >= 1"),

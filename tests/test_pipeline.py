@@ -31,10 +31,11 @@ def test_pipeline_chains_stages_and_rerun_is_a_no_op(tmp_path, tiny_model, demo_
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["pretrain", "sft", "reward", "ppo", "dpo"]
     init = {s: json.loads((out / s / "metrics.json").read_text())["init_from"] for s in summary}
-    assert init == {"pretrain": str(tiny_model), "sft": str(out / "pretrain"), "reward": str(out / "sft"),
-                    "ppo": str(out / "sft"), "dpo": str(out / "sft")}
+    # paths inside the run are stored relative to it (a moved run means the same); the base model is outside it
+    assert init == {"pretrain": str(tiny_model), "sft": "${output}/pretrain", "reward": "${output}/sft",
+                    "ppo": "${output}/sft", "dpo": "${output}/sft"}
     # ppo's reward model is the reward stage of the run (and its value model starts from it)
-    assert yaml.safe_load((out / "ppo" / "config.yaml").read_text())["reward_model"] == str(out / "reward")
+    assert yaml.safe_load((out / "ppo" / "config.yaml").read_text())["reward_model"] == "${output}/reward"
     assert summary["pretrain"]["after"]["perplexity"] < summary["pretrain"]["before"]["perplexity"]
     assert summary["sft"]["after"]["eval_loss"] < summary["sft"]["before"]["eval_loss"]
     assert summary["reward"]["after"]["accuracy"] > summary["reward"]["before"]["accuracy"]
@@ -112,17 +113,30 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_model, demo
 
 
 def test_changed_config_on_unfinished_stage_needs_resume_or_overwrite(tmp_path, tiny_model, demo_data, capsys):
+    """A sealed checkpoint of a different run is work worth keeping: refused without --resume/--overwrite. An attempt
+    that failed before writing any checkpoint (e.g. a bad value found late) is not: the corrected re-run starts."""
+    from rlhf_dist import rundir
+
     rec, out = tiny_recipe(tmp_path, tiny_model, demo_data), tmp_path / "run"
     work = out / "sft.incomplete"
-    work.mkdir(parents=True)
+    (work / "checkpoint-4").mkdir(parents=True)
     (out / "rlhf_dist_run.json").write_text("{}")
     (work / "config.yaml").write_text("model: {name_or_path: other}\n")
+    rundir.seal_checkpoint(work / "checkpoint-4", 4)
     before = snapshot(out)
     assert main(["sft", "--recipe", str(rec), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert "unfinished different run" in err and "--resume" in err and snapshot(out) == before
-    assert main(["sft", "--recipe", str(rec), "--output", str(out), "--resume", "sft.training.max_steps=2"]) == 0
+    assert main(["sft", "--recipe", str(rec), "--output", str(out), "--overwrite", "sft.training.max_steps=2"]) == 0
     assert json.loads((out / "sft" / "metrics.json").read_text())["train"]["global_step"] == 2
+
+    half = tmp_path / "half"
+    (half / "sft.incomplete").mkdir(parents=True)
+    (half / "rlhf_dist_run.json").write_text("{}")
+    (half / "sft.incomplete" / "config.yaml").write_text("model: {name_or_path: other}\n")
+    assert main(["sft", "--recipe", str(rec), "--output", str(half), "sft.training.max_steps=2"]) == 0
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert json.loads((half / "sft" / "metrics.json").read_text())["train"]["global_step"] == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,13 +159,13 @@ def bad_cases(tmp_path: Path, tiny_model: Path, demo_data: dict):
         "unknown key": (["dpo", "dpo.training.betta=0.2"], "did you mean 'beta'"),
         "missing dataset file": (["sft", f"sft.data.path={tmp_path}/nope.jsonl"], "data file not found"),
         "preference row without chosen": (["reward", f"reward.data.path={no_chosen}"],
-                                           "no_chosen.jsonl row 3: field 'chosen' is missing"),
-        "empty text": (["pretrain", f"pretrain.data.path={empty}"], "empty.jsonl row 3: field 'text' is empty"),
+                                           "no_chosen.jsonl line 3: field 'chosen' is missing"),
+        "empty text": (["pretrain", f"pretrain.data.path={empty}"], "empty.jsonl line 3: field 'text' is empty"),
         "model path does not exist": (["sft", f"model.name_or_path={tmp_path}/no/such/model"],
                                       "model path does not exist"),
         "model id found nowhere": (["sft", "model.name_or_path=checkpoints/sft"], "no model 'checkpoints/sft' here"),
         "no held-out data": (["sft", "sft.data.eval_fraction=0"], "no held-out data"),
-        "string prompt with message answers": (["dpo", f"dpo.data.path={mixed}"], "mixed.jsonl row 1: field 'prompt'"),
+        "string prompt with message answers": (["dpo", f"dpo.data.path={mixed}"], "mixed.jsonl: 3 of 3 rows are bad (wrong_type: 3): line 1: field 'prompt'"),
         "lora target that names no layer": (["sft", "sft.lora.enabled=true", "sft.lora.target_modules=[q_proj, nope_proj]"],
                                             "sft.lora.target_modules: 'nope_proj' names no module (layers of"),
         "lora pattern that matches no layer": (["reward", "reward.lora.enabled=true", "reward.lora.target_modules=.*qq_proj"],

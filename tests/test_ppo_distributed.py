@@ -84,7 +84,9 @@ def test_two_processes_equal_one(case, distributed_type, zero_stage, one_process
         worst = max(float((a[k] - b[k]).abs().max()) for k in a)
         assert worst < 1e-5, (name, worst)
     # the weights really moved: equality is not the trivial "nothing trained"
-    start = load_file(Path(metrics["init_from"]) / "model.safetensors")
+    from rlhf_dist.relocate import resolve
+
+    start = load_file(Path(resolve(metrics["init_from"], tmp_path / "run")) / "model.safetensors")
     trained = load_file(multi / "model.safetensors")
     assert any(not torch.equal(start[k], trained[k]) for k in start)
 
