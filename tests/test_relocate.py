@@ -214,3 +214,57 @@ def test_trackers_write_under_the_run(tmp_path, monkeypatch):
     (work / "tensorboard" / "x" / "events.out.tfevents.1").write_bytes(b"e")
     assert keep_tracker_files(work, final) == [final / "tensorboard"]
     assert (final / "tensorboard" / "x" / "events.out.tfevents.1").read_bytes() == b"e"
+
+
+@pytest.mark.slow
+def test_a_moved_run_resumes_and_its_adapter_loads_in_plain_peft(tmp_path, shared_recipe):
+    """sft, then a LoRA dpo killed after its first checkpoint; the whole run is moved; --resume in the new place
+    completes it, every stored path still means the run, and the adapter loads on the moved sft with plain PEFT."""
+    import shutil
+
+    import torch
+    import yaml
+    from conftest import EVERY, STEPS_CHECKPOINTED, checkpointed_args, stage_process
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    old, new = tmp_path / "old" / "run", tmp_path / "new" / "run"
+    sft = stage_process("sft", "--recipe", str(shared_recipe), "--output", str(old), "sft.training.max_steps=4")
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    args = [*checkpointed_args("dpo", shared_recipe, Path("unused")), "dpo.lora.enabled=true", "dpo.lora.r=4"]
+    killed = stage_process("dpo", *args, "--output", str(old), fault=f"step@{EVERY['dpo'] + 2}:kill")
+    assert killed.returncode != 0 and (old / "dpo.incomplete" / f"checkpoint-{EVERY['dpo']}").is_dir()
+    new.parent.mkdir()
+    shutil.move(str(old), str(new))
+    done = stage_process("dpo", *args, "--output", str(new), "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = new / "dpo.incomplete" / f"checkpoint-{EVERY['dpo']}"
+    assert f"resuming from {checkpoint}" in done.stderr
+    metrics = json.loads((new / "dpo" / "metrics.json").read_text())
+    assert metrics["train"]["global_step"] == STEPS_CHECKPOINTED["dpo"] and metrics["init_from"] == "${output}/sft"
+    config = yaml.safe_load((new / "dpo" / "config.yaml").read_text())
+    assert config["init_from"] == "${output}/sft" and config["run_dir"] == "${output}"
+    assert str(tmp_path) not in (new / "dpo" / "README.md").read_text()
+    assert json.loads((new / "dpo" / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "./sft"
+    # plain transformers + peft, from the moved files only: the adapter on the sft model is the merged dpo model
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(new / "sft"), new / "dpo" / "adapter")
+        merged = AutoModelForCausalLM.from_pretrained(new / "dpo")
+        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-5)
+        assert not torch.allclose(AutoModelForCausalLM.from_pretrained(new / "sft")(ids).logits, merged(ids).logits,
+                                  atol=1e-5)  # and the adapter did train
+
+
+def test_a_trainer_stage_logs_tensorboard_into_its_output(tmp_path, shared_recipe, monkeypatch):
+    """A real sft run with report_to=tensorboard: the events end in RUN/sft/tensorboard, nothing in the cwd."""
+    from rlhf_dist.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    out = tmp_path / "run"
+    assert main(["sft", "--recipe", str(shared_recipe), "--output", str(out), "sft.training.max_steps=2",
+                 "sft.training.report_to=[tensorboard]", "sft.training.logging_steps=1"]) == 0
+    events = list((out / "sft" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no runs/ or wandb/ where the command ran
