@@ -92,7 +92,8 @@ def check_local_path(path: str, key: str) -> None:
         raise DataError(f"{key}: data file not found: {path}; fix the path (or give a hub dataset id)")
 
 
-def _load(path: str, cfg: DataConfig, split: str, key: str) -> Table:
+def _load(path: str, cfg: DataConfig, split: str, key: str):
+    """A local file as a Table (its checked reader), a hub dataset or dataset folder as a `datasets.Dataset`."""
     local = Path(path).expanduser()
     if local.is_file():
         if file_format(local)[0] is None:
@@ -105,11 +106,10 @@ def _load(path: str, cfg: DataConfig, split: str, key: str) -> Table:
     import datasets
 
     try:
-        ds = datasets.load_dataset(path, cfg.name, split=split, revision=cfg.revision)
+        return datasets.load_dataset(path, cfg.name, split=split, revision=cfg.revision)
     except Exception as exc:  # datasets/pyarrow/hub errors of every kind: one line, with what was asked for
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{key}: could not load dataset '{path}' split '{split}': {detail}") from None
-    return from_dataset(ds)
 
 
 def load_splits(cfg: DataConfig, kind: str, where: str, report: DataReport | None = None) -> tuple[Any, Any, str]:
@@ -146,25 +146,61 @@ def prepare(table, cfg: DataConfig, kind: str, source: str, where: str = "stage"
     import datasets
 
     report = report if report is not None else DataReport()
+    if kind == "pretrain" and not isinstance(table, Table):
+        return _prepare_text_dataset(table, cfg, source, where, report)
     if not isinstance(table, Table):
         table = from_dataset(table)
     table = map_columns(table, cfg.columns, source)
-    check = CHECKS[kind]
-    rows, problems = check(table, source, cfg, report)
-    problems = table.problems + problems
-    total = len(table.rows) + len(table.problems)
-    report.rows_read += total
-    if problems:
-        if getattr(cfg, "on_bad_row", "error") != "skip":
-            raise DataError(bad_rows_message(source, problems, total, where))
-        report.count_bad(problems)
-        import logging
-
-        logging.getLogger("rlhf_dist").warning("%s: skipped %d bad row(s) of %d (%s); first: %s", source, len(problems),
-                                               total, _reasons(problems), problems[0].describe())
+    rows, problems = CHECKS[kind](table, source, cfg, report)
+    _handle_problems(table.problems + problems, len(table.rows) + len(table.problems), cfg, source, where, report)
     if not rows:
-        raise DataError(f"{source}: no usable rows (of {total}); fix the data or its data.columns mapping")
+        raise DataError(f"{source}: no usable rows (of {report.rows_read}); fix the data or its data.columns mapping")
     return datasets.Dataset.from_list(rows)
+
+
+def _handle_problems(problems: list[Problem], total: int, cfg: DataConfig, source: str, where: str,
+                     report: DataReport) -> None:
+    """Raise one line listing the bad rows (on_bad_row: error), or count and log them (skip)."""
+    report.rows_read += total
+    if not problems:
+        return
+    if getattr(cfg, "on_bad_row", "error") != "skip":
+        raise DataError(bad_rows_message(source, problems, total, where))
+    report.count_bad(problems)
+    import logging
+
+    logging.getLogger("rlhf_dist").warning("%s: skipped %d bad row(s) of %d (%s); first: %s", source, len(problems),
+                                           total, _reasons(problems), problems[0].describe())
+
+
+def _prepare_text_dataset(ds, cfg: DataConfig, source: str, where: str, report: DataReport):
+    """Pretraining text from a hub dataset or folder, checked row by row without turning it into Python rows (a
+    corpus can be far larger than memory's comfort)."""
+    present = set(ds.column_names)
+    for ours, theirs in cfg.columns.items():
+        if theirs not in present:
+            raise DataError(f"{source}: column '{theirs}' (mapped to '{ours}' in data.columns) not found; columns are: "
+                            f"{', '.join(sorted(present))}")
+    if cfg.columns.get("text", "text") != "text":
+        ds = ds.remove_columns([c for c in ["text"] if c in present]).rename_column(cfg.columns["text"], "text")
+    if "text" not in ds.column_names:
+        raise DataError(f"{source}: no 'text' column for pretraining (columns are: {', '.join(ds.column_names)}); "
+                        "rename it or map yours with data.columns, e.g. {text: your_column}")
+    problems, keep = [], []
+    for i, value in enumerate(ds["text"]):
+        if cfg.skip_empty and isinstance(value, str) and not value.strip():
+            continue  # wikitext's blank lines: dropped, not bad rows
+        try:
+            _text(value, "text")
+        except Bad as bad:
+            problems.append(Problem(f"row {i + 1}", bad.reason, bad.message, bad.field))
+            continue
+        keep.append(i)
+    _handle_problems(problems, len(ds), cfg, source, where, report)
+    if not keep:
+        raise DataError(f"{source}: no usable rows (of {len(ds)}); fix the data or its data.columns mapping")
+    ds = ds.select_columns(["text"])
+    return ds if len(keep) == len(ds) else ds.select(keep)
 
 
 def _reasons(problems: list[Problem]) -> str:

@@ -364,3 +364,15 @@ def test_dpo_rows_whose_prompt_fills_the_limit_are_counted(tokenizer):
     out = lengths.apply("dpo", stage_cfg("dpo", 24, None), splits(rows), tokenizer, report)
     assert len(out["train"]) == 2
     assert report.too_long["train"] == {"limit": 24, "action": "truncate", "prompt_fills_max_length": 1, "truncated": 1}
+
+
+def test_pretraining_folder_is_checked_without_becoming_python_rows(tmp_path):
+    """A dataset folder (as a hub dataset loads) for pretraining stays a Dataset; its bad rows are found by number."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write(folder, [{"text": "a"}, {"text": "  "}, {"text": "b"}, {"text": ""}], "train.jsonl")
+    assert "2 of 4 rows are bad (empty: 2): row 2: field 'text' is empty; row 4:" in one_line_error("pretrain", folder)
+    rows, report = load("pretrain", folder, on_bad_row="skip")
+    assert rows == [{"text": "a"}, {"text": "b"}] and report.bad_rows == {"empty": 2} and report.rows_read == 4
+    rows, report = load("pretrain", folder, skip_empty=True)  # wikitext's blank lines: dropped, not bad rows
+    assert rows == [{"text": "a"}, {"text": "b"}] and report.bad_rows == {}
