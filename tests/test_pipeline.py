@@ -67,12 +67,17 @@ def test_pipeline_chains_stages_and_rerun_is_a_no_op(tmp_path, tiny_model, demo_
 def test_failing_stage_stops_the_pipeline_and_rerun_continues(tmp_path, tiny_model, demo_data):
     rec, out = tiny_recipe(tmp_path, tiny_model, demo_data), tmp_path / "run"
     bad = _write(tmp_path / "bad_sft.jsonl", [{"prompt": "Q: a?\nA:", "completion": " yes."}] * 4
-                 + [{"prompt": "Q: b?\nA:", "completion": ""}])  # found only when the sft stage reads its rows
+                 + [{"prompt": "Q: b?\nA:", "completion": ""}])
+    early = cli("pipeline", "--recipe", str(rec), "--output", str(out), "--stages", "pretrain,sft",
+                f"sft.data.path={bad}")  # every stage's rows are read before the first stage starts
+    assert early.returncode == 2 and "bad_sft.jsonl line 5: field 'completion' is empty" in early.stderr
+    assert not out.exists()
+    # found only when the sft stage has its tokenizer: over-long rows with on_long_row=error
     broken = cli("pipeline", "--recipe", str(rec), "--output", str(out), "--stages", "pretrain,sft",
-                 f"sft.data.path={bad}")
+                 "sft.data.on_long_row=error", "sft.training.max_length=4")
     assert broken.returncode == 2
     assert (out / "pretrain" / "metrics.json").is_file() and not (out / "sft").exists()
-    assert "bad_sft.jsonl row 5: field 'completion' is empty" in broken.stderr
+    assert "are longer than sft.training.max_length=4 tokens" in broken.stderr
     assert "stage sft failed" in broken.stderr
     done = snapshot(out / "pretrain")
     fixed = cli("pipeline", "--recipe", str(rec), "--output", str(out), "--stages", "pretrain,sft")
@@ -135,7 +140,6 @@ def test_changed_config_on_unfinished_stage_needs_resume_or_overwrite(tmp_path, 
     (half / "rlhf_dist_run.json").write_text("{}")
     (half / "sft.incomplete" / "config.yaml").write_text("model: {name_or_path: other}\n")
     assert main(["sft", "--recipe", str(rec), "--output", str(half), "sft.training.max_steps=2"]) == 0
-    assert "no complete checkpoint" in capsys.readouterr().err
     assert json.loads((half / "sft" / "metrics.json").read_text())["train"]["global_step"] == 2
 
 
