@@ -303,7 +303,8 @@ class DataConfig:
 
     path: str | None = field(
         default=None,
-        metadata={"help": "Hub dataset id, local dataset folder, or a .jsonl/.json/.parquet/.csv/.txt file."},
+        metadata={"help": "Hub dataset id, local dataset folder, or a .jsonl/.json/.parquet/.csv/.txt file (each also "
+                          ".gz/.bz2/.xz/.zst)."},
     )
     name: str | None = field(default=None, metadata={"help": "Dataset config name (hub datasets with several)."})
     split: str = field(default="train", metadata={"help": "Split used for training."})

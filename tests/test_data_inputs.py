@@ -376,3 +376,73 @@ def test_pretraining_folder_is_checked_without_becoming_python_rows(tmp_path):
     assert rows == [{"text": "a"}, {"text": "b"}] and report.bad_rows == {"empty": 2} and report.rows_read == 4
     rows, report = load("pretrain", folder, skip_empty=True)  # wikitext's blank lines: dropped, not bad rows
     assert rows == [{"text": "a"}, {"text": "b"}] and report.bad_rows == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. No malformed file ends in a traceback: seeded random damage to valid files of every format
+# ----------------------------------------------------------------------------------------------
+def damaged(data: bytes, rng) -> bytes:
+    kind = rng.randrange(4)
+    if kind == 0:  # cut off anywhere
+        return data[:rng.randrange(len(data))]
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        at = rng.randrange(len(out))
+        if kind == 1:  # bytes flipped
+            out[at] = rng.randrange(256)
+        elif kind == 2:  # bytes inserted
+            out[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 3)))
+        else:  # bytes removed
+            del out[at:at + rng.randint(1, 3)]
+    return bytes(out)
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.csv", "d.parquet", "d.txt", "d.jsonl.gz", "d.csv.zst"])
+def test_damaged_files_give_rows_or_one_line_never_a_traceback(tmp_path, name):
+    import random
+
+    fmt = "." + name.split(".")[1]
+    kind, rows = ("pretrain", [{"text": "alpha beta"}, {"text": "gamma"}]) if fmt == ".txt" else ("sft", ROWS * 3)
+    data = as_format(fmt, rows)
+    if name.count(".") == 2:
+        data = compress(data, "." + name.split(".")[2])
+    rng = random.Random(name)
+    outcomes = {"rows": 0, "error": 0}
+    for i in range(60):
+        path = tmp_path / f"{i}-{name}"
+        path.write_bytes(damaged(data, rng))
+        try:
+            load(kind, path)
+            outcomes["rows"] += 1
+        except DataError as exc:  # anything else is a bug: it fails the test with its traceback
+            message = str(exc)
+            assert "\n" not in message and str(path) in message, message
+            outcomes["error"] += 1
+    assert outcomes["error"] > 0, outcomes  # the damage was real
+
+
+VALUES = [None, "", "  ", "text", 0, 1.5, True, [], ["a"], [1, 2], {}, {"role": "user"}, [{"role": "user"}],
+          [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "a"}],
+          [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}], [{"role": 1, "content": "x"}],
+          [{"role": "user", "content": ["part"]}], "\n\nHuman: hi\n\nAssistant:", "\n\nHuman: hi\n\nAssistant: a"]
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "preference", "prompts"])
+def test_rows_of_every_shape_give_rows_or_one_line(tmp_path, kind):
+    """Seeded rows whose fields take every JSON shape (missing, null, empty, numbers, lists, broken messages, HH
+    text): each file loads or fails in one line naming the file; never an Arrow or Python traceback."""
+    import random
+
+    rng = random.Random(kind)
+    fields = ["text", "prompt", "completion", "messages", "chosen", "rejected"]
+    seen = set()
+    for i in range(150):
+        rows = [{f: rng.choice(VALUES) for f in rng.sample(fields, rng.randint(1, 4))} for _ in range(rng.randint(1, 4))]
+        path = write(tmp_path, rows, f"{i}.jsonl")
+        try:
+            load(kind, path, on_bad_row=rng.choice(["error", "skip"]))
+            seen.add("rows")
+        except DataError as exc:
+            assert "\n" not in str(exc) and str(path) in str(exc), str(exc)
+            seen.add("error")
+    assert seen == {"rows", "error"}
