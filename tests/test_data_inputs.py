@@ -345,14 +345,19 @@ def test_defaults_follow_the_trainers(tokenizer):
 
 
 def test_reward_pairs_tokenised_as_trl_does(tokenizer):
-    """The reward stage's rows are tokenised here; they must equal what TRL's RewardTrainer would make of the text."""
-    from trl import RewardConfig, RewardTrainer  # noqa: F401 - the import documents what is compared
+    """The reward stage's rows are tokenised here; they must equal what TRL's RewardTrainer makes of the same text
+    (its own _prepare_dataset, run on the text rows), strings and chats alike."""
+    import datasets
+    from trl import RewardConfig, RewardTrainer
 
-    rows = [{"prompt": "Question: hi?\nAnswer:", "chosen": " Yes.", "rejected": " No."}]
-    out = lengths.apply("reward", stage_cfg("reward", 64, None), splits(rows), tokenizer, DataReport())["train"][0]
-    eos = tokenizer.eos_token
-    assert out["chosen_ids"] == tokenizer(text=rows[0]["prompt"] + " Yes." + eos)["input_ids"]
-    assert out["rejected_ids"] == tokenizer(text=rows[0]["prompt"] + " No." + eos)["input_ids"]
+    rows = [{"prompt": "Question: hi?\nAnswer:", "chosen": " Yes.", "rejected": " No."},
+            {"prompt": "Question: where is Ulm?\nAnswer:", "chosen": " Far away.", "rejected": " No idea, go away."}]
+    chats = [{"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": "It is 5."}]}]
+    args = RewardConfig(output_dir="/tmp/unused", max_length=None, use_cpu=True, report_to="none")
+    for text_rows in (rows, chats):
+        ours = lengths.apply("reward", stage_cfg("reward", 512, None), splits(text_rows), tokenizer, DataReport())["train"]
+        trl = RewardTrainer._prepare_dataset(None, datasets.Dataset.from_list(text_rows), tokenizer, args, "train")
+        assert ours["chosen_ids"] == trl["chosen_ids"] and ours["rejected_ids"] == trl["rejected_ids"]
 
 
 def test_dpo_rows_whose_prompt_fills_the_limit_are_counted(tokenizer):
@@ -446,3 +451,52 @@ def test_rows_of_every_shape_give_rows_or_one_line(tmp_path, kind):
             assert "\n" not in str(exc) and str(path) in str(exc), str(exc)
             seen.add("error")
     assert seen == {"rows", "error"}
+
+
+def test_dpo_counts_match_what_trl_itself_drops_and_cuts(tokenizer):
+    """Our length measure against TRL's DPOTrainer._prepare_dataset on the same rows: the rows TRL drops (prompt fills
+    max_length) are the ones counted prompt_fills_max_length, and the ones it will cut are the ones counted truncated."""
+    import random
+    import types
+
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    rng = random.Random(0)
+    rows = [{"prompt": "Question: " + "Ulm grows wheat. " * rng.randint(0, 8) + "what?\nAnswer:",
+             "chosen": " Yes." * rng.randint(1, 12), "rejected": " No." * rng.randint(1, 12)} for _ in range(40)]
+    limit = 30
+    report = DataReport()
+    ours = lengths.apply("dpo", stage_cfg("dpo", limit, None), splits(rows), tokenizer, report)["train"]
+    args = DPOConfig(output_dir="/tmp/unused", max_length=limit, use_cpu=True, report_to="none")
+    trl = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tokenizer), datasets.Dataset.from_list(rows),
+                                      tokenizer, args, "train")
+    counts = report.too_long["train"]
+    assert len(trl) == len(ours) == len(rows) - counts["prompt_fills_max_length"] and counts["prompt_fills_max_length"] > 0
+    cut = sum(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) > limit for r in trl)
+    assert cut == counts["truncated"] > 0
+
+
+def test_sft_counts_match_what_trl_itself_drops_and_cuts(tokenizer):
+    """The same against TRL's SFTTrainer._prepare_dataset (loss on the completion only, TRL's default)."""
+    import random
+    import types
+
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    rng = random.Random(1)
+    rows = [{"prompt": "Question: " + "Ulm grows wheat. " * rng.randint(0, 8) + "what?\nAnswer:",
+             "completion": " Yes." * rng.randint(1, 12)} for _ in range(40)]
+    limit = 30
+    report = DataReport()
+    ours = lengths.apply("sft", stage_cfg("sft", limit, None), splits(rows), tokenizer, report)["train"]
+    args = SFTConfig(output_dir="/tmp/unused", max_length=limit, use_cpu=True, report_to="none")
+    untruncated = SFTConfig(output_dir="/tmp/unused", max_length=None, use_cpu=True, report_to="none")
+    me = types.SimpleNamespace(_tokenizer=tokenizer, chat_template=None, completion_only_loss=True)
+    trl = SFTTrainer._prepare_dataset(me, datasets.Dataset.from_list(rows), tokenizer, args, False, None, "train")
+    full = SFTTrainer._prepare_dataset(me, datasets.Dataset.from_list(rows), tokenizer, untruncated, False, None, "train")
+    counts = report.too_long["train"]
+    assert len(trl) == len(ours) == len(rows) - counts["prompt_fills_max_length"] and counts["prompt_fills_max_length"] > 0
+    kept = [len(r["input_ids"]) for r in full if sum(1 for x in r["labels"][:limit] if x != -100)]
+    assert sum(n > limit for n in kept) == counts["truncated"] > 0
