@@ -307,6 +307,9 @@ class DataConfig:
                           ".gz/.bz2/.xz/.zst)."},
     )
     name: str | None = field(default=None, metadata={"help": "Dataset config name (hub datasets with several)."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Subfolder of a hub dataset or dataset folder, e.g. harmless-base of "
+                                        "Anthropic/hh-rlhf (datasets.load_dataset's data_dir)."})
     split: str = field(default="train", metadata={"help": "Split used for training."})
     revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a hub dataset."})
     eval_path: str | None = field(
@@ -458,7 +461,7 @@ class PPOTrainingConfig:
     ppo_epochs: int = _f(1, "Passes over each step's rollouts (each pass reshuffles the minibatches).")
     learning_rate: float = _f(3.0e-6, "Adam learning rate of the policy.")
     value_learning_rate: float | None = _f(None, "Learning rate of the value model / head (default: learning_rate).")
-    adam_epsilon: float = _f(1.0e-5, "Adam epsilon (1e-5, PPO_CHECKLIST item 17).")
+    adam_epsilon: float = _f(1.0e-5, "Adam epsilon (1e-5, docs/ppo.md item 17).")
     adam_beta1: float = _f(0.9, "Adam beta1.")
     adam_beta2: float = _f(0.999, "Adam beta2.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -467,8 +470,9 @@ class PPOTrainingConfig:
     warmup_steps: int = _f(0, "Optimizer steps of linear warm-up.")
     max_prompt_length: int = _f(512, "Longest prompt in tokens; a longer prompt is an error (before training).")
     max_new_tokens: int = _f(64, "Longest response in tokens.")
-    temperature: float = _f(0.7, "Sampling temperature; also divides the logits of every log-probability (item 13).")
-    top_k: int = _f(0, "Top-k sampling; 0 = off (keep off: the ratio is then exactly 1 at the first minibatch, item 14).")
+    temperature: float = _f(0.7, "Sampling temperature; also divides the logits of every log-probability (docs/ppo.md item 13).")
+    top_k: int = _f(0, "Top-k sampling; 0 = off (keep off: the ratio is then exactly 1 at the first minibatch, "
+                    "docs/ppo.md item 14).")
     top_p: float = _f(1.0, "Nucleus sampling; 1.0 = off (see top_k).")
     stop_tokens: list[str] = _f([], "Tokens that end a response besides the tokenizer's EOS (e.g. an end-of-turn token).")
     ignore_eos: bool = _f(False, "Do not stop at the tokenizer's EOS: every response runs to max_new_tokens unless it "
@@ -478,8 +482,9 @@ class PPOTrainingConfig:
         "generation, the same function as the training forward, so the first ratio is exactly 1. generate: recorded "
         "while sampling, saving that pass (about 1/6 of a step's compute); equal up to float rounding (~1e-6 in fp32, "
         "more in bf16). A value head on the policy reads the sampling pass's hidden states then: no policy pass at all.")
-    missing_eos_penalty: float | None = _f(None, "Subtracted from the score of a response that never stopped (item 5).")
-    reward_normalization: bool = _f(False, "Normalise scores with their running mean and std (item 8).")
+    missing_eos_penalty: float | None = _f(
+        None, "Subtracted from the score of a response that never stopped (docs/ppo.md item 5).")
+    reward_normalization: bool = _f(False, "Normalise scores with their running mean and std (docs/ppo.md item 8).")
     reward_clip: float | None = _f(None, "Clip (normalised) scores to [-reward_clip, reward_clip].")
     kl_estimator: Literal["k1", "k2", "k3"] = _f(
         "k1", "Per-token KL estimator in the reward: k1 = logp - logp_ref, k3 = (r - 1) - log r.")
@@ -493,7 +498,7 @@ class PPOTrainingConfig:
     gamma: float = _f(1.0, "GAE discount.")
     lam: float = _f(0.95, "GAE lambda.")
     whiten_advantages: bool | None = _f(
-        None, "Whiten advantages over all valid tokens of the step (all processes, item 10). Default: on for gae, "
+        None, "Whiten advantages over all valid tokens of the step (all processes, docs/ppo.md item 10). Default: on for gae, "
         "off for rloo/grpo (their baselines are already centred; whitening would blow up noise in steps without signal).")
     clip_eps: float = _f(0.2, "Policy ratio clip epsilon.")
     value_clip: float | None = _f(0.2, "Value clip range; null = unclipped value loss.")
@@ -641,7 +646,7 @@ class PPOConfig(StageConfig):
     reward_fn: str | None = _f(
         None, "Instead of a reward model: a Python function module:function(prompts, completions) -> scores.")
     value_model: str | None = _f(
-        None, "Model the value model starts from (gae only). Default: the reward model (item 18).")
+        None, "Model the value model starts from (gae only). Default: the reward model (docs/ppo.md item 18).")
     value_head: bool = _f(False, "Use a value head on the policy instead of a separate value model.")
     value_adapter: bool | None = _f(
         None, "With LoRA: the value function is its own adapter + a value head on the policy's (4-bit) base. "
@@ -721,7 +726,7 @@ def training_defaults() -> dict[str, Any]:
         "ddp_timeout": DDP_TIMEOUT,
         "dataloader_pin_memory": cuda,
         # Without a GPU: CPU processes with gloo, so `accelerate launch` of N processes is N ranks, not N
-        # unsynchronised single-process runs (CPU_NOTES traps 1 and 2).
+        # unsynchronised single-process runs (docs/cpu.md traps 1 and 2).
         "use_cpu": not cuda,
     }
 

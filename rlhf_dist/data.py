@@ -106,7 +106,8 @@ def _load(path: str, cfg: DataConfig, split: str, key: str):
     import datasets
 
     try:
-        return datasets.load_dataset(path, cfg.name, split=split, revision=cfg.revision)
+        extra = {"data_dir": cfg.data_dir} if getattr(cfg, "data_dir", None) else {}
+        return datasets.load_dataset(path, cfg.name, split=split, revision=cfg.revision, **extra)
     except Exception as exc:  # datasets/pyarrow/hub errors of every kind: one line, with what was asked for
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{key}: could not load dataset '{path}' split '{split}': {detail}") from None

@@ -500,3 +500,22 @@ def test_sft_counts_match_what_trl_itself_drops_and_cuts(tokenizer):
     assert len(trl) == len(ours) == len(rows) - counts["prompt_fills_max_length"] and counts["prompt_fills_max_length"] > 0
     kept = [len(r["input_ids"]) for r in full if sum(1 for x in r["labels"][:limit] if x != -100)]
     assert sum(n > limit for n in kept) == counts["truncated"] > 0
+
+
+def test_a_dataset_folder_laid_out_like_hh_rlhf_with_data_dir(tmp_path):
+    """Anthropic/hh-rlhf's layout (harmless-base/{train,test}.jsonl.gz, ...): data_dir picks the subset, eval_split its
+    test file; the defects of the real data are found in the gzipped files of the folder too."""
+    from rlhf_dist.demo import synthetic
+
+    root = tmp_path / "hh-rlhf"
+    synthetic.hh_pairs(root / "harmless-base" / "train.jsonl.gz", n=40, n_empty=2, n_identical=1, n_long=0)
+    synthetic.hh_pairs(root / "harmless-base" / "test.jsonl.gz", seed=1, n=20, n_empty=1, n_identical=0, n_long=0)
+    synthetic.hh_pairs(root / "helpful-base" / "train.jsonl.gz", seed=2, n=30, n_empty=0, n_identical=0, n_long=0)
+    synthetic.hh_pairs(root / "helpful-base" / "test.jsonl.gz", seed=3, n=10, n_empty=0, n_identical=0, n_long=0)
+    report = DataReport()
+    cfg = DataConfig(path=str(root), data_dir="harmless-base", eval_split="test", on_bad_row="skip")
+    train, evaluation, _ = load_splits(cfg, "preference", "dpo", report)
+    assert (len(train), len(evaluation)) == (37, 19)
+    assert report.rows_read == 60 and report.bad_rows == {"empty_response": 3, "identical": 1}
+    with pytest.raises(DataError, match=r"hh-rlhf: 3 of 40 rows are bad \(empty_response: 2, identical: 1\): row "):
+        load_splits(DataConfig(path=str(root), data_dir="harmless-base", eval_split="test"), "preference", "dpo")
