@@ -427,7 +427,8 @@ def test_fingerprint_follows_overrides(tmp_path):
 def test_field_help_sft():
     rows = {key: (default, text) for key, default, text in C.field_help("sft")}
     assert rows["sft.data.path"] == (
-        "None", "Hub dataset id, local dataset folder, or a .jsonl/.json/.parquet/.csv/.txt file.")
+        "None", "Hub dataset id, local dataset folder, or a .jsonl/.json/.parquet/.csv/.txt file (each also "
+                ".gz/.bz2/.xz/.zst).")
     assert rows["sft.lora.r"] == ("16", "Adapter rank.")
     assert rows["sft.data.columns"][0] == "{}"
     default, text = rows["sft.training.learning_rate"]
