@@ -8,7 +8,7 @@ It runs ``accelerate launch --config_file launch/<strategy>.yaml [--deepspeed_co
 ds_configs/<strategy>.json] --num_processes <total> ... -m rlhf_dist STAGE --recipe R --output O ...``
 with absolute paths (so it works from any directory), or prints it with ``--dry-run``. Afterwards it
 checks that the stage really ran on as many processes as asked: on a machine without GPUs a wrong
-flag silently starts one process (CPU_NOTES trap 1), and a silently smaller world trains a different
+flag silently starts one process (docs/cpu.md trap 1), and a silently smaller world trains a different
 run. ``--num-processes`` counts processes per machine (GPUs per node); accelerate gets the total.
 """
 

@@ -4,73 +4,11 @@
     rlhf-dist plan --model ./my_model --stage ppo --gpus-per-node 8 --nodes 2 --gpu-memory 80 --json plan.json
 
 For every option (full / LoRA / QLoRA) x (ddp / zero2 / zero3 / zero2_offload / zero3_offload) it estimates the
-peak memory per GPU of all the stage's models, prints a table, marks what fits in --gpu-memory less a headroom
-(10% for the CUDA context, NCCL buffers and allocator fragmentation), recommends the simplest option that fits and
-prints the matching `rlhf-dist launch` command. No weights are read: the parameter count comes from the config
-(the model is built on the `meta` device, which allocates nothing; `analytic_param_count` is the closed form for
-Llama/Mistral/Qwen2/GPT-2 and agrees with it exactly).
+peak memory per GPU of all the stage's models, prints a table, marks what fits in --gpu-memory less a 10% headroom,
+recommends the simplest option that fits and prints the matching `rlhf-dist launch` command. No weights are read.
 
-Models per stage: pretrain/sft = policy; dpo = policy + frozen reference (with LoRA the reference is the
-adapter-disabled policy: no second model); reward = one sequence classifier; ppo, full fine-tuning = policy
-(trainable), reference (frozen), reward model (frozen) and value model (trainable; `--reward-model` gives the config
-of the reward and value models, default --model); ppo with LoRA/QLoRA = ONE base (16-bit, or NF4 under QLoRA)
-carrying the policy adapter, the reference (the base with adapters disabled: no memory), the value function (a
-second adapter on the same base plus an fp32 linear head, hidden -> 1, on its last hidden state: a second forward
-through the base, whose activations count, without the vocabulary logits), and a separate frozen reward model
-(4-bit under QLoRA, 16-bit under LoRA).
-
-Conventions (bytes per parameter P; N = GPUs in all, n = nodes; memory in GiB = 2**30 bytes). `--precision
-bf16-mixed` (default, the GPU convention below); `--precision fp32` (CPU runs, no mixed precision): trainable 4 B
-weights + 4 B gradients + 8 B Adam m, v (the weights are their own master copy), frozen weights 4 B, activations and
-KV cache twice the 16-bit figures, ZeRO offload 16 B/param on the CPU.
-
-* trainable, mixed precision, Adam: 16-bit weights 2; gradients 2 (16-bit) + 4 (fp32 copy the optimizer steps
-  on); optimizer 12 (fp32 master weights 4 + Adam m 4 + v 4). 20 B/param in all, as DeepSpeed's estimators
-  (2 + 18). DDP keeps all of it on every GPU.
-* ZeRO-2: weights replicated (2P); gradients and optimizer partitioned: 18P/N. = DeepSpeed's
-  `estimate_zero2_model_states_mem_needs` exactly (GPU). ZeRO-2 offload: 2P on the GPU; fp32 gradients, master
-  weights and Adam state (16P) on the CPU, the node's share = 16P/n per node.
-* ZeRO-3: weights partitioned too: 20P/N, plus the largest layer gathered in 16 bit with its gradient (4 B x the
-  largest module's parameters, DeepSpeed's `largest_layer_memory`). DeepSpeed's estimator counts 18P/N here (it
-  leaves out the 16-bit gradient partition); ours is 2P/N more. ZeRO-3 offload (params and optimizer): the
-  gathered largest layer on the GPU; 18P/n per node on the CPU (DeepSpeed: the same, times its 1.5 buffer factor).
-* frozen models (reference, reward): 16-bit weights 2P, no gradients or optimizer state; partitioned (2P/N + 2 x
-  largest layer) under ZeRO-3, on the CPU (2P/n per node) under ZeRO-3 offload; except the PPO stage's
-  reference and reward model, which every process holds whole whatever the strategy (they are loaded outside
-  DeepSpeed), so they count 2P per GPU.
-* LoRA: the base is frozen (as above) and the adapters, r*(in+out) per targeted linear ('all-linear': every
-  nn.Linear but the output head; a sequence classifier's score head is trained too), are trainable (20 B/param).
-* QLoRA: linear weights of the decoder layers in NF4, 0.5 B/param plus the quantisation constants: double quant
-  0.127 bit/param (QLoRA paper), else 0.5 bit/param (one fp32 absmax per 64 weights). Embeddings, output head and
-  norms stay unquantised, and `peft.prepare_model_for_kbit_training` (which the stages call) casts them to fp32:
-  4 B/param. Adapters as LoRA. Only with ddp and zero2 (ZeRO-3 sharding of bitsandbytes weights and offload are
-  not set up by the stages).
-
-Activations per trainable model, Korthikanti et al. 2022 ("Reducing activation recomputation in large
-transformer models", no tensor/sequence parallelism), in bytes for sequence s, micro-batch b, hidden h, heads a,
-MLP width I, layers L: per layer s*b*(18h + k*I) + 5*a*s^2*b, with k = 4 for a plain MLP (then 18h + 4*4h = 34h:
-the paper's s*b*h*(34 + 5as/h)) and k = 8 for a gated one (Llama: gate, up, act(gate), product). The 5as^2b term
-(attention scores, softmax, dropout mask) is counted only with `--attention eager`: SDPA/flash kernels, the
-default, do not store the s x s scores. With gradient checkpointing (full recomputation): 2*s*b*h per layer (the
-saved layer inputs) plus one layer's full activations during its recomputation. Plus the logits of a causal LM
-(a classifier's are negligible): where the model computes its own loss (pretrain, ppo) two fp32 [s, b, V] tensors
-(the logits and the log-softmax), 2*s*b*V*4 bytes; TRL 1.16's SFT and DPO trainers use a fused LM head instead, one
-[min(s*b, 4096), 32768] tile in the activation dtype. Checked against the peak memory measured on CPU
-(tests/test_plan_measured.py: within 25%, an upper bound where the model states dominate). DPO and reward models see chosen and
-rejected together: batch 2b. PPO trains the policy and the value model in one backward: both activations count.
-
-KV cache during PPO generation: 2 * L * kv_heads * head_dim * (prompt + new tokens = --seq-len) * b * 2 bytes.
-Generation and training happen at different times: the per-GPU total is model states + max(activations, KV cache).
-
-Not counted: the transient forward of the frozen models (one layer and its logits), LoRA dropout's copies of the
-adapter inputs, communication buckets (reduce_bucket_size etc., a few hundred MB at DeepSpeed's defaults; part of
-the headroom), the one-off CPU peak while loading weights.
-
-Recommendation order (simplest and fastest first): full+ddp, full+zero2, full+zero3, full+zero2_offload,
-full+zero3_offload, then LoRA in the same strategy order, then QLoRA (ddp, zero2). Full fine-tuning before adapters
-because it trains what was asked; within a method, less sharding means less communication; offload last because the
-optimizer step on the CPU is slow. An offload option counts as fitting only when --cpu-memory (GiB per node, less
-the same headroom) holds its CPU share; without --cpu-memory it is reported but never recommended.
+What is counted (weights, gradients, optimizer states, activations, KV cache, ZeRO sharding, LoRA/QLoRA), the
+assumptions, and the tests that check them: docs/memory_model.md.
 """
 
 from __future__ import annotations

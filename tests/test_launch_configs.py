@@ -261,7 +261,7 @@ def test_launch_yaml_resolves_single_node(name, clean_env):
     assert args.num_processes == nproc and args.num_machines == 1
     assert args.use_deepspeed is (dist_type == "DEEPSPEED")
     assert args.multi_gpu is (dist_type == "MULTI_GPU")
-    assert not args.cpu  # --cpu/use_cpu silently starts ONE process (../shared/CPU_NOTES.md)
+    assert not args.cpu  # --cpu/use_cpu silently starts ONE process (docs/cpu.md trap 1)
     assert args.deepspeed_config_file == (f"ds_configs/{ds_file}" if ds_file else None)
     args, _ = _resolve_launch(["--config_file", f"launch/{name}.yaml", "--num_processes", "4"])
     assert args.num_processes == 4

@@ -343,7 +343,7 @@ def test_two_processes_under_accelerate_launch(tmp_path, tiny_model, demo_data):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "sft" / "metrics.json").read_text())
-    assert metrics["world_size"] == 2  # really two ranks (CPU_NOTES trap 1: --cpu silently starts one)
+    assert metrics["world_size"] == 2  # really two ranks (docs/cpu.md trap 1: --cpu silently starts one)
     assert metrics["train"]["global_step"] == 4
     assert metrics["after"]["eval_loss"] < metrics["before"]["eval_loss"]
     assert sorted(p.name for p in out.iterdir()) == ["logs", "rlhf_dist_run.json", "sft"]

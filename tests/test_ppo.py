@@ -167,7 +167,7 @@ def test_lora_policy_trains_only_the_adapter_and_saves_it_merged(tmp_path, tiny_
 
 
 # ---------------------------------------------------------------------------------------------
-# Logs: JSONL with checklist item 23's metrics, TensorBoard, samples, curves
+# Logs: JSONL with docs/ppo.md item 23's metrics, TensorBoard, samples, curves
 # ---------------------------------------------------------------------------------------------
 def test_logs_jsonl_tensorboard_and_samples(tmp_path, tiny_model, tiny_reward_model, demo_data):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

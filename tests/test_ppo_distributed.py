@@ -59,7 +59,7 @@ def test_two_processes_equal_one(case, distributed_type, zero_stage, one_process
     multi = tmp_path / "run" / "ppo"
 
     metrics = json.loads((multi / "metrics.json").read_text())
-    assert metrics["world_size"] == 2  # really two processes (CPU_NOTES trap 1)
+    assert metrics["world_size"] == 2  # really two processes (docs/cpu.md trap 1)
     assert metrics["train"]["distributed_type"] == distributed_type  # and really DeepSpeed, not DDP in disguise
     assert metrics["train"]["zero_stage"] == zero_stage
 

@@ -116,7 +116,7 @@ def test_qlora_sft_two_processes_equal_one(case, distributed_type, zero_stage, o
     single, multi = finished(*one_process), finished(launch(prefix, recipe, out, BATCH), out)
 
     one, two = json.loads((single / "metrics.json").read_text()), json.loads((multi / "metrics.json").read_text())
-    assert one["world_size"] == 1 and two["world_size"] == 2  # really two processes (CPU_NOTES trap 1)
+    assert one["world_size"] == 1 and two["world_size"] == 2  # really two processes (docs/cpu.md trap 1)
     assert two["train"]["distributed_type"] == distributed_type and two["train"]["zero_stage"] == zero_stage
     assert one["train"]["global_step"] == two["train"]["global_step"] == STEPS
     assert two["train"]["train_loss"] == pytest.approx(one["train"]["train_loss"], rel=1e-4)

@@ -230,7 +230,7 @@ def test_whiten_has_zero_mean_unit_variance_on_valid_tokens(seed):
 
 @pytest.mark.parametrize("at", [1, 3])
 def test_whiten_on_two_ranks_equals_whole_batch(at):
-    """PPO_CHECKLIST item 10: ranks whiten with global statistics, not rank-local ones."""
+    """docs/ppo.md item 10: ranks whiten with global statistics, not rank-local ones."""
     mask, _ = ragged(6, 8, seed=11, min_len=2)
     x = randn(6, 8, seed=12) * 2 + 1
     full = whiten(x, mask)
@@ -286,7 +286,7 @@ def test_k1_and_k3_are_unbiased_kl_estimates():
 
 
 def test_policy_loss_stats_at_ratio_one():
-    """PPO_CHECKLIST item 14: first minibatch, logp == old logp -> ratio exactly 1."""
+    """docs/ppo.md item 14: first minibatch, logp == old logp -> ratio exactly 1."""
     mask, _ = ragged(4, 6, seed=5)
     logp = randn(4, 6, seed=6) - 2
     loss, stats = ppo_policy_loss(logp, logp.clone(), randn(4, 6, seed=7), mask, 0.2)

@@ -4,7 +4,7 @@ Models are float32 on CPU. Their weights are re-drawn with a larger spread (`sha
 attention is peaked and outputs depend visibly on positions and context: a test that a wrong
 position-id scheme or a padding leak would change the numbers is part of the padding test.
 Padded slots are filled with garbage token ids (EOS, random tokens), never only with the pad
-token, because the helpers must find valid tokens from the masks alone (PPO_CHECKLIST item 2).
+token, because the helpers must find valid tokens from the masks alone (docs/ppo.md item 2).
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def test_padding_invariance(policies, classifiers, tok, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_rollout_logprobs_match_generation_scores(policies, tok, monkeypatch, kind):
     """forward_logprobs on a sampled rollout = log-softmax of the (temperature-scaled) scores generate sampled
-    from, so the first PPO ratio is 1 (PPO_CHECKLIST items 13, 14)."""
+    from, so the first PPO ratio is 1 (docs/ppo.md items 13, 14)."""
     policy = policies[kind]
     temperature = 0.7
     captured = {}

@@ -74,7 +74,7 @@ def test_sft_lora_saves_adapter_and_exact_merge(tmp_path, tiny_model, demo_data)
 
 @pytest.mark.parametrize("pad_is_eos", [False, True], ids=["pad!=eos", "pad==eos"])
 def test_sft_labels_keep_eos_and_mask_prompt_and_padding(tmp_path, tiny_model, demo_data, pad_is_eos):
-    """Checklist item 1: the model must learn to stop, so the EOS label is never masked, even when
+    """docs/ppo.md item 1: the model must learn to stop, so the EOS label is never masked, even when
     the tokenizer pads with EOS (Qwen2.5 base, Llama 3)."""
     from trl import SFTTrainer
 

@@ -133,7 +133,7 @@ def test_two_processes_equal_one(name, one_process, two_processes, tiny_model):
     one_metrics = json.loads((single / "metrics.json").read_text())
     metrics = json.loads((multi / "metrics.json").read_text())
     assert one_metrics["world_size"] == 1
-    assert metrics["world_size"] == 2  # really two processes (CPU_NOTES trap 1)
+    assert metrics["world_size"] == 2  # really two processes (docs/cpu.md trap 1)
     assert metrics["train"]["distributed_type"] == distributed_type  # and really DeepSpeed, not DDP in disguise
     assert metrics["train"]["zero_stage"] == zero_stage
     assert one_metrics["train"]["global_step"] == metrics["train"]["global_step"] == STEPS

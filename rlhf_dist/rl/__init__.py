@@ -16,8 +16,8 @@
 Conventions: ``mask`` [B, T] is True (or 1) on valid response tokens; padding never affects an
 output at a valid position. ``reduce`` sums a tensor over data-parallel ranks, e.g.
 ``lambda t: accelerator.reduce(t, "sum")``; None means one process. Statistics are plain floats.
-Docstrings cite the items of PPO_CHECKLIST.md ("PPO for language models: the details that decide
-whether it works") that they implement.
+Docstrings cite, as "item N", the numbered items of the PPO checklist in docs/ppo.md that they
+implement.
 """
 
 from rlhf_dist.rl.advantages import (

@@ -8,7 +8,7 @@ sub-model directly would bypass them. So the policy and the value function live 
 
 The same call (without grad) also produces the rollout's ``old_logprobs`` and ``old_values``, so the
 rollout and training forwards are one function and the first minibatch's ratio is exactly 1
-(PPO_CHECKLIST item 14).
+(docs/ppo.md item 14).
 
 Two value functions (item 18):
 

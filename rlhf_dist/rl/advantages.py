@@ -2,7 +2,7 @@
 
 Shapes: every per-token tensor is ``[B, T]`` over RESPONSE tokens only (``T`` = longest response
 in the batch); ``mask`` is ``[B, T]``, bool or 0/1 float, True on valid tokens and False on the
-padding after each response's end (PPO_CHECKLIST item 4). Masked positions never reach an output
+padding after each response's end (docs/ppo.md item 4). Masked positions never reach an output
 at a valid position: inputs are replaced by 0 there before any arithmetic (``torch.where``, not a
 multiplication, so NaN/inf garbage in the padding cannot leak), and outputs are 0 there.
 
@@ -94,7 +94,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce:
 
     ``x_hat = (x - mean) * rsqrt(var + 1e-8)``; with ``shift_mean=False`` the mean is added back,
     ``x_hat + mean`` (only the scale changes). Statistics come from `masked_moments`, so N ranks
-    with ``reduce`` give exactly the result of one process on the whole batch (PPO_CHECKLIST
+    with ``reduce`` give exactly the result of one process on the whole batch (docs/ppo.md
     item 10). Returns [B, T] in ``x``'s dtype, 0 at masked positions, detached (whitening is
     applied to advantages, which are constants of the loss).
     """
@@ -109,7 +109,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce:
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
         lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over response tokens (PPO_CHECKLIST item 9).
+    """Generalised advantage estimation over response tokens (docs/ppo.md item 9).
 
     Schulman et al. 2016 (GAE), in the truncated form of Schulman et al. 2017 (PPO), Eqs. 11-12::
 
@@ -122,7 +122,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         values: [B, T] value estimates V_t of the state before token t.
         mask: [B, T], a prefix mask per row (padding only after the end). A zero inside a row
             acts as an episode end: nothing is bootstrapped across it.
-        gamma, lam: discount and GAE lambda (the checklist's defaults are 1.0 and 0.95).
+        gamma, lam: discount and GAE lambda (docs/ppo.md item 9: defaults 1.0 and 0.95).
 
     Returns:
         ``(advantages, returns)``, both [B, T], detached, 0 at masked positions. Appending

@@ -1,6 +1,6 @@
 """Per-token KL estimators against the reference model, and the KL coefficient controllers.
 
-PPO_CHECKLIST items 6 and 7: the KL penalty goes into the per-token reward with a named estimator,
+docs/ppo.md items 6 and 7: the KL penalty goes into the per-token reward with a named estimator,
 clamped; its coefficient is fixed or adaptive (Ziegler et al. 2019). Shapes are [B, T] over
 response tokens, as in `rlhf_dist.rl.advantages`.
 """
@@ -30,7 +30,7 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: KLKind
     Args:
         logprobs: [B, T] log pi(y_t | ...) of the sampled tokens under the policy.
         ref_logprobs: [B, T] the same under the reference model.
-        kind: "k1", "k2" or "k3" (PPO_CHECKLIST item 6: the estimator is named in the config).
+        kind: "k1", "k2" or "k3" (docs/ppo.md item 6: the estimator is named in the config).
         clamp: if given, the estimate is clamped to [-clamp, clamp] (k2/k3 are >= 0, so to [0, clamp]).
         mask: optional [B, T]; the estimate is 0 at masked positions (whatever the inputs hold there).
     Returns:
@@ -56,7 +56,7 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: KLKind
 
 
 class FixedKLController:
-    """A constant KL coefficient beta (PPO_CHECKLIST item 7). ``update`` does nothing."""
+    """A constant KL coefficient beta (docs/ppo.md item 7). ``update`` does nothing."""
 
     def __init__(self, value: float):
         self.value = float(value)
@@ -72,7 +72,7 @@ class FixedKLController:
 
 
 class AdaptiveKLController:
-    """KL coefficient steered towards a target KL (Ziegler et al. 2019; PPO_CHECKLIST item 7).
+    """KL coefficient steered towards a target KL (Ziegler et al. 2019; docs/ppo.md item 7).
 
     After a batch whose mean (summed-over-tokens) KL is ``current_kl``::
 

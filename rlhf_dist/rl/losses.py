@@ -26,7 +26,7 @@ def _check_aggregation(aggregation: str) -> None:
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: Aggregation,
               denominator: float | None = None) -> torch.Tensor:
-    """Reduce a per-token loss [B, T] to a scalar (PPO_CHECKLIST item 11).
+    """Reduce a per-token loss [B, T] to a scalar (docs/ppo.md item 11).
 
     * ``"token"``: ``sum_{b,t} m_bt * l_bt / N``, every valid token weighs the same; N = the valid tokens.
     * ``"sequence"``: ``(1/N) sum_b (sum_t m_bt * l_bt / sum_t m_bt)``, every sequence weighs the
@@ -61,7 +61,7 @@ def _global_means(per_token: list[torch.Tensor], m: torch.Tensor, reduce: Reduce
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                     clip_eps: float, aggregation: Aggregation = "token", reduce: Reduce | None = None,
                     denominator: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate policy loss (Schulman et al. 2017, Eq. 7; PPO_CHECKLIST items 11 and 14).
+    """Clipped surrogate policy loss (Schulman et al. 2017, Eq. 7; docs/ppo.md items 11 and 14).
 
     ::
 
@@ -78,7 +78,7 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         old_logprobs: [B, T] the same at rollout time (constants).
         advantages: [B, T] (whitened) advantages (constants).
         mask: [B, T] valid response tokens.
-        clip_eps: epsilon (the checklist's default is 0.2).
+        clip_eps: epsilon (docs/ppo.md item 11: default 0.2).
         aggregation: "token" or "sequence", see `aggregate`.
         reduce: optional sum over ranks, for the statistics only.
         denominator: see `aggregate` (the token or sequence count of the whole minibatch).
@@ -114,7 +114,7 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                clip_range: float | None, aggregation: Aggregation = "token", reduce: Reduce | None = None,
                denominator: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped value loss (PPO_CHECKLIST item 12; as in the OpenAI baselines / cleanrl PPO)::
+    """Clipped value loss (docs/ppo.md item 12; as in the OpenAI baselines / cleanrl PPO)::
 
         v_loss_unclipped = (V - R)^2
         V_clipped        = V_old + clip(V - V_old, -c, c)
@@ -154,7 +154,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probabilities of ``labels`` under ``softmax(logits / temperature)`` (PPO_CHECKLIST item 13).
+    """Log-probabilities of ``labels`` under ``softmax(logits / temperature)`` (docs/ppo.md item 13).
 
     ``logp[b, t] = log_softmax(logits[b, t] / temperature)[labels[b, t]]``. ``logits[:, t]`` must be the
     distribution that produced ``labels[:, t]`` (shift the model's logits by one before calling).
@@ -187,7 +187,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     """How much of the returns the value function explains: ``1 - Var[R - V] / Var[R]`` over valid tokens.
 
     1 for perfect values, 0 for a constant equal to the mean return, negative when worse than that;
-    NaN when the returns have zero variance. Global over ranks with ``reduce`` (PPO_CHECKLIST item 23).
+    NaN when the returns have zero variance. Global over ranks with ``reduce`` (docs/ppo.md item 23).
     """
     _, var_returns, _ = masked_moments(returns, mask, reduce=reduce)
     _, var_residual, _ = masked_moments(returns.detach() - values.detach(), mask, reduce=reduce)

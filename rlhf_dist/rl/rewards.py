@@ -1,6 +1,6 @@
 """From sampled responses to per-token rewards: truncation, score normalisation, KL shaping.
 
-PPO_CHECKLIST items 2, 3, 5, 6 and 8. Shapes are [B, T] over response tokens, as in
+docs/ppo.md items 2, 3, 5, 6 and 8. Shapes are [B, T] over response tokens, as in
 `rlhf_dist.rl.advantages`; ``reduce`` sums a tensor over data-parallel ranks (None = one process).
 """
 
@@ -16,7 +16,7 @@ from rlhf_dist.rl.advantages import Reduce, as_bool_mask, masked_moments
 
 def first_stop_truncate(response_ids: torch.Tensor, stop_ids: list[int],
                         pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut every response after its first stop token (PPO_CHECKLIST items 2 and 3).
+    """Cut every response after its first stop token (docs/ppo.md items 2 and 3).
 
     Tokens up to AND including the first token in ``stop_ids`` are kept; everything after becomes
     ``pad_id``. The mask is built from the lengths found here, never from ``ids != pad_id``, so it
@@ -47,7 +47,7 @@ def first_stop_truncate(response_ids: torch.Tensor, stop_ids: list[int],
 def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
                       missing_eos_penalty: float | None = None, ended: torch.Tensor | None = None,
                       reduce: Reduce | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-token rewards: a KL penalty on every token, the score on the last one (PPO_CHECKLIST 5, 6).
+    """Per-token rewards: a KL penalty on every token, the score on the last one (docs/ppo.md items 5, 6).
 
     Ziegler et al. 2019 (``R(x, y) = r(x, y) - beta * log(pi(y|x) / pi_ref(y|x))``), spread over
     tokens as in lm-human-preferences::
@@ -98,7 +98,7 @@ def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
 
 
 class RunningMoments:
-    """Running mean, variance and count of all scores seen so far, on all ranks (PPO_CHECKLIST item 8).
+    """Running mean, variance and count of all scores seen so far, on all ranks (docs/ppo.md item 8).
 
     Each ``update`` computes the batch's exact global (count, mean, sum of squared deviations)
     with `masked_moments` and merges it into the running values with the parallel form of
@@ -142,7 +142,7 @@ class RunningMoments:
 
 def normalize_scores(scores: torch.Tensor, moments: RunningMoments | None, clip: float | None,
                      eps: float = 1e-8) -> torch.Tensor:
-    """Optionally normalise, then optionally clip, reward-model scores (PPO_CHECKLIST item 8).
+    """Optionally normalise, then optionally clip, reward-model scores (docs/ppo.md item 8).
 
     ``s' = (s - mean) / (std + eps)`` with the running moments (skipped when ``moments`` is None),
     then ``clip(s', -clip, clip)`` (skipped when ``clip`` is None). Pure: update the moments

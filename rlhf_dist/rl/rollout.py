@@ -12,7 +12,7 @@ The PPO loop's first phases, one helper each::
     values = token_values(value_model, query_ids, query_mask, rollout.response_ids, rollout.response_mask)
     scores = sequence_scores(reward_model, query_ids, query_mask, rollout.response_ids, rollout.response_mask)  # item 6
 
-Shapes and conventions (PPO_CHECKLIST items 1-4):
+Shapes and conventions (docs/ppo.md items 1-4):
 
 * Queries are LEFT-padded: ``query_ids``/``query_mask`` [B, Lq], every row's last column is a real
   token, so all rows start generating at the same column.
@@ -62,7 +62,7 @@ class Rollout(NamedTuple):
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int,
              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack token lists into a left-padded batch (PPO_CHECKLIST item 1).
+    """Stack token lists into a left-padded batch (docs/ppo.md item 1).
 
     Returns ``(input_ids, attention_mask)``, both LongTensor [B, L] with L the longest sequence;
     row ``b`` is ``[pad_id] * (L - len_b) + sequences[b]`` and its mask ``[0] * (L - len_b) + [1] * len_b``.
@@ -93,11 +93,11 @@ def _check_left_padded(query_mask: torch.Tensor) -> None:
         raise ValueError(f"query_mask must be [B, Lq], got shape {tuple(query_mask.shape)}")
     if query_mask.shape[1] == 0 or not bool(query_mask[:, -1].bool().all()):
         raise ValueError("queries must be left-padded, with a real token in the last column of every row "
-                         "(PPO_CHECKLIST item 1); build them with rollout.left_pad")
+                         "(docs/ppo.md item 1); build them with rollout.left_pad")
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Turn every dropout of ``model`` off for good, in train mode too (PPO_CHECKLIST item 16).
+    """Turn every dropout of ``model`` off for good, in train mode too (docs/ppo.md item 16).
 
     Sets ``p = 0`` on every ``nn.Dropout``-family module (LoRA dropout included), and 0.0 on every
     float attribute whose name ends in ``dropout``, both in the model's config(s) (``attention_dropout``,
@@ -186,7 +186,7 @@ class _LogprobRecorder:
 # Explicit neutral values for the generation settings that would change the sampling distribution:
 # without them a checkpoint's generation_config.json (repetition_penalty, top_k=50 by default, ...)
 # would silently apply, and the rollout would sample from a distribution that `forward_logprobs`
-# does not compute (PPO_CHECKLIST item 14).
+# does not compute (docs/ppo.md item 14).
 _NEUTRAL_SAMPLING: dict[str, Any] = {
     "num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_new_tokens": 0,
@@ -211,7 +211,7 @@ def _check_generation_config(policy: nn.Module, generate_kwargs: dict[str, Any])
     if bad:
         raise ValueError(f"the policy's generation_config sets {', '.join(bad)}, which would change the sampling "
                          "distribution so the rollout log-probabilities no longer match forward_logprobs "
-                         f"(PPO_CHECKLIST item 14); set policy.generation_config.{bad[0]} = None (and the others)")
+                         f"(docs/ppo.md item 14); set policy.generation_config.{bad[0]} = None (and the others)")
 
 
 def generate(policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
@@ -223,7 +223,7 @@ def generate(policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tenso
 
     Calls ``policy.generate(do_sample=True, temperature, top_k, top_p, max_new_tokens,
     pad_token_id=pad_id, eos_token_id=stop_ids, attention_mask=query_mask)`` in eval mode (dropout
-    off; the previous train/eval modes are restored afterwards, PPO_CHECKLIST item 16), then
+    off; the previous train/eval modes are restored afterwards, docs/ppo.md item 16), then
     `first_stop_truncate` on the generated part (items 2, 3). Other settings that would reshape the
     sampling distribution (repetition penalty, ...) are pinned to neutral values, so that with the
     defaults ``top_k=0, top_p=1`` the tokens are drawn from ``softmax(logits / temperature)``,
@@ -362,7 +362,7 @@ def forward_logprobs(model: nn.Module, query_ids: torch.Tensor, query_mask: torc
         logits = model(x, attention_mask=m, position_ids=pos).logits          # [B, Lq + T, V]
         logp_t = log_softmax(logits[:, Lq - 1 + t] / temperature)[response_t]   # position Lq-1+t predicts token t
 
-    Dividing by the sampling temperature (PPO_CHECKLIST item 13) makes this the log-probability
+    Dividing by the sampling temperature (docs/ppo.md item 13) makes this the log-probability
     that `generate` sampled with, so at the first PPO step ``exp(logp - old_logp) = 1`` (item 14).
     The same call serves the policy (with grad, in train mode with `disable_dropout` applied), the
     reference, and a PEFT policy inside the caller's ``with model.disable_adapter():``. The mode
@@ -447,7 +447,7 @@ def forward_token_scores(model: nn.Module, input_ids: torch.Tensor, attention_ma
 
 def sequence_scores(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                     response_mask: torch.Tensor) -> torch.Tensor:
-    """Reward-model score of prompt + truncated response: [B] (PPO_CHECKLIST items 3 and 6).
+    """Reward-model score of prompt + truncated response: [B] (docs/ppo.md items 3 and 6).
 
     The per-token score (`forward_token_scores`) at the last valid token of query + response,
     found from the masks (not from ``ids != pad_id``, item 2). Equals ``model(ids).logits[:, 0]``
@@ -467,7 +467,7 @@ def token_values(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Te
 
     ``V[:, t]`` is the value model's score at the position that predicts response token ``t``
     (position ``Lq - 1 + t``), i.e. of the state before emitting token ``t``: the prompt alone for
-    ``t = 0``. 0 where ``response_mask`` is False (PPO_CHECKLIST item 4). Grad flows if enabled.
+    ``t = 0``. 0 where ``response_mask`` is False (docs/ppo.md item 4). Grad flows if enabled.
     """
     ids, mask = _concat(query_ids, query_mask, response_ids, response_mask)
     T = response_ids.shape[1]

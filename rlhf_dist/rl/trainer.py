@@ -7,14 +7,14 @@ Implementation Details of RLHF with PPO"):
                     batched forwards: policy log-probs and values, reference log-probs, scores
     2. gather       the step's rollouts are gathered, so every process holds all of them (a few MB of
                     token ids and floats) and computes the same global statistics below
-    3. score        optional running normalisation and clipping of the scores (item 8)
+    3. score        optional running normalisation and clipping of the scores (docs/ppo.md item 8)
     4. reward       per-token reward: -beta * KL on every token, the score on the last one (items 5-7);
                     with GRPO the KL is a loss term instead (DeepSeekMath), the reward only the score
     5. advantages   GAE over response tokens (value model), or a group baseline (RLOO/GRPO)
     6. whiten       over every valid token of the step (item 10)
     7. update       ppo_epochs x shuffled minibatches; each process takes its slice of each minibatch,
-                    micro-batches accumulate; clipped policy and value losses, entropy bonus (11, 12)
-    8. log          checklist item 23's metrics, reduced over processes; KL controller update
+                    micro-batches accumulate; clipped policy and value losses, entropy bonus (items 11, 12)
+    8. log          docs/ppo.md item 23's metrics, reduced over processes; KL controller update
 
 Why 2 processes compute what 1 does (the test suite checks it, for DDP and ZeRO-2/3):
 

@@ -132,7 +132,7 @@ def process_state(timeout_seconds: float | None = None):
     """The accelerate process state (world size, rank), created the same way by every stage.
 
     Without a GPU it must be created with ``cpu=True``: otherwise ``accelerate launch --multi_gpu``
-    on a CPU machine gives every process a world of one (CPU_NOTES trap 1), and each would train
+    on a CPU machine gives every process a world of one (docs/cpu.md trap 1), and each would train
     alone. DeepSpeed runs on CPU through its own CPU accelerator instead (``cpu=True`` would quietly
     turn it into plain DDP), with the gloo backend. ``timeout_seconds`` is the process group's
     timeout for every collective (training.ddp_timeout): it only takes effect here, where the group is

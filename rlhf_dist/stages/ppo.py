@@ -1,6 +1,6 @@
 """Stage `ppo`: RLHF with our own PPO loop (or the critic-free RLOO / GRPO baselines) on prompts.
 
-Four models (PPO_CHECKLIST items 16-19; dropout off in all of them):
+Four models (docs/ppo.md items 16-19; dropout off in all of them):
 
 * policy     the SFT output (full weights, or a fresh LoRA adapter on them with lora.enabled);
 * reference  a frozen copy of the SFT model, or, with LoRA, the policy with its adapter disabled
@@ -190,7 +190,7 @@ def check(ctx: StageContext) -> None:
 
 
 def _check_generation_config(cfg) -> None:
-    """The policy's generation_config.json must not reshape sampling (item 14); checked before loading weights."""
+    """The policy's generation_config.json must not reshape sampling (docs/ppo.md item 14); checked before loading weights."""
     from transformers import GenerationConfig
 
     from rlhf_dist.rl.rollout import _check_generation_config as check_sampling
