@@ -28,7 +28,6 @@ from rlhf_dist import preempt, rundir
 from rlhf_dist.errors import UserError
 from rlhf_dist.recipe import STAGE_ORDER, apply_overrides, check_grace_period, load_recipe, run_flags
 
-
 STOP_MARKER_ENV = "RLHF_DIST_STOP_MARKER"
 
 

@@ -48,9 +48,7 @@ def parse_stages(text: str | None, recipe_stages: list[str]) -> list[str]:
 
 def validate_stage(raw: dict, source: str, stage: str, output: Path, stages: list[str]) -> None:
     """The checks that need no earlier stage's output: the typed config, local data files, ppo's reward."""
-    from rlhf_dist.data import check_local_path
-
-    from rlhf_dist.data import STAGE_DATA, load_splits
+    from rlhf_dist.data import STAGE_DATA, check_local_path, load_splits
 
     cfg = resolve_stage(raw, source, stage, str(output), str(rundir.work_dir(output, stage)))
     for key in ("path", "eval_path"):

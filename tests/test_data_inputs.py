@@ -21,7 +21,8 @@ from rlhf_dist.config import DataConfig
 from rlhf_dist.data import DataReport, load_splits
 from rlhf_dist.errors import DataError
 
-ROWS = [{"prompt": "Question: one?\nAnswer:", "completion": " One."}, {"prompt": "Question: two?\nAnswer:", "completion": " Two."}]
+ROWS = [{"prompt": "Question: one?\nAnswer:", "completion": " One."},
+        {"prompt": "Question: two?\nAnswer:", "completion": " Two."}]
 USER = {"role": "user", "content": "What is 2+2?"}
 ASSISTANT = {"role": "assistant", "content": "It is 4."}
 
@@ -95,7 +96,8 @@ MALFORMED = {
     # name: (file name, bytes, expected pieces of the message)
     "empty file": ("e.jsonl", b"", ["the file is empty"]),
     "only blank lines": ("e.jsonl", b"\n\n  \n", ["the file is empty"]),
-    "line that is not JSON": ("n.jsonl", (GOOD + "{prompt: oops}\n" + GOOD).encode(), ["line 2: is not valid JSON", "one JSON object"]),
+    "line that is not JSON": ("n.jsonl", (GOOD + "{prompt: oops}\n" + GOOD).encode(),
+                              ["line 2: is not valid JSON", "one JSON object"]),
     "truncated last line": ("t.jsonl", (GOOD + GOOD + GOOD[:20]).encode(), ["line 3: is not valid JSON", "looks truncated"]),
     "not UTF-8": ("l.jsonl", (GOOD + '{"prompt": "caf\xe9", "completion": " x"}\n').encode("latin-1"),
                   ["line 2: is not UTF-8 text (byte 0xe9", "iconv"]),

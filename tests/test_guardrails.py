@@ -167,8 +167,11 @@ def test_nan_in_one_micro_batch_skips_that_optimizer_step(tmp_path, tiny_model, 
     assert [r["step"] for r in history] == [1, 2, 3, 4] and all(math.isfinite(r["train/grad_norm"]) for r in history)
 
     # NaN every time from step 2 on: max_skipped (3) in a row stop the run
-    monkeypatch.setattr(PPOTrainer, "loss", lambda self, mb, *a: (lambda l, s: (l * float("nan") if self.step >= 2 else l,
-                                                                                  s))(*real_loss(self, mb, *a)))
+    def nan_loss(self, mb, *a):
+        loss, stats = real_loss(self, mb, *a)
+        return (loss * float("nan") if self.step >= 2 else loss), stats
+
+    monkeypatch.setattr(PPOTrainer, "loss", nan_loss)
     assert run(tmp_path, tiny_model, tiny_reward_model, demo_data, tmp_path / "nan") == GUARD_STOPPED
     _, events = log_rows(tmp_path / "nan")
     assert [e["action"] for e in events if e["rule"] == "nonfinite"] == ["skip", "skip", "stop"]

@@ -29,7 +29,6 @@ from typing import Any
 
 from rlhf_dist.rundir import write_text
 
-
 TENSORBOARD_DIR = "tensorboard"  # in the stage's work folder, then in its output
 
 

@@ -52,8 +52,8 @@ import torch
 from torch import nn
 
 from rlhf_dist import faults, preempt, rundir, watchdog
-from rlhf_dist.rl.actor_critic import ActorCritic
 from rlhf_dist.errors import StageStopped
+from rlhf_dist.rl.actor_critic import ActorCritic
 from rlhf_dist.rl.adapters import REFERENCE, no_adapter, use_adapter
 from rlhf_dist.rl.advantages import gae, group_baseline, masked_mean, sequence_advantages_to_tokens, whiten
 from rlhf_dist.rl.guardrails import GUARD_STOPPED, Guardrails, worst

@@ -173,7 +173,9 @@ def check(ctx: StageContext) -> None:
     # Token ids from the length policy (rlhf_dist.lengths: prompts over max_prompt_length truncated on the left,
     # skipped, or refused, as ppo.data.on_long_row says)
     def ids(ds):
-        return [list(x) for x in ds["input_ids"]] if "input_ids" in ds.column_names else encode_prompts(ds["prompt"], ctx.tokenizer)
+        if "input_ids" in ds.column_names:
+            return [list(x) for x in ds["input_ids"]]
+        return encode_prompts(ds["prompt"], ctx.tokenizer)
 
     encoded = ids(ctx.train) + ids(ctx.eval)
     ctx.extra["train_prompts"], ctx.extra["eval_prompts"] = encoded[:len(ctx.train)], encoded[len(ctx.train):]

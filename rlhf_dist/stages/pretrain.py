@@ -14,7 +14,6 @@ Writes OUTPUT/pretrain: model (safetensors), tokenizer, config.yaml, metrics.jso
 from __future__ import annotations
 
 import logging
-
 from itertools import chain
 
 from rlhf_dist.errors import DataError
