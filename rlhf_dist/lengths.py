@@ -123,14 +123,18 @@ def apply(stage: str, cfg, datasets_: dict[str, Any], tokenizer, report) -> dict
             continue
         rows = ds.to_list()
         keep, counts, over = [], {}, []
-        for i, row in enumerate(rows):
-            n, prompt_n = measure(stage, row, tokenizer)
-            if stage == "reward":
-                row = _tokenised_pair(row, tokenizer)
-            if stage == "ppo":
-                row = {**row, "input_ids": _ids(tokenizer, row["prompt"], generation_prompt=True)}
+        for i, text_row in enumerate(rows):
+            row = text_row
+            if stage == "reward":  # tokenised once, as TRL would: the lengths are those of what is trained
+                row = _tokenised_pair(text_row, tokenizer)
+                n, prompt_n = max(len(row["chosen_ids"]), len(row["rejected_ids"])), 0
+            elif stage == "ppo":
+                row = {**text_row, "input_ids": _ids(tokenizer, text_row["prompt"], generation_prompt=True)}
+                n = prompt_n = len(row["input_ids"])
+            else:
+                n, prompt_n = measure(stage, text_row, tokenizer)
             if limit is not None and n > limit:
-                over.append((i, n, row))
+                over.append((i, n, text_row))
                 if action == "skip":
                     counts["skipped"] = counts.get("skipped", 0) + 1
                     continue
@@ -144,10 +148,11 @@ def apply(stage: str, cfg, datasets_: dict[str, Any], tokenizer, report) -> dict
                     elif stage == "ppo":
                         row = {**row, "input_ids": row["input_ids"][-limit:]}
             keep.append(row)
+        source = cfg.data.eval_path if split == "eval" and cfg.data.eval_path else cfg.data.path
         if over and action == "error":
             longest = max(over, key=lambda x: x[1])
             preview = str(longest[2].get("prompt", longest[2].get("text", "")))[:60].replace("\n", " ")
-            raise DataError(f"{cfg.data.eval_path or cfg.data.path}: {len(over)} of {len(rows)} {split} rows are longer "
+            raise DataError(f"{source}: {len(over)} of {len(rows)} {split} rows are longer "
                             f"than {key}={limit} tokens (longest {longest[1]}: '{preview}...'); raise the limit, or set "
                             f"{stage}.data.on_long_row=truncate or skip")
         if counts:
@@ -155,7 +160,7 @@ def apply(stage: str, cfg, datasets_: dict[str, Any], tokenizer, report) -> dict
             log.warning("%s: %d of %d %s rows are longer than %s=%d tokens: %s", stage, len(over), len(rows), split, key,
                         limit, ", ".join(f"{k} {v}" for k, v in counts.items()))
         if not keep:
-            raise DataError(f"{cfg.data.path}: no {split} rows are left after the length policy ({action} rows over {key}="
+            raise DataError(f"{source}: no {split} rows are left after the length policy ({action} rows over {key}="
                             f"{limit}); raise the limit or set {stage}.data.on_long_row=truncate")
         import datasets
 

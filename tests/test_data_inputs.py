@@ -521,3 +521,16 @@ def test_a_dataset_folder_laid_out_like_hh_rlhf_with_data_dir(tmp_path):
     assert report.rows_read == 60 and report.bad_rows == {"empty_response": 3, "identical": 1}
     with pytest.raises(DataError, match=r"hh-rlhf: 3 of 40 rows are bad \(empty_response: 2, identical: 1\): row "):
         load_splits(DataConfig(path=str(root), data_dir="harmless-base", eval_split="test"), "preference", "dpo")
+
+
+def test_length_error_names_the_file_of_its_split(tokenizer):
+    import datasets
+
+    from rlhf_dist.config import STAGES, build
+
+    cfg = build(STAGES["ppo"], {"data": {"path": "train.jsonl", "eval_path": "held_out.jsonl", "on_long_row": "error"},
+                                "training": {"max_prompt_length": 8, "output_dir": "/tmp/x"}}, "ppo")
+    short, long = {"prompt": "Question: hi?"}, {"prompt": "Question: " + "Ulm grows wheat. " * 6}
+    ds = {"train": datasets.Dataset.from_list([short]), "eval": datasets.Dataset.from_list([long])}
+    with pytest.raises(DataError, match=r"^held_out.jsonl: 1 of 1 eval rows are longer than ppo.training.max_prompt_length=8"):
+        lengths.apply("ppo", cfg, ds, tokenizer, DataReport())
