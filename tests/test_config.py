@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import trl
-from conftest import cli
+from helpers import cli
 from transformers import TrainingArguments
 
 from rlhf_dist import config as C

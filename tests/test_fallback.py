@@ -10,7 +10,7 @@ import json
 
 import pytest
 import yaml
-from conftest import tiny_recipe as recipe
+from helpers import tiny_recipe as recipe
 
 from rlhf_dist import fallback, plan
 from rlhf_dist.config import load_recipe, resolve_stage

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import EVERY, STEPS_CHECKPOINTED, bit_identical, checkpointed_args, stage_process, without_timings
+from helpers import EVERY, STEPS_CHECKPOINTED, bit_identical, checkpointed_args, stage_process, without_timings
 
 from rlhf_dist import rundir
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bit_identical, ppo_crashes_at_step, tiny_recipe, without_timings
+from helpers import bit_identical, ppo_crashes_at_step, tiny_recipe, without_timings
 
 from rlhf_dist import rundir
 from rlhf_dist.cli import main
@@ -160,7 +160,7 @@ def test_nan_in_one_micro_batch_skips_that_optimizer_step(tmp_path, tiny_model, 
     assert guard["skipped_optimizer_steps"] == 1
     assert [(e["rule"], e["action"], e["step"]) for e in guard["events"] if e["rule"] == "nonfinite"] == [
         ("nonfinite", "skip", 2)]
-    from conftest import saved_tensors
+    from helpers import saved_tensors
 
     assert all(torch.isfinite(t).all() for t in saved_tensors(out / "ppo").values())
     history = json.loads((out / "ppo" / "log_history.json").read_text())

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import cli
+from helpers import cli
 
 N, EMPTY, IDENTICAL, LONG = 160, 4, 3, 5
 

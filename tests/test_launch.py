@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli, tiny_recipe
+from helpers import REPO, cli, tiny_recipe
 
 from rlhf_dist.cli import main
 

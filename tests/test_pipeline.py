@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import cli, tiny_recipe
+from helpers import cli, tiny_recipe
 from safetensors.torch import load_file
 
 from rlhf_dist.cli import main

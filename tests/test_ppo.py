@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ppo_crashes_at_step, tiny_recipe
+from helpers import ppo_crashes_at_step, tiny_recipe
 from safetensors.torch import load_file
 
 from rlhf_dist.cli import main

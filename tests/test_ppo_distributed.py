@@ -14,14 +14,13 @@ DeepSpeed compiles its shared-memory comm op on first use (~55 s, cached in TORC
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_recipe
+from helpers import run_launched, tiny_recipe
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -33,10 +32,8 @@ TIMING = ("time/", "rollout/tokens_per_second", "train/samples_per_second")
 
 
 def launch(prefix: list[str], rec: Path, out: Path, reward: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what accelerate launch gives each of its processes
-    cmd = [*prefix, "-m", "rlhf_dist", "ppo", "--recipe", str(rec), "--output", str(out), f"ppo.reward_model={reward}",
-           *GLOBAL_BATCH, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    return run_launched([*prefix, "-m", "rlhf_dist", "ppo", "--recipe", str(rec), "--output", str(out),
+                         f"ppo.reward_model={reward}", *GLOBAL_BATCH, *extra])
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ppo_crashes_at_step, tiny_recipe
+from helpers import ppo_crashes_at_step, tiny_recipe
 from safetensors.torch import load_file
 
 from rlhf_dist.cli import main
@@ -280,7 +280,7 @@ def test_qlora_pipeline_sft_reward_ppo_on_one_4bit_base(tmp_path, tiny_model, de
     """The single-GPU recipe's shape at tiny scale (shared `lora` and `quantization` sections, as in the shipped
     qwen2.5-7b-qlora): sft -> reward -> ppo through `rlhf-dist pipeline`. The reward stage's adapter, trained on the
     sft output, becomes PPO's reward adapter on the same 4-bit base; every stage improves its metric."""
-    from conftest import cli
+    from helpers import cli
 
     extra = ("lora: {enabled: true, r: 4, dropout: 0.0}\n"
              "quantization: {load_in_4bit: true, compute_dtype: float32}\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from helpers import tiny_recipe
 from safetensors.torch import load_file
 
 from rlhf_dist import preempt

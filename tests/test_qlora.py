@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from helpers import tiny_recipe
 from safetensors.torch import load_file
 
 IDS = torch.tensor([[1, 20, 30, 40, 50, 60, 70, 80], [1, 25, 35, 45, 55, 65, 75, 85]])

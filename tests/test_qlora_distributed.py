@@ -30,14 +30,13 @@ Stated tolerances, measured deviations (3 steps, learning rate 1e-2):
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_recipe
+from helpers import REPO, run_launched, tiny_recipe
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -85,9 +84,7 @@ def run_sft(recipe: str, output: str, batch: str) -> int:
 
 
 def launch(prefix: list[str], rec: Path, out: Path, batch: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [*prefix, str(Path(__file__).resolve()), str(rec), str(out), str(batch)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    return run_launched([*prefix, str(Path(__file__).resolve()), str(rec), str(out), str(batch)])
 
 
 def finished(result: subprocess.CompletedProcess, out: Path) -> Path:

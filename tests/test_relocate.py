@@ -224,7 +224,7 @@ def test_a_moved_run_resumes_and_its_adapter_loads_in_plain_peft(tmp_path, share
 
     import torch
     import yaml
-    from conftest import EVERY, STEPS_CHECKPOINTED, checkpointed_args, stage_process
+    from helpers import EVERY, STEPS_CHECKPOINTED, checkpointed_args, stage_process
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

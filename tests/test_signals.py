@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, bit_identical, checkpointed_args, stage_process, tiny_recipe, without_timings
+from helpers import REPO, bit_identical, checkpointed_args, stage_process, tiny_recipe, without_timings
 
 from rlhf_dist import preempt, rundir
 

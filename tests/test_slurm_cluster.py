@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_recipe
+from helpers import REPO, tiny_recipe
 from slurm_cluster import LocalSlurm, _free_port_block, missing_programs
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]

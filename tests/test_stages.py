@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import STEPS
-from conftest import tiny_recipe as recipe
+from helpers import STEPS
+from helpers import tiny_recipe as recipe
 from safetensors.torch import load_file
 
 

@@ -39,13 +39,12 @@ DeepSpeed compiles its shared-memory comm op on first use (~55 s, cached in TORC
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_recipe
+from helpers import REPO, run_launched, tiny_recipe
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -82,9 +81,7 @@ def run_stages(recipe: str, output: str, batch: str) -> int:
 
 
 def launch(prefix: list[str], rec: Path, out: Path, batch: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what accelerate launch gives each of its processes
-    cmd = [*prefix, str(Path(__file__).resolve()), str(rec), str(out), str(batch)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=REPO, env=env)
+    return run_launched([*prefix, str(Path(__file__).resolve()), str(rec), str(out), str(batch)], timeout=1200)
 
 
 def stage_output(run: tuple[subprocess.CompletedProcess, Path], name: str) -> Path:

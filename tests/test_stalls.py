@@ -15,7 +15,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import REPO, tiny_recipe
+from helpers import REPO, tiny_recipe
 
 from rlhf_dist import failures, watchdog
 
