@@ -87,7 +87,7 @@ def note(status: int | None, reason: str, **files: str | Path) -> None:
     """Record how this process ends (status None: still running). A no-op before `start`."""
     if not _state:
         return
-    from rlhf_dist.rundir import write_json
+    from rlhf_dist.atomic import write_json
 
     record = {"stage": _state["stage"], "rank": _state["rank"], "node": _state["node"], "host": _state["host"],
               "pid": os.getpid(), "status": status, "reason": reason, "time": time.time(),

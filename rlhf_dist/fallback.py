@@ -79,7 +79,7 @@ def estimate_gib(stage: str, cfg, method: str, batch: int, generation_batch: int
     """`rlhf-dist plan`'s per-GPU total (GiB) of this stage's config with `method` and micro-batch `batch`, ddp."""
     base = cfg.init_from
     if stage == "ppo":  # an SFT adapter as init_from: plan the base it was trained on
-        from rlhf_dist.stages.ppo import policy_base
+        from rlhf_dist.rl.sources import policy_base
 
         base = policy_base(cfg)
     model_cfg = plan.load_config(base)

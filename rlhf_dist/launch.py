@@ -88,7 +88,7 @@ def check_world_fits(raw: dict, source: str, stages: list[str], world: int, what
     if "ppo" not in stages:
         return
     from rlhf_dist.config import resolve_stage
-    from rlhf_dist.rl.trainer import check_batch_sizes
+    from rlhf_dist.rl.batching import check_batch_sizes
 
     cfg = resolve_stage(raw, source, "ppo", "OUTPUT", "OUTPUT/ppo.incomplete")
     try:

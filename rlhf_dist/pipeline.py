@@ -57,7 +57,7 @@ def validate_stage(raw: dict, source: str, stage: str, output: Path, stages: lis
     if cfg.data.path:  # every row of every stage's data, before the first stage starts (the stage checks again)
         load_splits(cfg.data, STAGE_DATA[stage], stage)
     if stage == "ppo":
-        from rlhf_dist.stages.ppo import resolve_reward
+        from rlhf_dist.rl.sources import resolve_reward
 
         if cfg.reward_fn or cfg.reward_model or not ("reward" in stages or rundir.is_complete(output, "reward")):
             resolve_reward(cfg, output)  # else the reward stage of this run will provide the reward model

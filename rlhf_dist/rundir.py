@@ -29,12 +29,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from rlhf_dist.atomic import write_json, write_text  # noqa: F401 - part of this module's interface
 from rlhf_dist.errors import RunDirError
 
 MARKER = "rlhf_dist_run.json"
@@ -233,28 +233,3 @@ def finalize(output: str | Path, stage: str) -> Path:
     shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     return done
-
-
-def write_text(path: str | Path, text: str, durable: bool = False) -> None:
-    """Write a file atomically: a temporary file in the same folder, renamed over the target.
-
-    ``durable``: flushed to disk before the rename (survives a machine crash, not only a killed process).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str | Path, obj: object, durable: bool = False) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", durable)

@@ -29,7 +29,7 @@ def make_accelerator(a, world: int, hidden_size: int):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    from rlhf_dist.rl.trainer import micro_batches_per_process
+    from rlhf_dist.rl.batching import micro_batches_per_process
 
     deepspeed = launched_with_deepspeed()
     on_cpu = a.use_cpu or not torch.cuda.is_available()

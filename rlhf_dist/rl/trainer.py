@@ -56,6 +56,7 @@ from rlhf_dist.errors import StageStopped
 from rlhf_dist.rl.actor_critic import ActorCritic
 from rlhf_dist.rl.adapters import REFERENCE, no_adapter, use_adapter
 from rlhf_dist.rl.advantages import gae, group_baseline, masked_mean, sequence_advantages_to_tokens, whiten
+from rlhf_dist.rl.batching import check_batch_sizes, micro_batches_per_process
 from rlhf_dist.rl.guardrails import GUARD_STOPPED, Guardrails, worst
 from rlhf_dist.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_dist.rl.losses import aggregate, explained_variance, ppo_policy_loss, value_loss
@@ -800,27 +801,6 @@ def _fused_adam_ok(groups: list[dict], deepspeed: bool) -> bool | None:
     ok = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
                               for p in params)
     return True if ok else None
-
-
-def micro_batches_per_process(args, world: int) -> int:
-    """Gradient accumulation steps: micro-batches per process in one minibatch."""
-    return args.mini_batch_size // world // args.per_device_train_batch_size
-
-
-def check_batch_sizes(args, world: int) -> None:
-    """Every process must get equal, whole shares (item 20); raise ValueError naming the fix otherwise."""
-    rollouts_per_process = args.rollout_batch_size * args.samples_per_prompt // world
-    problems = []
-    if args.rollout_batch_size % world:
-        problems.append(f"rollout_batch_size={args.rollout_batch_size} is not a multiple of the {world} processes")
-    elif rollouts_per_process % args.generation_batch_size:
-        problems.append(f"generation_batch_size={args.generation_batch_size} does not divide the "
-                        f"{rollouts_per_process} rollouts per process")
-    if args.mini_batch_size % (world * args.per_device_train_batch_size):
-        problems.append(f"mini_batch_size={args.mini_batch_size} is not a multiple of {world} processes x "
-                        f"per_device_train_batch_size={args.per_device_train_batch_size}")
-    if problems:
-        raise ValueError("ppo.training: " + "; ".join(problems) + " (every process must get an equal, whole share)")
 
 
 def stop_token_ids(tokenizer, stop_tokens: list[str], ignore_eos: bool = False) -> list[int]:

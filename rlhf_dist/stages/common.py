@@ -115,7 +115,7 @@ def load_stage_config(stage: str, args: argparse.Namespace) -> tuple[StageConfig
     check_quantization(f"{stage}.quantization", cfg)
     check_lora_targets(cfg.init_from, f"{stage}.lora.target_modules", cfg, classifier=stage == "reward")
     if stage == "ppo":
-        from rlhf_dist.stages.ppo import resolve_reward
+        from rlhf_dist.rl.sources import resolve_reward
 
         resolve_reward(cfg, output)
     decision = fallback.apply(stage, cfg, args)  # one GPU that the run would not fit: QLoRA, smaller micro-batch

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import shutil
 import types
-from pathlib import Path
 
 import torch
 
@@ -37,6 +36,14 @@ from rlhf_dist import faults, relocate, rundir, watchdog
 from rlhf_dist.errors import ConfigError, UserError
 from rlhf_dist.models import base_config, load_causal_lm, load_frozen_reward_model, load_reward_model, load_tokenizer, peft_config
 from rlhf_dist.rl.distributed import make_accelerator, replicated_loading, untied
+from rlhf_dist.rl.sources import (  # noqa: F401 - resolve_reward, check_classifier: part of this stage's interface
+    check_classifier,
+    policy_base,
+    resolve_reward,
+    reward_adapter_path,
+    sft_adapter,
+    text_config,
+)
 from rlhf_dist.stages.common import StageContext, process_state, stage_main
 
 STAGE, DATA_KIND = "ppo", "prompts"
@@ -44,104 +51,8 @@ log = logging.getLogger("rlhf_dist")
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks, before any model is loaded
+# Checks, before any model is loaded (the model sources themselves: rlhf_dist.rl.sources)
 # ---------------------------------------------------------------------------------------------
-
-def resolve_reward(cfg, output: Path) -> None:
-    """Fill in cfg.reward_model (default: OUTPUT/reward) and check the reward source; one-line errors."""
-    from rlhf_dist.rl.reward_fn import load_reward_fn
-
-    if cfg.reward_fn:
-        load_reward_fn(cfg.reward_fn, "ppo.reward_fn")
-    else:
-        if not cfg.reward_model:
-            if not rundir.is_complete(output, "reward"):
-                raise UserError("ppo: no reward; set ppo.reward_model (a reward model), ppo.reward_fn "
-                                "(module:function), or run the reward stage first (it writes OUTPUT/reward)")
-            cfg.reward_model = str(rundir.stage_dir(output, "reward").resolve())
-        check_classifier(cfg.reward_model, "ppo.reward_model", cfg)
-    if cfg.value_model and cfg.training.advantage_estimator == "gae" and not cfg.value_head:
-        check_classifier(cfg.value_model, "ppo.value_model", cfg, causal_ok=True)
-        base = policy_base(cfg)
-        vocab = {path: _text_config(path, cfg).vocab_size for path in (cfg.value_model, base)}
-        if vocab[cfg.value_model] != vocab[base]:
-            raise UserError(f"ppo.value_model: {cfg.value_model} has a vocabulary of {vocab[cfg.value_model]} tokens, "
-                            f"the policy {vocab[base]}; the value model reads the policy's tokens, so start "
-                            "it from a model with the policy's tokenizer (or use ppo.value_head: true)")
-
-
-def sft_adapter(cfg) -> str | None:
-    """cfg.init_from when it is a LoRA adapter folder (an SFT run with lora.merge: false), else None."""
-    path = Path(cfg.init_from)
-    return str(path) if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file() else None
-
-
-def policy_base(cfg) -> str:
-    """The base model the policy is loaded from: init_from, or the base an SFT adapter was trained on."""
-    adapter = sft_adapter(cfg)
-    if adapter is None:
-        return cfg.init_from
-    from rlhf_dist import relocate
-
-    base = relocate.adapter_base(adapter)  # stored relative to the run (./sft): resolved wherever the run is now
-    if not base:
-        raise UserError(f"ppo.init_from: {adapter}/adapter_config.json names no base_model_name_or_path; merge the "
-                        "adapter into its base, or add the base's path to the file")
-    return base
-
-
-def reward_adapter_path(cfg) -> str | None:
-    """The reward stage's LoRA adapter when PPO can score with it on the policy's own base, else None.
-
-    Needs LoRA in PPO, a reward model folder with `adapter/` (a reward stage run with LoRA) trained on the policy's
-    base. `ppo.reward_adapter: true` makes a missing condition an error; false turns it off.
-    """
-    if cfg.reward_fn or not cfg.reward_model or cfg.reward_adapter is False or not cfg.lora.enabled:
-        if cfg.reward_adapter and not cfg.lora.enabled:
-            raise UserError("ppo.reward_adapter: the reward adapter sits on the policy's LoRA base; set ppo.lora.enabled: true")
-        return None
-    from rlhf_dist import relocate
-
-    path = Path(cfg.reward_model) / "adapter"
-    why = None
-    if not (path / "adapter_config.json").is_file():
-        why = f"{cfg.reward_model} has no adapter/ (a reward stage trained with LoRA writes one)"
-    else:
-        trained_on = relocate.adapter_base(path) or "?"
-        base = policy_base(cfg)
-        if Path(trained_on).expanduser().resolve() != Path(base).expanduser().resolve():
-            why = f"its adapter was trained on {trained_on}, the policy's base is {base}"
-    if why is None:
-        return str(path)
-    if cfg.reward_adapter:
-        raise UserError(f"ppo.reward_adapter: {why}; set ppo.reward_adapter: false to load the reward model on its own")
-    return None
-
-
-def _text_config(path: str, cfg):
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def check_classifier(path: str, key: str, cfg, causal_ok: bool = False) -> None:
-    """A reward (or value) model must be a sequence classifier with one label (read from its config only)."""
-    from transformers import AutoConfig
-
-    from rlhf_dist.models import check_model_path
-
-    check_model_path(path, key, cfg.model)
-    config = AutoConfig.from_pretrained(path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        if config.num_labels != 1:
-            raise UserError(f"{key}: {path} has a classification head with {config.num_labels} labels; a reward model "
-                            "gives one score (num_labels=1): train it with the reward stage")
-    elif not causal_ok:
-        raise UserError(f"{key}: {path} is a {', '.join(archs) or 'model'} , not a sequence classifier; a reward model "
-                        "gives one score (AutoModelForSequenceClassification, num_labels=1): train it with the reward stage")
-
 
 def encode_prompts(prompts: list, tokenizer) -> list[list[int]]:
     """Token ids of each prompt (chat template with the generation prompt for message lists)."""
@@ -151,7 +62,8 @@ def encode_prompts(prompts: list, tokenizer) -> list[list[int]]:
 
 
 def check(ctx: StageContext) -> None:
-    from rlhf_dist.rl.trainer import check_batch_sizes, stop_token_ids
+    from rlhf_dist.rl.batching import check_batch_sizes
+    from rlhf_dist.rl.trainer import stop_token_ids
 
     cfg, a = ctx.cfg, ctx.cfg.training
     if sft_adapter(cfg) is not None:  # the SFT adapter becomes the frozen reference and the policy's starting point
@@ -179,7 +91,7 @@ def check(ctx: StageContext) -> None:
 
     encoded = ids(ctx.train) + ids(ctx.eval)
     ctx.extra["train_prompts"], ctx.extra["eval_prompts"] = encoded[:len(ctx.train)], encoded[len(ctx.train):]
-    limit = getattr(_text_config(policy_base(cfg), cfg), "max_position_embeddings", None)
+    limit = getattr(text_config(policy_base(cfg), cfg), "max_position_embeddings", None)
     longest = max(len(p) for p in encoded)
     if limit is not None and longest + a.max_new_tokens > limit:
         raise ConfigError(f"ppo: the longest prompt ({longest} tokens) + max_new_tokens ({a.max_new_tokens}) exceeds the "
@@ -416,7 +328,7 @@ def run(ctx: StageContext) -> dict:
     from rlhf_dist.rl.trainer import PPOTrainer
 
     a, cfg = ctx.cfg.training, ctx.cfg
-    accelerator = make_accelerator(a, process_state().num_processes, _text_config(policy_base(cfg), cfg).hidden_size)
+    accelerator = make_accelerator(a, process_state().num_processes, text_config(policy_base(cfg), cfg).hidden_size)
     actor_critic, reference, reward = build_models(ctx, accelerator)
     mem = ctx.extra["memory"]
     log.info("ppo: the models hold %.1f MiB; as separate models %.1f MiB (%.0f%% saved), as four 16-bit models %.1f MiB "
