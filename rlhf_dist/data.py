@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from rlhf_dist.config import DataConfig
 from rlhf_dist.errors import DataError
-from rlhf_dist.readers import FORMATS, Problem, Table, file_format, from_dataset, read_file, supported_names
+from rlhf_dist.readers import Problem, Table, file_format, from_dataset, read_file, supported_names
 
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
@@ -46,16 +46,14 @@ SHOWN = 3  # bad rows quoted in the error message
 class DataReport:
     """What happened to the rows of a stage's data: read, bad (by reason), too long (by action), used.
 
-    ``load_splits`` fills the reading part, `rlhf_dist.lengths` the length policy, the stage what its
-    trainer kept; metrics.json's ``data`` section is `as_dict()`.
+    ``load_splits`` fills the reading part, `rlhf_dist.lengths` the length policy; metrics.json's ``data``
+    section is `as_dict()` plus the rows the trainer used (`stages.common`).
     """
 
-    source: str = ""
     rows_read: int = 0
     bad_rows: dict = field(default_factory=dict)  # reason -> rows skipped (on_bad_row: skip)
     too_long: dict = field(default_factory=dict)  # "train"/"eval" -> {action: rows}
     roles: set = field(default_factory=set)  # chat roles seen (checked against the chat template later)
-    extra: dict = field(default_factory=dict)  # the stage's own counts (trained rows, evaluated pairs, ...)
 
     def count_bad(self, problems: list[Problem]) -> None:
         for p in problems:
@@ -65,7 +63,7 @@ class DataReport:
         out = {"rows_read": self.rows_read, "bad_rows_skipped": dict(sorted(self.bad_rows.items()))}
         if self.too_long:
             out["too_long"] = self.too_long
-        return {**out, **self.extra}
+        return out
 
 
 class Bad(Exception):
@@ -106,7 +104,7 @@ def _load(path: str, cfg: DataConfig, split: str, key: str):
     import datasets
 
     try:
-        extra = {"data_dir": cfg.data_dir} if getattr(cfg, "data_dir", None) else {}
+        extra = {"data_dir": cfg.data_dir} if cfg.data_dir else {}
         return datasets.load_dataset(path, cfg.name, split=split, revision=cfg.revision, **extra)
     except Exception as exc:  # datasets/pyarrow/hub errors of every kind: one line, with what was asked for
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -120,7 +118,6 @@ def load_splits(cfg: DataConfig, kind: str, where: str, report: DataReport | Non
         raise DataError(f"{where}.data.path is not set; give a hub dataset id or a local file")
     train = _load(cfg.path, cfg, cfg.split, f"{where}.data.path")
     source = cfg.path
-    report.source = source
     if cfg.eval_path or cfg.eval_split:
         eval_path = cfg.eval_path or cfg.path
         evaluation = _load(eval_path, cfg, cfg.eval_split or "train", f"{where}.data.eval_path")
@@ -165,7 +162,7 @@ def _handle_problems(problems: list[Problem], total: int, cfg: DataConfig, sourc
     report.rows_read += total
     if not problems:
         return
-    if getattr(cfg, "on_bad_row", "error") != "skip":
+    if cfg.on_bad_row != "skip":
         raise DataError(bad_rows_message(source, problems, total, where))
     report.count_bad(problems)
     import logging
@@ -178,10 +175,7 @@ def _prepare_text_dataset(ds, cfg: DataConfig, source: str, where: str, report: 
     """Pretraining text from a hub dataset or folder, checked row by row without turning it into Python rows (a
     corpus can be far larger than memory's comfort)."""
     present = set(ds.column_names)
-    for ours, theirs in cfg.columns.items():
-        if theirs not in present:
-            raise DataError(f"{source}: column '{theirs}' (mapped to '{ours}' in data.columns) not found; columns are: "
-                            f"{', '.join(sorted(present))}")
+    _check_mapping(present, cfg.columns, source)
     if cfg.columns.get("text", "text") != "text":
         ds = ds.remove_columns([c for c in ["text"] if c in present]).rename_column(cfg.columns["text"], "text")
     if "text" not in ds.column_names:
@@ -189,7 +183,7 @@ def _prepare_text_dataset(ds, cfg: DataConfig, source: str, where: str, report: 
                         "rename it or map yours with data.columns, e.g. {text: your_column}")
     problems, keep = [], []
     for i, value in enumerate(ds["text"]):
-        if cfg.skip_empty and isinstance(value, str) and not value.strip():
+        if cfg.skip_empty and _blank(value):
             continue  # wikitext's blank lines: dropped, not bad rows
         try:
             _text(value, "text")
@@ -219,14 +213,23 @@ def bad_rows_message(source: str, problems: list[Problem], total: int, where: st
             f"fix or remove them, or {skip}")
 
 
-def map_columns(table: Table, columns: dict[str, str], source: str) -> Table:
-    present = set(table.columns)
+def _check_mapping(present: set[str], columns: dict[str, str], source: str) -> None:
     for ours, theirs in columns.items():
         if theirs not in present:
             raise DataError(
                 f"{source}: column '{theirs}' (mapped to '{ours}' in data.columns) not found; columns are: "
                 f"{', '.join(sorted(present))}"
             )
+
+
+def _blank(value: Any) -> bool:
+    """An empty or all-whitespace text (what data.skip_empty drops)."""
+    return isinstance(value, str) and not value.strip()
+
+
+def map_columns(table: Table, columns: dict[str, str], source: str) -> Table:
+    present = set(table.columns)
+    _check_mapping(present, columns, source)
     renames = {theirs: ours for ours, theirs in columns.items() if theirs != ours}
     if not renames:
         return table
@@ -239,10 +242,11 @@ def map_columns(table: Table, columns: dict[str, str], source: str) -> Table:
 # Row checks. Each takes the Table and returns (normalised rows, problems).
 # ----------------------------------------------------------------------------------------------
 def _require_columns(table: Table, needed: list[str], source: str, what: str) -> None:
-    missing = [c for c in needed if c not in table.columns]
+    columns = table.columns  # computed over every row: once
+    missing = [c for c in needed if c not in columns]
     if missing:
         raise DataError(
-            f"{source}: no '{missing[0]}' column for {what} (columns are: {', '.join(table.columns)}); "
+            f"{source}: no '{missing[0]}' column for {what} (columns are: {', '.join(columns)}); "
             f"rename it or map yours with data.columns, e.g. {{{missing[0]}: your_column}}"
         )
 
@@ -446,7 +450,7 @@ def text_row(row: dict) -> dict:
 def check_text(table: Table, source: str, cfg: DataConfig, report: DataReport):
     _require_columns(table, ["text"], source, "pretraining")
     if cfg.skip_empty:  # wikitext's blank lines: dropped, not bad rows
-        keep = [i for i, row in enumerate(table.rows) if not (isinstance(row.get("text"), str) and not row["text"].strip())]
+        keep = [i for i, row in enumerate(table.rows) if not _blank(row.get("text"))]
         table = Table([table.rows[i] for i in keep], [table.where[i] for i in keep], table.problems)
     return _row_checker(text_row)(table, source, cfg, report)
 
@@ -480,4 +484,4 @@ def check_preference(table, source: str, cfg: DataConfig, report: DataReport | N
 
 CHECKS = {"pretrain": check_text, "sft": check_sft, "preference": check_preference, "prompts": check_prompts}
 assert set(CHECKS) == set(KINDS)
-__all__ = ["DataReport", "FORMATS", "KINDS", "check_local_path", "load_splits", "looks_local", "prepare", "split_prompt"]
+__all__ = ["DataReport", "KINDS", "check_local_path", "load_splits", "looks_local", "prepare", "split_prompt"]

@@ -34,7 +34,7 @@ DEFAULTS = {"sft": "truncate", "reward": "skip", "dpo": "truncate", "ppo": "trun
 PROBE = "rlhf-dist-role-probe"
 
 
-def _ids(tokenizer, value: Any, generation_prompt: bool = False) -> list[int]:
+def token_ids(tokenizer, value: Any, generation_prompt: bool = False) -> list[int]:
     """Token ids of a string, or of a message list through the chat template (as TRL tokenises them)."""
     if isinstance(value, list):
         kw = {"add_generation_prompt": True} if generation_prompt else {}
@@ -88,21 +88,18 @@ def check_roles(tokenizer, roles: set[str], source: str, model: str) -> None:
 # Lengths
 # ----------------------------------------------------------------------------------------------
 def measure(stage: str, row: dict, tokenizer) -> tuple[int, int]:
-    """(length compared with the limit, prompt length) of one canonical row of `stage`."""
-    if stage == "ppo":
-        n = len(_ids(tokenizer, row["prompt"], generation_prompt=True))
-        return n, n
+    """(length compared with the limit, prompt length) of one canonical sft or dpo row (reward pairs and PPO prompts
+    are measured on their token ids, see `apply`)."""
     if stage == "sft" and "text" in row:
-        return len(_ids(tokenizer, _with_eos(tokenizer, row["text"]))), 0
+        return len(token_ids(tokenizer, _with_eos(tokenizer, row["text"]))), 0
     prompt = row["prompt"]
     answers = [row["completion"]] if stage == "sft" else [row["chosen"], row["rejected"]]
-    lengths = [len(_ids(tokenizer, prompt + _with_eos(tokenizer, a))) for a in answers]
-    return max(lengths), len(_ids(tokenizer, prompt, generation_prompt=isinstance(prompt, list)))
+    lengths = [len(token_ids(tokenizer, prompt + _with_eos(tokenizer, a))) for a in answers]
+    return max(lengths), len(token_ids(tokenizer, prompt, generation_prompt=isinstance(prompt, list)))
 
 
 def policy(stage: str, data_cfg) -> str:
-    choice = getattr(data_cfg, "on_long_row", None)
-    return choice or DEFAULTS[stage]
+    return data_cfg.on_long_row or DEFAULTS[stage]
 
 
 def apply(stage: str, cfg, datasets_: dict[str, Any], tokenizer, report) -> dict[str, Any]:
@@ -129,7 +126,7 @@ def apply(stage: str, cfg, datasets_: dict[str, Any], tokenizer, report) -> dict
                 row = _tokenised_pair(text_row, tokenizer)
                 n, prompt_n = max(len(row["chosen_ids"]), len(row["rejected_ids"])), 0
             elif stage == "ppo":
-                row = {**text_row, "input_ids": _ids(tokenizer, text_row["prompt"], generation_prompt=True)}
+                row = {**text_row, "input_ids": token_ids(tokenizer, text_row["prompt"], generation_prompt=True)}
                 n = prompt_n = len(row["input_ids"])
             else:
                 n, prompt_n = measure(stage, text_row, tokenizer)
@@ -162,6 +159,9 @@ def apply(stage: str, cfg, datasets_: dict[str, Any], tokenizer, report) -> dict
         if not keep:
             raise DataError(f"{source}: no {split} rows are left after the length policy ({action} rows over {key}="
                             f"{limit}); raise the limit or set {stage}.data.on_long_row=truncate")
+        if len(keep) == len(rows) and stage in ("sft", "dpo"):  # nothing dropped, no columns added: the same rows
+            out[split] = ds
+            continue
         import datasets
 
         out[split] = datasets.Dataset.from_list(keep)
@@ -179,6 +179,6 @@ def _tokenised_pair(row: dict, tokenizer) -> dict:
     """A reward pair as TRL's RewardTrainer tokenises it (EOS after string answers; prompt + answer)."""
     prompt = row["prompt"]
     return {
-        "chosen_ids": _ids(tokenizer, prompt + _with_eos(tokenizer, row["chosen"])),
-        "rejected_ids": _ids(tokenizer, prompt + _with_eos(tokenizer, row["rejected"])),
+        "chosen_ids": token_ids(tokenizer, prompt + _with_eos(tokenizer, row["chosen"])),
+        "rejected_ids": token_ids(tokenizer, prompt + _with_eos(tokenizer, row["rejected"])),
     }

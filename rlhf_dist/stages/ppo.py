@@ -56,9 +56,9 @@ log = logging.getLogger("rlhf_dist")
 
 def encode_prompts(prompts: list, tokenizer) -> list[list[int]]:
     """Token ids of each prompt (chat template with the generation prompt for message lists)."""
-    from rlhf_dist.lengths import _ids
+    from rlhf_dist.lengths import token_ids
 
-    return [_ids(tokenizer, p, generation_prompt=True) for p in prompts]
+    return [token_ids(tokenizer, p, generation_prompt=True) for p in prompts]
 
 
 def check(ctx: StageContext) -> None:
@@ -84,12 +84,7 @@ def check(ctx: StageContext) -> None:
         raise ConfigError(str(exc)) from None
     # Token ids from the length policy (rlhf_dist.lengths: prompts over max_prompt_length truncated on the left,
     # skipped, or refused, as ppo.data.on_long_row says)
-    def ids(ds):
-        if "input_ids" in ds.column_names:
-            return [list(x) for x in ds["input_ids"]]
-        return encode_prompts(ds["prompt"], ctx.tokenizer)
-
-    encoded = ids(ctx.train) + ids(ctx.eval)
+    encoded = [list(x) for x in ctx.train["input_ids"]] + [list(x) for x in ctx.eval["input_ids"]]
     ctx.extra["train_prompts"], ctx.extra["eval_prompts"] = encoded[:len(ctx.train)], encoded[len(ctx.train):]
     limit = getattr(text_config(policy_base(cfg), cfg), "max_position_embeddings", None)
     longest = max(len(p) for p in encoded)
@@ -352,10 +347,8 @@ def run(ctx: StageContext) -> dict:
     after = trainer.evaluate()
     save_final(trainer, ctx)
     if accelerator.is_main_process:
-        for name in ("samples.jsonl", "tensorboard"):
-            src = work / name
-            if src.exists():
-                (shutil.copytree if src.is_dir() else shutil.copy2)(src, ctx.final_dir / name)
+        if (work / "samples.jsonl").exists():  # (the TensorBoard folder is copied by stages.common, as for every stage)
+            shutil.copy2(work / "samples.jsonl", ctx.final_dir / "samples.jsonl")
     accelerator.wait_for_everyone()
     last = history[-1] if history else {}
     train = {"global_step": trainer.step, "optimizer_steps": trainer.optimizer_step,
