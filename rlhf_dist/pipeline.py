@@ -14,6 +14,7 @@ written to OUT/summary.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -46,16 +47,21 @@ def parse_stages(text: str | None, recipe_stages: list[str]) -> list[str]:
     return sorted(stages, key=STAGE_ORDER.index)
 
 
-def validate_stage(raw: dict, source: str, stage: str, output: Path, stages: list[str]) -> None:
-    """The checks that need no earlier stage's output: the typed config, local data files, ppo's reward."""
+def validate_stage(raw: dict, source: str, stage: str, output: Path, stages: list[str], checked: set) -> None:
+    """The checks that need no earlier stage's output: the typed config, local data files and rows, ppo's reward.
+
+    ``checked``: the (data section, data kind) pairs already read by earlier stages of this pipeline (reward and dpo
+    usually read the same pairs): each is read and checked once here."""
     from rlhf_dist.data import STAGE_DATA, check_local_path, load_splits
 
     cfg = resolve_stage(raw, source, stage, str(output), str(rundir.work_dir(output, stage)))
     for key in ("path", "eval_path"):
         if getattr(cfg.data, key):
             check_local_path(getattr(cfg.data, key), f"{stage}.data.{key}")
-    if cfg.data.path:  # every row of every stage's data, before the first stage starts (the stage checks again)
+    key = json.dumps([dataclasses.asdict(cfg.data), STAGE_DATA[stage]], sort_keys=True, default=str)
+    if cfg.data.path and key not in checked:  # every stage's rows, before the first stage starts (it checks again)
         load_splits(cfg.data, STAGE_DATA[stage], stage)
+        checked.add(key)
     if stage == "ppo":
         from rlhf_dist.rl.sources import resolve_reward
 
@@ -90,8 +96,9 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
         check_launch_arguments(args)
         world = check_launch_world(args, raw, source, stages)
+    checked: set = set()
     for stage in stages:  # a typo in the last stage's section fails now, not after hours of the first ones
-        validate_stage(raw, source, stage, output, stages)
+        validate_stage(raw, source, stage, output, stages, checked)
 
     for i, stage in enumerate(stages, 1):
         banner = f"[{i}/{len(stages)}] {stage}"

@@ -31,7 +31,7 @@ Two conventions, one for our own files and one for PEFT's:
   from any current directory and for an adapter anywhere in the run (``STAGE/adapter``, ``STAGE.incomplete/final/
   adapter`` while a stage saves, ``STAGE.incomplete/checkpoint-N``).
 
-Only the standard library is used: importing this is cheap.
+Only the standard library (and `rlhf_dist.atomic`, likewise) is used: importing this is cheap.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+
+from rlhf_dist.atomic import write_text
 
 PLACEHOLDER = "${output}"
 MARKER = "rlhf_dist_run.json"  # = rundir.MARKER (not imported: rundir imports yaml)
@@ -177,14 +179,14 @@ def fix_adapter_config(adapter_dir: str | os.PathLike, run_dir: str | os.PathLik
     if new == old:
         return old
     config["base_model_name_or_path"] = new
-    _write_atomic(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     card = adapter_dir / "README.md"
     if card.is_file():
         text = card.read_text()
         fixed = re.sub(rf"^(base_model:\s*|- base_model:adapter:){re.escape(old)}\s*$",
                        lambda m: m.group(1) + new, text, flags=re.MULTILINE)
         if fixed != text:
-            _write_atomic(card, fixed)
+            write_text(card, fixed)
     return new
 
 
@@ -211,13 +213,3 @@ def adapter_base(adapter_dir: str | os.PathLike) -> str | None:
     if ours or candidate.exists():
         return os.path.normpath(str(candidate))
     return base
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -22,7 +22,7 @@ import torch
 from rlhf_dist.models import load_causal_lm, peft_config, save_model
 from rlhf_dist.stages.common import StageContext, stage_main
 from rlhf_dist.stages.fit import fit
-from rlhf_dist.stages.reward import pair_metrics
+from rlhf_dist.stages.reward import held_out_margins, pair_metrics
 
 STAGE, DATA_KIND = "dpo", "preference"
 
@@ -35,7 +35,6 @@ def _sequence_logps(model, batch) -> torch.Tensor:
     return (token * batch["completion_mask"][:, 1:]).sum(dim=1)
 
 
-@torch.no_grad()
 def pairwise_eval(trainer) -> dict:
     """Implicit-reward accuracy over every held-out pair, a tie counting one half (TRL's own counts a tie as wrong:
     before training, when the policy is the reference, every pair ties and its accuracy reads 0).
@@ -45,10 +44,8 @@ def pairwise_eval(trainer) -> dict:
     from accelerate.utils import is_peft_model
 
     model = trainer.model
-    was_training = model.training
-    model.eval()
-    margins = []
-    for batch in trainer.get_eval_dataloader():
+
+    def margin(batch):
         batch = trainer._prepare_inputs(batch)
         logps = _sequence_logps(model, batch)
         if "ref_chosen_logps" in batch:
@@ -61,9 +58,9 @@ def pairwise_eval(trainer) -> dict:
             with off:
                 ref = _sequence_logps(model, batch)
         chosen, rejected = (logps - ref).chunk(2)
-        margins.append(trainer.accelerator.gather_for_metrics(trainer.beta * (chosen - rejected)))
-    model.train(was_training)
-    return pair_metrics(torch.cat(margins))
+        return trainer.beta * (chosen - rejected)
+
+    return pair_metrics(held_out_margins(trainer, margin))
 
 
 def run(ctx: StageContext) -> dict:

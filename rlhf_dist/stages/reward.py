@@ -25,19 +25,26 @@ STAGE, DATA_KIND = "reward", "preference"
 
 
 @torch.no_grad()
-def pairwise_eval(trainer) -> dict:
-    """Accuracy and mean margin of r(chosen) - r(rejected) over the whole eval set (all ranks)."""
+def held_out_margins(trainer, margin) -> torch.Tensor:
+    """`margin(batch)` ([B] for a [chosen; rejected] batch of 2B rows) over every held-out pair of every process, the
+    model in eval mode (restored after)."""
     model = trainer.model
     was_training = model.training
     model.eval()
-    margins = []
-    for batch in trainer.get_eval_dataloader():
-        batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-        scores = model(**batch, use_cache=False).logits.squeeze(-1).float()
-        chosen, rejected = scores.chunk(2)
-        margins.append(trainer.accelerator.gather_for_metrics(chosen - rejected))
+    margins = [trainer.accelerator.gather_for_metrics(margin(batch)) for batch in trainer.get_eval_dataloader()]
     model.train(was_training)
-    return pair_metrics(torch.cat(margins))
+    return torch.cat(margins)
+
+
+def pairwise_eval(trainer) -> dict:
+    """Accuracy and mean margin of r(chosen) - r(rejected) over the whole eval set (all ranks)."""
+
+    def margin(batch):
+        batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        chosen, rejected = trainer.model(**batch, use_cache=False).logits.squeeze(-1).float().chunk(2)
+        return chosen - rejected
+
+    return pair_metrics(held_out_margins(trainer, margin))
 
 
 def pair_metrics(margins: torch.Tensor) -> dict:
