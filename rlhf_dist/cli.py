@@ -2,7 +2,7 @@
 
     rlhf-dist demo --output runs/demo                       tiny end-to-end pipeline on CPU, offline
     rlhf-dist pipeline --recipe NAME_OR_YAML --output DIR   run a recipe's stages in order
-    rlhf-dist STAGE --recipe NAME_OR_YAML --output DIR      one stage: pretrain, sft, reward, ppo, dpo
+    rlhf-dist STAGE --recipe NAME_OR_YAML --output DIR      one stage: {stages}
     rlhf-dist launch STAGE --strategy ddp|zero2|zero3 ...   one stage on several processes/machines (accelerate)
     rlhf-dist slurm render|submit --stage S --nodes N ...   sbatch scripts for a stage or a chain of stages
     rlhf-dist plan --model M --stage S --gpu-memory GB ...  memory per GPU of each strategy, what fits, the command
@@ -18,12 +18,10 @@ before any model is loaded. Other exit statuses of a stage: 75 stopped on a sign
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from rlhf_dist import registry
 from rlhf_dist.errors import UserError
-
-STAGE_COMMANDS = ("pretrain", "sft", "reward", "ppo", "dpo")
 
 
 def _run_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -58,9 +56,9 @@ def cmd_slurm(argv: list[str]) -> int:
 
 
 def cmd_plan(argv: list[str]) -> int:
-    from rlhf_dist import plan
+    from rlhf_dist.plan.cli import main
 
-    return plan.main(argv)
+    return main(argv)
 
 
 def cmd_demo(argv: list[str]) -> int:
@@ -80,7 +78,7 @@ def cmd_demo(argv: list[str]) -> int:
 def cmd_recipes(argv: list[str]) -> int:
     import yaml
 
-    from rlhf_dist.config import shipped_recipes
+    from rlhf_dist.recipe import shipped_recipes
 
     for name, path in sorted(shipped_recipes().items()):
         raw = yaml.safe_load(path.read_text()) or {}
@@ -89,10 +87,10 @@ def cmd_recipes(argv: list[str]) -> int:
 
 
 def cmd_fields(argv: list[str]) -> int:
-    from rlhf_dist.config import STAGES, field_help
+    from rlhf_dist.config.resolve import field_help
 
-    if len(argv) != 1 or argv[0] not in STAGES:
-        raise UserError(f"usage: rlhf-dist fields STAGE, with STAGE one of {', '.join(STAGES)}")
+    if len(argv) != 1 or argv[0] not in registry.STAGES:
+        raise UserError(f"usage: rlhf-dist fields STAGE, with STAGE one of {', '.join(registry.STAGES)}")
     for key, default, text in field_help(argv[0]):
         print(f"{key}  (default {default})\n    {text}")
     return 0
@@ -109,15 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         failures.keep_stderr_default = True
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(__doc__.format(stages=", ".join(registry.STAGES)))
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     try:
-        if command in STAGE_COMMANDS:
-            return importlib.import_module(f"rlhf_dist.stages.{command}").main(rest)
+        if command in registry.STAGES:
+            from rlhf_dist.stages.common import stage_main
+
+            return stage_main(command, rest)
         if command in COMMANDS:
             return COMMANDS[command](rest)
-        raise UserError(f"unknown command '{command}'; choose from {', '.join((*STAGE_COMMANDS, *COMMANDS))}")
+        raise UserError(f"unknown command '{command}'; choose from {', '.join((*registry.STAGES, *COMMANDS))}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Loading datasets and checking every row before any model is loaded.
 
-Sources (`DataConfig.path`): a hub id or local dataset folder (`datasets.load_dataset(path, name,
+Sources (`DataSection.path`): a hub id or local dataset folder (`datasets.load_dataset(path, name,
 split=...)`), or one local file: .jsonl/.json, .parquet, .csv, .txt (one text per paragraph), each
 also compressed (.gz, .bz2, .xz, .zst); `rlhf_dist.readers` reads them, one checked reader per format.
 `columns` maps the names a stage expects to the names in your data.
@@ -31,14 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from rlhf_dist.config import DataConfig
+from rlhf_dist.config.sections import DataSection
 from rlhf_dist.errors import DataError
 from rlhf_dist.readers import Problem, Table, file_format, from_dataset, read_file, supported_names
 
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
-KINDS = ("pretrain", "sft", "preference", "prompts")
-STAGE_DATA = {"pretrain": "pretrain", "sft": "sft", "reward": "preference", "ppo": "prompts", "dpo": "preference"}
+KINDS = ("pretrain", "sft", "preference", "prompts")  # a stage names its kind in rlhf_dist.registry (`data_kind`)
 SHOWN = 3  # bad rows quoted in the error message
 
 
@@ -90,7 +89,7 @@ def check_local_path(path: str, key: str) -> None:
         raise DataError(f"{key}: data file not found: {path}; fix the path (or give a hub dataset id)")
 
 
-def _load(path: str, cfg: DataConfig, split: str, key: str):
+def _load(path: str, cfg: DataSection, split: str, key: str):
     """A local file as a Table (its checked reader), a hub dataset or dataset folder as a `datasets.Dataset`."""
     local = Path(path).expanduser()
     if local.is_file():
@@ -111,7 +110,7 @@ def _load(path: str, cfg: DataConfig, split: str, key: str):
         raise DataError(f"{key}: could not load dataset '{path}' split '{split}': {detail}") from None
 
 
-def load_splits(cfg: DataConfig, kind: str, where: str, report: DataReport | None = None) -> tuple[Any, Any, str]:
+def load_splits(cfg: DataSection, kind: str, where: str, report: DataReport | None = None) -> tuple[Any, Any, str]:
     """Load, map columns, check and normalise train and eval data. Returns (train, eval, source name)."""
     report = report if report is not None else DataReport()
     if not cfg.path:
@@ -139,7 +138,7 @@ def load_splits(cfg: DataConfig, kind: str, where: str, report: DataReport | Non
     return train, evaluation, source
 
 
-def prepare(table, cfg: DataConfig, kind: str, source: str, where: str = "stage", report: DataReport | None = None):
+def prepare(table, cfg: DataSection, kind: str, source: str, where: str = "stage", report: DataReport | None = None):
     """Rename mapped columns, check every row, and bring rows to the stage's canonical columns (a Dataset)."""
     import datasets
 
@@ -156,7 +155,7 @@ def prepare(table, cfg: DataConfig, kind: str, source: str, where: str = "stage"
     return datasets.Dataset.from_list(rows)
 
 
-def _handle_problems(problems: list[Problem], total: int, cfg: DataConfig, source: str, where: str,
+def _handle_problems(problems: list[Problem], total: int, cfg: DataSection, source: str, where: str,
                      report: DataReport) -> None:
     """Raise one line listing the bad rows (on_bad_row: error), or count and log them (skip)."""
     report.rows_read += total
@@ -171,7 +170,7 @@ def _handle_problems(problems: list[Problem], total: int, cfg: DataConfig, sourc
                                            total, _reasons(problems), problems[0].describe())
 
 
-def _prepare_text_dataset(ds, cfg: DataConfig, source: str, where: str, report: DataReport):
+def _prepare_text_dataset(ds, cfg: DataSection, source: str, where: str, report: DataReport):
     """Pretraining text from a hub dataset or folder, checked row by row without turning it into Python rows (a
     corpus can be far larger than memory's comfort)."""
     present = set(ds.column_names)
@@ -300,7 +299,7 @@ def split_hh(text: str, name: str) -> tuple[str, str]:
 def _row_checker(fn: Callable[[dict], dict]):
     """Run a per-row check over a Table: rows that pass, and a Problem for each that does not."""
 
-    def check(table: Table, source: str, cfg: DataConfig, report: DataReport):
+    def check(table: Table, source: str, cfg: DataSection, report: DataReport):
         rows, problems, shapes, formats = [], [], {}, {}
         for row, where in zip(table.rows, table.where):
             try:
@@ -447,7 +446,7 @@ def text_row(row: dict) -> dict:
     return {"text": _text(row.get("text"), "text")}
 
 
-def check_text(table: Table, source: str, cfg: DataConfig, report: DataReport):
+def check_text(table: Table, source: str, cfg: DataSection, report: DataReport):
     _require_columns(table, ["text"], source, "pretraining")
     if cfg.skip_empty:  # wikitext's blank lines: dropped, not bad rows
         keep = [i for i, row in enumerate(table.rows) if not _blank(row.get("text"))]
@@ -455,13 +454,13 @@ def check_text(table: Table, source: str, cfg: DataConfig, report: DataReport):
     return _row_checker(text_row)(table, source, cfg, report)
 
 
-def check_prompts(table: Table, source: str, cfg: DataConfig, report: DataReport):
+def check_prompts(table: Table, source: str, cfg: DataSection, report: DataReport):
     if not {"prompt", "chosen", "messages", "text"} & set(table.columns):
         _require_columns(table, ["prompt"], source, "prompts")
     return _row_checker(prompt_row)(table, source, cfg, report)
 
 
-def check_sft(table: Table, source: str, cfg: DataConfig, report: DataReport):
+def check_sft(table: Table, source: str, cfg: DataSection, report: DataReport):
     cols = set(table.columns)
     if "completion" in cols and "prompt" not in cols:
         _require_columns(table, ["prompt"], source, "SFT prompt/completion data")
@@ -475,7 +474,7 @@ def check_sft(table: Table, source: str, cfg: DataConfig, report: DataReport):
     return _row_checker(sft_row)(table, source, cfg, report)
 
 
-def check_preference(table, source: str, cfg: DataConfig, report: DataReport | None = None):
+def check_preference(table, source: str, cfg: DataSection, report: DataReport | None = None):
     if not isinstance(table, Table):
         table = from_dataset(table)
     _require_columns(table, ["chosen", "rejected"], source, "preference pairs")

@@ -5,12 +5,13 @@
     rlhf-dist sft --recipe my.yaml --output runs/x --fallback off       # run exactly what the recipe says
 
 The configured run is estimated with `rlhf-dist plan`'s model (`rlhf_dist.plan.estimate`: strategy ddp, the
-stage's sequence length, micro-batch, gradient checkpointing and precision). If it does not fit the device's memory
-less the planner's 10% headroom:
+stage's memory profile and sequence length, micro-batch, activation checkpointing and precision). If it does not fit
+the device's memory less the planner's 10% headroom:
 
 1. switch to QLoRA: lora.enabled=true, quantization.load_in_4bit=true (NF4; compute dtype bfloat16 on a GPU);
 2. if still too big, halve the per-device micro-batch and double the gradient accumulation (the global batch is
-   unchanged; ppo: its mini_batch_size fixes the accumulation, and generation_batch_size is halved alongside) until
+   unchanged; where mini_batch_size fixes the accumulation (ppo) it is left alone, and a generation_batch_size is
+   halved alongside) until
    it fits or the micro-batch is 1;
 3. if nothing fits, fail with one line before anything is written.
 
@@ -57,19 +58,6 @@ def method_of(cfg) -> str:
     return "qlora" if cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit else "lora"
 
 
-def seq_len(stage: str, cfg, max_positions: int) -> int:
-    t = cfg.training
-    if stage == "pretrain":
-        return min(cfg.block_size, max_positions)
-    if stage == "ppo":
-        return t.max_prompt_length + t.max_new_tokens
-    return min(getattr(t, "max_length", None) or max_positions, max_positions)
-
-
-def micro_batch(stage: str, cfg) -> int:
-    return cfg.training.per_device_train_batch_size
-
-
 def _halve(n: int) -> int:
     """The largest proper divisor of n (n // 2 for even n), so micro-batch x accumulation stays the same."""
     return next(d for d in range(n // 2, 0, -1) if n % d == 0)
@@ -77,24 +65,21 @@ def _halve(n: int) -> int:
 
 def estimate_gib(stage: str, cfg, method: str, batch: int, generation_batch: int | None = None) -> float:
     """`rlhf-dist plan`'s per-GPU total (GiB) of this stage's config with `method` and micro-batch `batch`, ddp."""
-    base = cfg.init_from
-    if stage == "ppo":  # an SFT adapter as init_from: plan the base it was trained on
-        from rlhf_dist.rl.sources import policy_base
+    from rlhf_dist.rl.sources import policy_base
 
-        base = policy_base(cfg)
+    base = policy_base(cfg)  # an SFT adapter as init_from: plan the base it was trained on
     model_cfg = plan.load_config(base)
     t = cfg.training
-    policy = plan.model_shape(model_cfg, "policy", False, cfg.lora.r)
+    needs = plan.profile(stage).models
+    policy = plan.model_shape(model_cfg, "policy", False, cfg.lora.r) if "policy" in needs else None
     classifier = None
-    if stage == "reward":
-        classifier = plan.model_shape(model_cfg, "reward", True, cfg.lora.r)
-    elif stage == "ppo":
+    if "classifier" in needs:  # the stage's own model (a reward model), or the one it scores with (ppo's)
         source = getattr(cfg, "reward_model", None) or base
         classifier = plan.model_shape(plan.load_config(source), "reward", True, cfg.lora.r)
-    positions = getattr(plan._text_config(model_cfg), "max_position_embeddings", None) or 2048
+    positions = getattr(plan.text_config(model_cfg), "max_position_embeddings", None) or 2048
     precision = "bf16-mixed" if getattr(t, "bf16", False) or getattr(t, "fp16", False) else "fp32"
     est = plan.estimate(stage, policy, classifier, method, "ddp", gpus_per_node=1, nodes=1,
-                        seq=seq_len(stage, cfg, positions), batch=batch, checkpointing=bool(t.activation_checkpointing),
+                        seq=cfg.sequence_length(positions), batch=batch, checkpointing=bool(t.activation_checkpointing),
                         lora_r=cfg.lora.r, double_quant=cfg.quantization.double_quant, precision=precision,
                         generation_batch=generation_batch)
     return est["total"] / plan.GIB
@@ -109,8 +94,8 @@ def apply(stage: str, cfg, args) -> dict | None:
         return None
     usable = memory * (1 - plan.HEADROOM)
     t = cfg.training
-    method, batch = method_of(cfg), micro_batch(stage, cfg)
-    gen = t.generation_batch_size if stage == "ppo" else None
+    method, batch = method_of(cfg), t.per_device_train_batch_size
+    gen = getattr(t, "generation_batch_size", None)  # sequences generated at once (a KV cache), where the stage has it
     asked = estimate_gib(stage, cfg, method, batch, gen)
     what = f"{stage} {method} with micro-batch {batch}"
     if asked <= usable:
@@ -142,7 +127,7 @@ def apply(stage: str, cfg, args) -> dict | None:
         q.compute_dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     changes = {f"{stage}.lora.enabled": True, f"{stage}.quantization.load_in_4bit": q.load_in_4bit,
                f"{stage}.quantization.compute_dtype": q.compute_dtype}
-    if stage == "ppo":
+    if not hasattr(t, "gradient_accumulation_steps"):  # the accumulation follows from mini_batch_size (our PPO loop)
         changes[f"{stage}.training.per_device_train_batch_size"] = t.per_device_train_batch_size = batch
         if gen is not None:
             changes[f"{stage}.training.generation_batch_size"] = t.generation_batch_size = gen

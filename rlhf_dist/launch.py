@@ -24,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf_dist import preempt, rundir
+from rlhf_dist import preempt, registry, rundir
 from rlhf_dist.errors import UserError
-from rlhf_dist.recipe import STAGE_ORDER, apply_overrides, check_grace_period, load_recipe, run_flags
+from rlhf_dist.recipe import apply_overrides, check_grace_period, load_recipe, run_flags
 
 STOP_MARKER_ENV = "RLHF_DIST_STOP_MARKER"
 
@@ -84,18 +84,21 @@ def check_launch_arguments(args: argparse.Namespace) -> None:
 
 
 def check_world_fits(raw: dict, source: str, stages: list[str], world: int, what: str) -> None:
-    """Global batch sizes (PPO's) must split evenly over `world` processes; checked before anything starts."""
-    if "ppo" not in stages:
+    """The global batch sizes of a stage that runs our own loop (`hf_trainer: False` in the registry: ppo) must split
+    evenly over `world` processes; checked before anything starts."""
+    own_loop = [s for s in stages if not registry.get(s).hf_trainer]
+    if not own_loop:
         return
-    from rlhf_dist.config import resolve_stage
+    from rlhf_dist.config.resolve import resolve_stage
     from rlhf_dist.rl.batching import check_batch_sizes
 
-    cfg = resolve_stage(raw, source, "ppo", "OUTPUT", "OUTPUT/ppo.incomplete")
-    try:
-        check_batch_sizes(cfg.training, world)
-    except ValueError as exc:
-        raise UserError(f"{source}: {what} = {world} processes, but {exc}; choose a process/node count that divides "
-                        "the batch sizes, or change them") from None
+    for stage in own_loop:
+        cfg = resolve_stage(raw, source, stage, "OUTPUT", f"OUTPUT/{stage}.incomplete")
+        try:
+            check_batch_sizes(cfg.training, world)
+        except ValueError as exc:
+            raise UserError(f"{source}: {what} = {world} processes, but {exc}; choose a process/node count that divides "
+                            "the batch sizes, or change them") from None
 
 
 def check_launch_world(args: argparse.Namespace, raw: dict, source: str, stages: list[str]) -> int:
@@ -142,7 +145,7 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="rlhf-dist launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=STAGE_ORDER)
+    parser.add_argument("stage", choices=list(registry.STAGES))
     add_run_arguments(parser)
     add_launch_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="Print the command instead of running it.")

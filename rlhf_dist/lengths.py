@@ -2,14 +2,16 @@
 
 Length policy (``data.on_long_row``: truncate | skip | error; null = the stage's default). A row longer
 than the stage's limit is never dropped or cut silently: it is counted (log, metrics.json
-``data.too_long``) and handled as the option says.
+``data.too_long``) and handled as the option says. A stage's entry in `rlhf_dist.registry` names its rule
+(`length_rule`, one of `RULES`), the `training` field that limits it (`length_limit`) and its default
+(`long_rows`):
 
-| stage  | limit                          | measured                         | default  | truncate keeps            |
-|--------|--------------------------------|----------------------------------|----------|---------------------------|
-| sft    | sft.training.max_length        | prompt + completion (+ EOS)      | truncate | the start (TRL's collator) |
-| reward | reward.training.max_length     | prompt + the longer answer (+EOS) | skip     | the start (tokenised here) |
-| dpo    | dpo.training.max_length        | prompt + the longer answer (+EOS) | truncate | the start (TRL's collator) |
-| ppo    | ppo.training.max_prompt_length | the prompt                       | truncate | the end (left truncation)  |
+| rule           | stage  | limit (training.)  | measured                          | default  | truncate keeps             |
+|----------------|--------|--------------------|-----------------------------------|----------|----------------------------|
+| completion     | sft    | max_length         | prompt + completion (+ EOS)       | truncate | the start (TRL's collator) |
+| tokenised_pair | reward | max_length         | prompt + the longer answer (+EOS) | skip     | the start (tokenised here) |
+| pair           | dpo    | max_length         | prompt + the longer answer (+EOS) | truncate | the start (TRL's collator) |
+| prompt         | ppo    | max_prompt_length  | the prompt                        | truncate | the end (left truncation)  |
 
 The defaults are what the trainers do on their own (TRL's SFT and DPO collators truncate, TRL's
 RewardTrainer drops pairs over max_length; prompts are cut on the left as TRL's GRPO does, keeping the
@@ -25,12 +27,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from rlhf_dist import registry
 from rlhf_dist.errors import DataError
 
 log = logging.getLogger("rlhf_dist")
 
-LIMITS = {"sft": "max_length", "reward": "max_length", "dpo": "max_length", "ppo": "max_prompt_length"}
-DEFAULTS = {"sft": "truncate", "reward": "skip", "dpo": "truncate", "ppo": "truncate"}
+RULES = ("completion", "pair", "tokenised_pair", "prompt")
 PROBE = "rlhf-dist-role-probe"
 
 
@@ -87,32 +89,40 @@ def check_roles(tokenizer, roles: set[str], source: str, model: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Lengths
 # ----------------------------------------------------------------------------------------------
-def measure(stage: str, row: dict, tokenizer) -> tuple[int, int]:
-    """(length compared with the limit, prompt length) of one canonical sft or dpo row (reward pairs and PPO prompts
-    are measured on their token ids, see `apply`)."""
-    if stage == "sft" and "text" in row:
+def measure(rule: str, row: dict, tokenizer) -> tuple[int, int]:
+    """(length compared with the limit, prompt length) of one canonical row under the `completion` or `pair` rule
+    (reward pairs and PPO prompts are measured on their token ids, see `apply`)."""
+    if rule == "completion" and "text" in row:
         return len(token_ids(tokenizer, _with_eos(tokenizer, row["text"]))), 0
     prompt = row["prompt"]
-    answers = [row["completion"]] if stage == "sft" else [row["chosen"], row["rejected"]]
+    answers = [row["completion"]] if rule == "completion" else [row["chosen"], row["rejected"]]
     lengths = [len(token_ids(tokenizer, prompt + _with_eos(tokenizer, a))) for a in answers]
     return max(lengths), len(token_ids(tokenizer, prompt, generation_prompt=isinstance(prompt, list)))
 
 
 def policy(stage: str, data_cfg) -> str:
-    return data_cfg.on_long_row or DEFAULTS[stage]
+    """What happens to a row over the limit: data.on_long_row, else the stage's default."""
+    return data_cfg.on_long_row or registry.get(stage).long_rows
 
 
 def apply(stage: str, cfg, datasets_: dict[str, Any], tokenizer, report) -> dict[str, Any]:
-    """Apply the length policy to each split ({"train": ds, "eval": ds}); returns the new splits.
+    """Apply the stage's length policy to each split ({"train": ds, "eval": ds}); returns the new splits.
 
-    Counts go to ``report.too_long[split]``; the reward stage's splits come back tokenised
-    (``chosen_ids`` / ``rejected_ids``), the PPO stage's with ``input_ids`` (the prompt).
+    Counts go to ``report.too_long[split]``; under the `tokenised_pair` rule (reward) the splits come back
+    tokenised (``chosen_ids`` / ``rejected_ids``), under `prompt` (ppo) with ``input_ids`` (the prompt).
     """
-    if stage not in LIMITS:
+    spec = registry.get(stage)
+    rule = spec.length_rule
+    if rule is None:
         return datasets_
-    limit = getattr(cfg.training, LIMITS[stage], None)
+    if rule not in RULES:
+        raise ValueError(f"stage {stage}: unknown length_rule {rule!r}; choose from {', '.join(RULES)}")
+    limit = getattr(cfg.training, spec.length_limit, None)
     action = policy(stage, cfg.data)
-    key = f"{stage}.training.{LIMITS[stage]}"
+    key = f"{stage}.training.{spec.length_limit}"
+    # Every row is measured here and a long one counted and handled as `action` says: the tokenizer's own warning
+    # about sequences longer than its model_max_length would only repeat it (marked as given, as the tokenizer does).
+    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
     out = {}
     for split, ds in datasets_.items():
         if ds is None:
@@ -122,27 +132,27 @@ def apply(stage: str, cfg, datasets_: dict[str, Any], tokenizer, report) -> dict
         keep, counts, over = [], {}, []
         for i, text_row in enumerate(rows):
             row = text_row
-            if stage == "reward":  # tokenised once, as TRL would: the lengths are those of what is trained
+            if rule == "tokenised_pair":  # tokenised once, as TRL would: the lengths are those of what is trained
                 row = _tokenised_pair(text_row, tokenizer)
                 n, prompt_n = max(len(row["chosen_ids"]), len(row["rejected_ids"])), 0
-            elif stage == "ppo":
+            elif rule == "prompt":
                 row = {**text_row, "input_ids": token_ids(tokenizer, text_row["prompt"], generation_prompt=True)}
                 n = prompt_n = len(row["input_ids"])
             else:
-                n, prompt_n = measure(stage, text_row, tokenizer)
+                n, prompt_n = measure(rule, text_row, tokenizer)
             if limit is not None and n > limit:
                 over.append((i, n, text_row))
                 if action == "skip":
                     counts["skipped"] = counts.get("skipped", 0) + 1
                     continue
                 if action == "truncate":
-                    if prompt_n >= limit and _answer_lost(stage, cfg):  # TRL would drop it: no answer token is left
+                    if prompt_n >= limit and _answer_lost(rule, cfg):  # TRL would drop it: no answer token is left
                         counts["prompt_fills_max_length"] = counts.get("prompt_fills_max_length", 0) + 1
                         continue
                     counts["truncated"] = counts.get("truncated", 0) + 1
-                    if stage == "reward":
+                    if rule == "tokenised_pair":
                         row = {**row, "chosen_ids": row["chosen_ids"][:limit], "rejected_ids": row["rejected_ids"][:limit]}
-                    elif stage == "ppo":
+                    elif rule == "prompt":
                         row = {**row, "input_ids": row["input_ids"][-limit:]}
             keep.append(row)
         source = cfg.data.eval_path if split == "eval" and cfg.data.eval_path else cfg.data.path
@@ -159,7 +169,7 @@ def apply(stage: str, cfg, datasets_: dict[str, Any], tokenizer, report) -> dict
         if not keep:
             raise DataError(f"{source}: no {split} rows are left after the length policy ({action} rows over {key}="
                             f"{limit}); raise the limit or set {stage}.data.on_long_row=truncate")
-        if len(keep) == len(rows) and stage in ("sft", "dpo"):  # nothing dropped, no columns added: the same rows
+        if len(keep) == len(rows) and rule in ("completion", "pair"):  # nothing dropped, no columns added: the same rows
             out[split] = ds
             continue
         import datasets
@@ -168,11 +178,11 @@ def apply(stage: str, cfg, datasets_: dict[str, Any], tokenizer, report) -> dict
     return out
 
 
-def _answer_lost(stage: str, cfg) -> bool:
+def _answer_lost(rule: str, cfg) -> bool:
     """Whether TRL drops a row whose prompt alone fills max_length (its loss would have no token left)."""
-    if stage == "dpo":
+    if rule == "pair":
         return True
-    return stage == "sft" and getattr(cfg.training, "completion_only_loss", None) is not False
+    return rule == "completion" and getattr(cfg.training, "completion_only_loss", None) is not False
 
 
 def _tokenised_pair(row: dict, tokenizer) -> dict:

@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
-from rlhf_dist.config import LoraConfig, ModelConfig, QuantizationConfig, StageConfig
+from rlhf_dist.config.sections import LoraSection, ModelSection, QuantizationSection, StageConfig
 from rlhf_dist.data import looks_local
 from rlhf_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-def check_model_path(path: str, key: str, model: ModelConfig) -> None:
+def check_model_path(path: str, key: str, model: ModelSection) -> None:
     """Fail fast, before anything is written, on a model that cannot be found.
 
     Local folders must hold a model; anything else must resolve as a hub id (only its config is
@@ -109,7 +109,7 @@ def torch_dtype(name: str) -> torch.dtype | str:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def bnb_config(q: QuantizationConfig, zero3: bool = False):
+def bnb_config(q: QuantizationSection, zero3: bool = False):
     """A transformers BitsAndBytesConfig, or None when no quantisation is asked for.
 
     Under ZeRO-3 the packed 4-bit weights are stored in the dtype of the model's other weights (the FSDP/ZeRO-3
@@ -132,7 +132,7 @@ def bnb_config(q: QuantizationConfig, zero3: bool = False):
     )
 
 
-def load_tokenizer(path: str, model: ModelConfig):
+def load_tokenizer(path: str, model: ModelSection):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
@@ -170,11 +170,35 @@ def load_causal_lm(path: str, cfg: StageConfig):
     return model
 
 
+def classifier_from_pretrained(path: str, cfg: StageConfig):
+    """`AutoModelForSequenceClassification` with one label from `path`: a reward model, or a causal LM that gets a new
+    score head. transformers reports the new head in a warning table of its own; it is expected here, and said in
+    one line instead. Anything else missing, unexpected or mismatched is still a warning, naming the keys."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # only the load report: restored right after
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, output_loading_info=True,
+                                                                          **_load_kwargs(cfg))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    head = [k for k in info.get("missing_keys", ()) if k.split(".")[0] in ("score", "classifier")]
+    if head:
+        log.info("%s has no score head: a new one is initialised (%s)", path, ", ".join(sorted(head)))
+    other = {kind: sorted(keys) for kind, keys in info.items() if keys and kind != "error_msgs"}
+    other["missing_keys"] = sorted(set(other.get("missing_keys", [])) - set(head))
+    other = {kind: keys for kind, keys in other.items() if keys}
+    if other:
+        log.warning("loading %s as a sequence classifier: %s", path,
+                    "; ".join(f"{kind} {', '.join(map(str, keys[:8]))}" for kind, keys in other.items()))
+    return model
+
+
 def load_reward_model(path: str, cfg: StageConfig, tokenizer):
     """A sequence classifier with one output (the score), initialised from a causal LM or a reward model."""
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_load_kwargs(cfg))
+    model = classifier_from_pretrained(path, cfg)
     model.config.pad_token_id = tokenizer.pad_token_id
     _after_load(model, cfg)
     if cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit:
@@ -192,9 +216,7 @@ def load_frozen_reward_model(path: str, cfg: StageConfig, tokenizer):
     LoRA and no `prepare_model_for_kbit_training` (nothing of it trains)."""
     if not (cfg.quantization.load_in_4bit or cfg.quantization.load_in_8bit):
         return load_reward_model(path, base_config(cfg), tokenizer)
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_load_kwargs(cfg))
+    model = classifier_from_pretrained(path, cfg)
     model.config.pad_token_id = tokenizer.pad_token_id
     one_4bit_layout(model)
     return model
@@ -227,8 +249,8 @@ def _after_load(model, cfg: StageConfig) -> None:
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.training.activation_checkpointing))
 
 
-def peft_config(lora: LoraConfig, task_type: str):
-    """A peft.LoraConfig for `task_type` ('CAUSAL_LM' or 'SEQ_CLS'), or None when LoRA is off."""
+def peft_config(lora: LoraSection, task_type: str):
+    """A peft.LoraSection for `task_type` ('CAUSAL_LM' or 'SEQ_CLS'), or None when LoRA is off."""
     if not lora.enabled:
         return None
     from peft import LoraConfig as PeftLoraConfig
@@ -244,7 +266,7 @@ def peft_config(lora: LoraConfig, task_type: str):
 
 def base_config(cfg: StageConfig) -> StageConfig:
     """`cfg` for loading the plain base model: no quantisation, no LoRA (to merge an adapter into, or frozen)."""
-    return dataclasses.replace(cfg, quantization=QuantizationConfig(), lora=LoraConfig())
+    return dataclasses.replace(cfg, quantization=QuantizationSection(), lora=LoraSection())
 
 
 def save_model(trainer, tokenizer, out_dir: Path, cfg: StageConfig, loader) -> list[str]:

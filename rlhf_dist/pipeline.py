@@ -21,52 +21,43 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf_dist import preempt, rundir
-from rlhf_dist.config import STAGE_ORDER, STAGES, apply_overrides, load_recipe, resolve_stage, validate_recipe
+from rlhf_dist import preempt, registry, rundir
+from rlhf_dist.config.resolve import resolve_stage, validate_recipe
 from rlhf_dist.errors import UserError
 from rlhf_dist.plots import plot_run
-from rlhf_dist.recipe import check_grace_period, run_flags
-
-# The metrics shown in the summary table, per stage (all of them are in each stage's metrics.json).
-HEADLINE = {
-    "pretrain": ["perplexity", "eval_loss"],
-    "sft": ["eval_loss", "perplexity"],
-    "reward": ["accuracy", "margin"],
-    "ppo": ["score", "kl", "response_length", "eos_rate"],
-    "dpo": ["accuracy", "margin", "logp_chosen", "logp_rejected"],
-}
+from rlhf_dist.recipe import apply_overrides, check_grace_period, load_recipe, run_flags
 
 
 def parse_stages(text: str | None, recipe_stages: list[str]) -> list[str]:
     if not text:
         return recipe_stages
     stages = [s.strip() for s in text.split(",") if s.strip()]
+    order = list(registry.STAGES)
     for s in stages:
-        if s not in STAGES:
-            raise UserError(f"--stages: unknown stage '{s}'; choose from {', '.join(STAGE_ORDER)}")
-    return sorted(stages, key=STAGE_ORDER.index)
+        if s not in registry.STAGES:
+            raise UserError(f"--stages: unknown stage '{s}'; choose from {', '.join(order)}")
+    return sorted(stages, key=order.index)
 
 
 def validate_stage(raw: dict, source: str, stage: str, output: Path, stages: list[str], checked: set) -> None:
-    """The checks that need no earlier stage's output: the typed config, local data files and rows, ppo's reward.
+    """The checks that need no earlier stage's output: the typed config, local data files and rows, the models a stage
+    reads besides its starting one (its spec's `sources`: ppo's reward), unless a stage of this pipeline makes them.
 
     ``checked``: the (data section, data kind) pairs already read by earlier stages of this pipeline (reward and dpo
     usually read the same pairs): each is read and checked once here."""
-    from rlhf_dist.data import STAGE_DATA, check_local_path, load_splits
+    from rlhf_dist.data import check_local_path, load_splits
 
+    spec = registry.get(stage)
     cfg = resolve_stage(raw, source, stage, str(output), str(rundir.work_dir(output, stage)))
     for key in ("path", "eval_path"):
         if getattr(cfg.data, key):
             check_local_path(getattr(cfg.data, key), f"{stage}.data.{key}")
-    key = json.dumps([dataclasses.asdict(cfg.data), STAGE_DATA[stage]], sort_keys=True, default=str)
+    key = json.dumps([dataclasses.asdict(cfg.data), spec.data_kind], sort_keys=True, default=str)
     if cfg.data.path and key not in checked:  # every stage's rows, before the first stage starts (it checks again)
-        load_splits(cfg.data, STAGE_DATA[stage], stage)
+        load_splits(cfg.data, spec.data_kind, stage)
         checked.add(key)
-    if stage == "ppo":
-        from rlhf_dist.rl.sources import resolve_reward
-
-        if cfg.reward_fn or cfg.reward_model or not ("reward" in stages or rundir.is_complete(output, "reward")):
-            resolve_reward(cfg, output)  # else the reward stage of this run will provide the reward model
+    if spec.sources:
+        registry.load(spec.sources)(cfg, output, upcoming=stages)
 
 
 def stage_command(stage: str, args: argparse.Namespace) -> list[str]:
@@ -81,8 +72,9 @@ def stage_command(stage: str, args: argparse.Namespace) -> list[str]:
 
 def run_pipeline(args: argparse.Namespace) -> int:
     """Validate everything cheap first, then run the stages; returns an exit code."""
-    from rlhf_dist.stages.common import load_stage_config
+    from rlhf_dist.stages.common import load_stage_config, quiet_device_probe
 
+    quiet_device_probe()
     check_grace_period(getattr(args, "grace_period", preempt.GRACE_SECONDS))
     raw, source = load_recipe(args.recipe)
     raw = apply_overrides(raw, args.overrides)
@@ -104,8 +96,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
         banner = f"[{i}/{len(stages)}] {stage}"
         # The same decision the stage process would make; skipping here saves a process start.
         cfg, resolved = load_stage_config(stage, args)
-        plan = rundir.plan_stage(output, stage, resolved, args.overwrite, args.resume)
-        if plan.action == "skip":
+        action = rundir.stage_action(output, stage, resolved, args.overwrite, args.resume)
+        if action.action == "skip":
             print(f"{banner}: complete, skipping ({rundir.stage_dir(output, stage)})", flush=True)
             continue
         print(f"\n{'=' * 20} {banner}: starting from {cfg.init_from} {'=' * 20}", flush=True)
@@ -157,7 +149,8 @@ def summarize(output: Path, stages: list[str]) -> dict:
 def format_summary(summary: dict) -> str:
     lines = [f"{'stage':<10}{'metric (held-out)':<20}{'before':>12}{'after':>12}", "-" * 54]
     for stage, entry in summary.items():
-        for key in HEADLINE.get(stage, list(entry["after"])):
+        spec = registry.STAGES.get(stage)
+        for key in spec.headline if spec is not None and spec.headline else list(entry["after"]):
             if key in entry["after"]:
                 b, a = entry["before"].get(key, math.nan), entry["after"][key]
                 lines.append(f"{stage:<10}{key:<20}{b:>12.4f}{a:>12.4f}")

@@ -14,7 +14,7 @@ PPO_PANELS = (
     ("reward", (("objective/scores", "score (reward model)"), ("objective/rlhf_reward", "score - beta * KL"))),
     ("KL to the reference (nats / response)", (("objective/kl", "KL"),)),
     ("entropy (nats / token)", (("policy/entropy", "entropy"),)),
-    ("update (share / nats)", (("policy/clipfrac", "clip fraction"), ("policy/approx_kl", "approx KL (old -> new)"),
+    ("update (share / nats)", (("policy/clipfrac", "clip fraction"), ("policy/approx_kl_k2", "approx KL k2 (old -> new)"),
                                ("value/clipfrac", "value clip fraction"))),
 )
 

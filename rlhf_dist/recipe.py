@@ -1,7 +1,7 @@
 """Recipes on disk and the flags of a run: what the light commands (`launch`, `--help`) need.
 
 Nothing here imports torch, transformers or TRL, so `rlhf-dist launch` starts in a moment on every
-node; the typed stage configs built from a recipe are in `rlhf_dist.config`.
+node; the typed stage configs built from a recipe are in `rlhf_dist.config` (`config.resolve.resolve_stage`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import yaml
 
 from rlhf_dist.errors import ConfigError
 from rlhf_dist.preempt import GRACE_SECONDS
-
-STAGE_ORDER = ["pretrain", "sft", "reward", "ppo", "dpo"]
 
 
 class RecipeLoader(yaml.SafeLoader):

@@ -4,7 +4,7 @@ Two conventions, one for our own files and one for PEFT's:
 
 * **Our files** (``config.yaml``, ``metrics.json``, the model card): a path inside the run directory RUN is written
   ``${output}/...`` (RUN itself: ``${output}``), the placeholder recipes already use for the run directory
-  (`rlhf_dist.config._substitute`, and `config.fingerprint`, which compares configs with RUN written that way).
+  (`rlhf_dist.config.resolve._substitute`, and `config.identity.fingerprint`, which compares configs with RUN written that way).
   `to_relative` writes that form, `resolve` reads it back against wherever the run is now. Paths outside the run
   (a hub id, a base model in /models, a data file) are left as they are.
 

@@ -38,7 +38,7 @@ from rlhf_dist.atomic import write_json, write_text  # noqa: F401 - part of this
 from rlhf_dist.errors import RunDirError
 
 MARKER = "rlhf_dist_run.json"
-STATE_FILE = "config.yaml"
+CONFIG_FILE = "config.yaml"
 SEAL = "rlhf_dist_checkpoint.json"  # written last into a checkpoint: it is complete
 SET_ASIDE = "incomplete"  # STAGE.incomplete/incomplete/: checkpoints a killed run left unfinished
 UNHEALTHY = "unhealthy"  # STAGE.incomplete/unhealthy/: PPO checkpoints a guardrail condemned (rlhf_dist.rl.guardrails)
@@ -57,7 +57,7 @@ def is_complete(output: str | Path, stage: str) -> bool:
 
 
 @dataclass
-class Plan:
+class StageAction:
     """What to do with a stage: 'skip' (complete, same config), 'fresh' or 'resume'."""
 
     action: str
@@ -67,14 +67,14 @@ class Plan:
 
 
 def _read_config(folder: Path) -> dict | None:
-    path = folder / STATE_FILE
+    path = folder / CONFIG_FILE
     if not path.is_file():
         return None
     return yaml.safe_load(path.read_text()) or {}
 
 
 def _explain(old: dict, new: dict) -> str:
-    from rlhf_dist.config import diff_keys  # not at the top: importing config imports transformers
+    from rlhf_dist.config.identity import diff_keys
 
     keys = diff_keys(old, new)
     shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
@@ -162,22 +162,22 @@ def check_output_root(output: str | Path) -> None:
         )
 
 
-def plan_stage(output: str | Path, stage: str, resolved: dict, overwrite: bool, resume: bool) -> Plan:
+def stage_action(output: str | Path, stage: str, resolved: dict, overwrite: bool, resume: bool) -> StageAction:
     """Decide, without touching the disk, what running `stage` into `output` should do."""
-    from rlhf_dist.config import fingerprint  # not at the top: importing config imports transformers
+    from rlhf_dist.config.identity import fingerprint
 
     check_output_root(output)
     done, work = stage_dir(output, stage), work_dir(output, stage)
     if done.exists():
         old = _read_config(done) or {}
         if fingerprint(old) == fingerprint(resolved):
-            return Plan("skip", reason=f"{done} is complete with the same config")
+            return StageAction("skip", reason=f"{done} is complete with the same config")
         if not overwrite:
             raise RunDirError(
                 f"{done} holds a different run ({_explain(old, resolved)}); pass --overwrite to replace it, "
                 "or choose another --output"
             )
-        return Plan("fresh", reason=f"--overwrite: {done} will be replaced once the new run is complete")
+        return StageAction("fresh", reason=f"--overwrite: {done} will be replaced once the new run is complete")
     if work.exists() and not overwrite:
         old = _read_config(work)
         complete, incomplete = checkpoints(work)
@@ -186,7 +186,7 @@ def plan_stage(output: str | Path, stage: str, resolved: dict, overwrite: bool, 
                 f"writing them) set aside in {work / SET_ASIDE}") if aside else ""
         if old is not None and fingerprint(old) != fingerprint(resolved) and not resume:
             if not complete:  # an attempt that failed before its first checkpoint: nothing worth keeping
-                return Plan("fresh", reason=f"the earlier attempt in {work} (a different config: "
+                return StageAction("fresh", reason=f"the earlier attempt in {work} (a different config: "
                             f"{_explain(old, resolved)}) wrote no complete checkpoint; starting the stage afresh "
                             f"with the new config{note}", set_aside=aside)
             raise RunDirError(
@@ -195,15 +195,15 @@ def plan_stage(output: str | Path, stage: str, resolved: dict, overwrite: bool, 
                 "start the stage again, or choose another --output"
             )
         if complete:
-            return Plan("resume", checkpoint=str(complete[-1]), reason=f"resuming from {complete[-1]}{note}",
+            return StageAction("resume", checkpoint=str(complete[-1]), reason=f"resuming from {complete[-1]}{note}",
                         set_aside=aside)
         if aside:
-            return Plan("fresh", reason=f"no complete checkpoint, starting again{note}", set_aside=aside)
-    return Plan("fresh")
+            return StageAction("fresh", reason=f"no complete checkpoint, starting again{note}", set_aside=aside)
+    return StageAction("fresh")
 
 
-def prepare(output: str | Path, stage: str, resolved: dict, plan: Plan) -> Path:
-    """Create the work directory for a 'fresh' or 'resume' plan and record the config. Main process only.
+def prepare(output: str | Path, stage: str, resolved: dict, action: StageAction) -> Path:
+    """Create the work directory for a 'fresh' or 'resume' action and record the config. Main process only.
 
     A complete output being replaced (--overwrite) stays where it is until `finalize`.
     """
@@ -211,14 +211,14 @@ def prepare(output: str | Path, stage: str, resolved: dict, plan: Plan) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     if not (root / MARKER).exists():
         write_json(root / MARKER, {"created_by": "rlhf-dist", "format": 1})
-    set_aside(work, plan.set_aside)
-    if plan.action == "fresh" and work.exists():
+    set_aside(work, action.set_aside)
+    if action.action == "fresh" and work.exists():
         kept = {work / SET_ASIDE, work / UNHEALTHY}
         for child in work.iterdir():  # a fresh start keeps what was set aside, and nothing else
             if child not in kept:
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     work.mkdir(parents=True, exist_ok=True)
-    write_text(work / STATE_FILE, yaml.safe_dump(resolved, sort_keys=False))
+    write_text(work / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
     return work
 
 

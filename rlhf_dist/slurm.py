@@ -21,10 +21,10 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from rlhf_dist import rundir
-from rlhf_dist.config import STAGE_ORDER, apply_overrides, load_recipe, validate_recipe
+from rlhf_dist import registry, rundir
+from rlhf_dist.config.resolve import validate_recipe
 from rlhf_dist.errors import UserError
-from rlhf_dist.recipe import check_grace_period, run_flags
+from rlhf_dist.recipe import apply_overrides, check_grace_period, load_recipe, run_flags
 
 TEMPLATE_DIR_NAME = "slurm"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("action", choices=["render", "submit"])
     add_run_arguments(parser)
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--stage", help="One stage: " + ", ".join(STAGE_ORDER) + ".")
+    which.add_argument("--stage", help="One stage: " + ", ".join(registry.STAGES) + ".")
     which.add_argument("--stages", help="Comma-separated stages, submitted as a chain (default: the recipe's `stages`).")
     parser.add_argument("--strategy", required=True, help="ddp, zero2, zero3, ... (a file launch/<strategy>.yaml).")
     parser.add_argument("--nodes", type=int, required=True, help="Nodes per job (one srun task per node).")
@@ -145,8 +145,8 @@ def check(args: argparse.Namespace) -> tuple[list[str], Path]:
     raw, source = load_recipe(args.recipe)
     raw = apply_overrides(raw, args.overrides)  # a malformed KEY=VALUE fails now, not on the cluster
     recipe_stages = validate_recipe(raw, source)
-    if args.stage is not None and args.stage not in STAGE_ORDER:
-        raise UserError(f"--stage: unknown stage '{args.stage}'; choose from {', '.join(STAGE_ORDER)}")
+    if args.stage is not None and args.stage not in registry.STAGES:
+        raise UserError(f"--stage: unknown stage '{args.stage}'; choose from {', '.join(registry.STAGES)}")
     stages = [args.stage] if args.stage else parse_stages(args.stages, recipe_stages)
     if not stages:
         raise UserError("no stages to run: pass --stage STAGE or --stages a,b,c (the recipe lists none)")

@@ -11,7 +11,7 @@ training loops say where they are::
     watchdog.set_phase("train_step", step)      # the HF-Trainer stages: one optimizer step, from batch to update
 
 and a thread of each process checks the clock. When a phase runs past its limit (the recipe's ``watchdog``
-section, `rlhf_dist.config.WatchdogConfig`) it writes ``RUN/logs/STAGE/stall-rank<R>-<phase>-step<N>.txt`` (rank,
+section, `rlhf_dist.config.sections.WatchdogSection`) it writes ``RUN/logs/STAGE/stall-rank<R>-<phase>-step<N>.txt`` (rank,
 host, pid, phase, step, how long, the limit, then every thread's Python stack, the main thread first), logs one
 line, notes it for the launcher (`rlhf_dist.failures`), and exits with status STALLED, so the launcher stops
 every other process of the job. A phase without a limit (None) is not watched.

@@ -76,25 +76,25 @@ def cli(*args: str, cwd: Path | None = None, timeout: int = 600):
 
 @contextlib.contextmanager
 def ppo_crashes_at_step(step: int):
-    """Within the block, PPOTrainer.train_step raises RuntimeError("simulated crash ...") at `step` (a crash after the
+    """Within the block, PPOLoop.train_step raises RuntimeError("simulated crash ...") at `step` (a crash after the
     checkpoints of the earlier steps); the real method is back afterwards."""
     import pytest
 
-    from rlhf_dist.rl.trainer import PPOTrainer
+    from rlhf_dist.rl.trainer import PPOLoop
 
-    real_step = PPOTrainer.train_step
+    real_step = PPOLoop.train_step
 
     def crashing(self, k):
         if k == step:
             raise RuntimeError(f"simulated crash at step {step}")
         return real_step(self, k)
 
-    PPOTrainer.train_step = crashing
+    PPOLoop.train_step = crashing
     try:
         with pytest.raises(RuntimeError, match="simulated crash"):
             yield
     finally:
-        PPOTrainer.train_step = real_step
+        PPOLoop.train_step = real_step
 
 
 def without_timings(obj):
@@ -133,3 +133,40 @@ def bit_identical(a: Path, b: Path) -> bool:
 
     x, y = saved_tensors(a), saved_tensors(b)
     return bool(x) and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+# ------------------------------------------------------------------------------------------ measured peak (CPU)
+class AllocatorPeak:
+    """Peak bytes held by the torch CPU allocator between `start()` and `stop()` (what the planner is checked against).
+
+    The running sum of torch.profiler's `[memory]` events (+bytes per allocation, -bytes per free) from the start;
+    its maximum is the peak. Tensors that already existed at the start do not count (their frees lower the sum, so
+    run it in a fresh process, or at least after the previous run's objects are gone: `start` collects garbage).
+    Process RSS would drown a tiny model in the ~500 MB of Python and torch themselves.
+    """
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._profiler = None
+
+    def start(self) -> None:
+        import gc
+
+        from torch.profiler import ProfilerActivity, profile
+
+        gc.collect()  # a previous run's garbage, freed during this one, would lower the sum
+        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profiler.start()
+
+    def stop(self) -> None:
+        if self._profiler is None:  # already stopped
+            return
+        prof, self._profiler = self._profiler, None
+        prof.stop()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and e.device_type().name == "CPU")
+        held = peak = 0
+        for _, nbytes in events:
+            held += nbytes
+            peak = max(peak, held)
+        self.peak = peak

@@ -124,3 +124,80 @@ def test_grpo_benchmark_runs_both_sides_and_writes_its_json(tmp_path):
     assert result["not_equal"] and result["settings"]["ours"]["rollout_logprobs"] == "generate"
     assert result["summary"]["flops_per_iteration"]["generate"] == common._generate_flops(
         common.MODELS["tiny"], 16, result["models"]["prompt_length"], 32)
+
+
+def test_phase_timer_sums_each_phase_and_the_peak_it_raised():
+    class Owner:
+        def work(self, n):
+            return sum(range(n))
+
+    owner = Owner()
+    timer = common.PhaseTimer(peak_growth=True)
+    timer.wrap(owner, "work", lambda args: "big" if args[0] > 10 else "small")
+    assert owner.work(3) == 3 and owner.work(100) == 4950 and owner.work(2) == 1
+    sums = timer.take()
+    assert set(sums) == {"small", "big"} and all(v >= 0 for v in sums.values())
+    assert timer.take() == {} and set(timer.growth) == {"small", "big"}  # the growth is kept for the whole run
+    assert common.PhaseTimer().growth is None
+
+
+@pytest.fixture(scope="module")
+def bench_folder(tmp_path_factory):
+    """The benchmarks' tiny models and prompts (`common.prepare_models`), in a temporary cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "CACHE", tmp_path_factory.mktemp("bench_cache"))
+        yield common.prepare_models("tiny")
+
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+@pytest.mark.parametrize("value", ["model", "head", None, "adapter"])
+def test_ours_is_built_by_the_ppo_stages_build_ppo(bench_folder, value, monkeypatch):
+    """Our side's models come from rlhf_dist.rl.models.build_ppo (the PPO stage's own), in fp32, dropout off, the
+    reward model frozen, with the value function each benchmark asks for."""
+    import rlhf_dist.rl.models as models
+
+    calls = []
+    build_ppo = models.build_ppo
+    monkeypatch.setattr(models, "build_ppo", lambda *a: calls.append(a) or build_ppo(*a))
+    grpo = {"advantage_estimator": "grpo", "samples_per_prompt": 2} if value is None else {}
+    args = common.ours_training(6, seed=3, rollout_batch_size=4, generation_batch_size=4, mini_batch_size=4,
+                                per_device_train_batch_size=4, max_new_tokens=4, **grpo)
+    ours = common.build_ours(bench_folder, args, value=value, lora=LORA if value == "adapter" else None)
+    assert len(calls) == 1 and calls[0][0] is ours.cfg and ours.cfg.training is args
+    assert ours.cfg.init_from == str(bench_folder / "policy") and ours.cfg.reward_model == str(bench_folder / "reward")
+    m = ours.models
+    ac, reward = m.actor_critic, m.reward.model
+    assert {p.dtype for p in ac.parameters()} == {torch.float32}
+    assert not reward.training and not any(p.requires_grad for p in reward.parameters())
+    assert m.reward.tokenizer is None  # the policy's tokens are scored as they are
+    dropouts = [mod.p for mod in ac.modules() if isinstance(mod, torch.nn.modules.dropout._DropoutNd)]
+    assert all(p == 0.0 for p in dropouts)
+    assert (ac.value_model is not None) == (value == "model")
+    assert (ac.value_head is not None) == (value in ("head", "adapter"))
+    assert (ac.value_adapter is not None) == (value == "adapter") == (m.reference is None)
+    with pytest.raises(ValueError, match="value adapter goes with LoRA"):
+        common.build_ours(bench_folder, args, value="adapter")
+
+
+def test_ours_phases_are_timed_where_the_loop_looks_its_calls_up(bench_folder, monkeypatch):
+    """Every phase of our loop gets time: the wrappers sit where sampler.py / scoring.py look the calls up."""
+    from rlhf_dist.rl import sampler, scoring
+
+    for module, name in ((sampler, "generate"), (sampler, "forward_logprobs"), (scoring, "sequence_scores")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # the test restores what the wrappers replace
+    args = common.ours_training(2, seed=3, rollout_batch_size=4, generation_batch_size=4, mini_batch_size=4,
+                                per_device_train_batch_size=4, max_new_tokens=4)
+    ours = common.build_ours(bench_folder, args, value="model")
+    prompts = common.load_prompts(bench_folder)["prompts"]
+    loop = ours.loop(prompts, prompts[:4])
+    timer = common.PhaseTimer()
+    common.wrap_ours_phases(timer, loop, "model")
+    metrics, batch = loop.train_step(1)
+    phases = timer.take()
+    assert set(phases) == {"generate", "reference_forward", "reward_forward", "value_forward", "update_forward",
+                           "update_backward", "optimizer_step"}
+    assert all(v > 0 for v in phases.values())
+    assert sum(phases.values()) <= metrics["time/rollout"] + metrics["time/update"] + 0.05
+    assert len(batch) == 4 and batch.response_ids.shape[1] == 4

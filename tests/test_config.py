@@ -11,32 +11,37 @@ import trl
 from helpers import cli
 from transformers import TrainingArguments
 
-from rlhf_dist import config as C
+from rlhf_dist import registry
+from rlhf_dist.config.coerce import coerce, unknown_key_error
+from rlhf_dist.config.identity import diff_keys, fingerprint
+from rlhf_dist.config.ppo import PPOTrainingConfig
+from rlhf_dist.config.resolve import field_help, redact_overrides, resolve_stage, to_dict, validate_recipe
 from rlhf_dist.errors import ConfigError, UserError
+from rlhf_dist.recipe import apply_overrides, load_recipe, shipped_recipes
 
 HF_CLASSES = {
     "pretrain": TrainingArguments,
     "sft": trl.SFTConfig,
     "reward": trl.RewardConfig,
-    "ppo": C.PPOTrainingConfig,  # our own loop's dataclass
+    "ppo": PPOTrainingConfig,  # our own loop's dataclass
     "dpo": trl.DPOConfig,
 }
-DEMO = str(C.shipped_recipes()["demo"])
+DEMO = str(shipped_recipes()["demo"])
 
 
 def resolve(raw: dict, stage: str, tmp_path: Path, source: str = "recipe.yaml", work: str = "w"):
-    return C.resolve_stage(raw, source, stage, str(tmp_path), str(tmp_path / work))
+    return resolve_stage(raw, source, stage, str(tmp_path), str(tmp_path / work))
 
 
 def demo_raw() -> dict:
-    raw, source = C.load_recipe("demo")
+    raw, source = load_recipe("demo")
     assert source == DEMO
     return raw
 
 
 def config_error(raw: dict, stage: str, tmp_path: Path, overrides: list[str] = ()) -> str:
     with pytest.raises(ConfigError) as info:
-        resolve(C.apply_overrides(raw, list(overrides)), stage, tmp_path, source=DEMO)
+        resolve(apply_overrides(raw, list(overrides)), stage, tmp_path, source=DEMO)
     message = str(info.value)
     assert "\n" not in message, message
     return message
@@ -46,31 +51,31 @@ def config_error(raw: dict, stage: str, tmp_path: Path, overrides: list[str] = (
 # 1. Shipped recipes
 # ----------------------------------------------------------------------------------------------
 def test_demo_is_shipped():
-    recipes = C.shipped_recipes()
+    recipes = shipped_recipes()
     assert "demo" in recipes
     assert recipes["demo"].name == "demo.yaml" and recipes["demo"].is_file()
 
 
-@pytest.mark.parametrize("name", sorted(C.shipped_recipes()))
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
 def test_shipped_recipe_resolves_every_stage(name, tmp_path):
-    raw, source = C.load_recipe(name)
-    stages = C.validate_recipe(raw, source)
+    raw, source = load_recipe(name)
+    stages = validate_recipe(raw, source)
     assert stages, f"recipe {name} has no stages"
-    assert set(stages) <= set(C.STAGES)
+    assert set(stages) <= set(registry.STAGES)
     for stage in stages:
         cfg = resolve(raw, stage, tmp_path, source=source)
-        assert type(cfg) is C.STAGES[stage]
+        assert type(cfg) is registry.get(stage).config_class()
         assert isinstance(cfg.training, HF_CLASSES[stage])
         if stage == "pretrain":
             assert type(cfg.training) is TrainingArguments
         assert cfg.training.output_dir == str(tmp_path / "w")
         # `${output}` is substituted everywhere
-        assert "${output}" not in repr(C.to_dict(cfg))
+        assert "${output}" not in repr(to_dict(cfg))
 
 
 def test_demo_values_arrive(tmp_path):
     raw = demo_raw()
-    assert C.validate_recipe(raw, DEMO) == ["pretrain", "sft", "reward", "ppo", "dpo"]
+    assert validate_recipe(raw, DEMO) == ["pretrain", "sft", "reward", "ppo", "dpo"]
 
     pre = resolve(raw, "pretrain", tmp_path)
     assert pre.block_size == 64
@@ -122,7 +127,7 @@ def test_stage_section_overrides_shared_section(tmp_path):
 def test_overrides_are_typed_and_do_not_mutate(tmp_path):
     raw = demo_raw()
     before = copy.deepcopy(raw)
-    out = C.apply_overrides(raw, ["sft.training.learning_rate=1e-5", "model.dtype=bfloat16", "sft.lora.enabled=true"])
+    out = apply_overrides(raw, ["sft.training.learning_rate=1e-5", "model.dtype=bfloat16", "sft.lora.enabled=true"])
     assert raw == before
     assert raw["sft"]["training"]["learning_rate"] == pytest.approx(2e-3)
     # YAML 1.1 would read `1e-5` (no dot) as a string; our loader reads a float
@@ -143,7 +148,7 @@ def test_overrides_are_typed_and_do_not_mutate(tmp_path):
 def test_yaml_recipe_float_without_dot_is_coerced(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("sft:\n  data: {path: d.jsonl}\n  training: {learning_rate: 1e-5, weight_decay: 5e-2}\n")
-    raw, source = C.load_recipe(str(path))
+    raw, source = load_recipe(str(path))
     assert raw["sft"]["training"]["learning_rate"] == 1e-5  # a float already (YAML 1.1 would give a string)
     cfg = resolve(raw, "sft", tmp_path, source=source)
     assert cfg.training.learning_rate == 1e-5
@@ -151,7 +156,7 @@ def test_yaml_recipe_float_without_dot_is_coerced(tmp_path):
 
 
 def test_override_creates_sections_and_parses_yaml_values(tmp_path):
-    out = C.apply_overrides({}, ["sft.data.path=./d.jsonl", "sft.data.columns={prompt: q}", "stages=[sft]",
+    out = apply_overrides({}, ["sft.data.path=./d.jsonl", "sft.data.columns={prompt: q}", "stages=[sft]",
                                 "sft.training.max_steps=3", "model.revision=", "sft.init_from=null"])
     assert out == {"sft": {"data": {"path": "./d.jsonl", "columns": {"prompt": "q"}}, "training": {"max_steps": 3},
                            "init_from": None},
@@ -162,17 +167,17 @@ def test_override_creates_sections_and_parses_yaml_values(tmp_path):
 
 def test_override_errors():
     with pytest.raises(ConfigError) as info:
-        C.apply_overrides({}, ["sft.training.learning_rate"])
+        apply_overrides({}, ["sft.training.learning_rate"])
     assert str(info.value) == ("override 'sft.training.learning_rate' is not KEY=VALUE; "
                                "write e.g. sft.training.learning_rate=1e-5")
     with pytest.raises(ConfigError) as info:
-        C.apply_overrides({"sft": {"training": {"learning_rate": 1.0}}}, ["sft.training.learning_rate.x=1"])
+        apply_overrides({"sft": {"training": {"learning_rate": 1.0}}}, ["sft.training.learning_rate.x=1"])
     assert str(info.value) == "override 'sft.training.learning_rate.x': 'sft.training.learning_rate' is not a section"
 
 
 def test_override_save_strategy_no(tmp_path):
     """YAML 1.1 would read `no` as False; recipes and overrides keep it a string."""
-    raw = C.apply_overrides(demo_raw(), ["sft.training.save_strategy=no", "sft.training.eval_strategy=no",
+    raw = apply_overrides(demo_raw(), ["sft.training.save_strategy=no", "sft.training.eval_strategy=no",
                                          "sft.data.split=on", "sft.lora.enabled=true"])
     cfg = resolve(raw, "sft", tmp_path)
     assert cfg.training.save_strategy == "no" and cfg.training.eval_strategy == "no"
@@ -183,8 +188,8 @@ def test_recipe_with_unquoted_date_keeps_it_a_string(tmp_path):
     """YAML 1.1 would read 2024-01-01 as a date (not JSON, not a revision); recipes keep it a string."""
     path = tmp_path / "r.yaml"
     path.write_text("model: {name_or_path: base, revision: 2024-01-01}\nsft: {data: {path: d.jsonl}}\n")
-    raw, source = C.load_recipe(str(path))
-    cfg = resolve(C.apply_overrides(raw, []), "sft", tmp_path, source=source)
+    raw, source = load_recipe(str(path))
+    cfg = resolve(apply_overrides(raw, []), "sft", tmp_path, source=source)
     assert cfg.model.revision == "2024-01-01"
 
 
@@ -200,7 +205,7 @@ def test_unknown_top_level_key_suggests():
     raw = demo_raw()
     raw["modle"] = {"name_or_path": "x"}
     with pytest.raises(ConfigError) as info:
-        C.validate_recipe(raw, DEMO)
+        validate_recipe(raw, DEMO)
     assert str(info.value) == f"{DEMO}: unknown key 'modle'; did you mean 'model'?"
 
 
@@ -224,10 +229,10 @@ def test_unknown_shared_and_stage_keys(tmp_path):
 
 
 def test_unknown_key_error_helper():
-    err = C.unknown_key_error("lerning_rate", ["learning_rate", "seed"], "sft.training")
+    err = unknown_key_error("lerning_rate", ["learning_rate", "seed"], "sft.training")
     assert isinstance(err, ConfigError) and isinstance(err, UserError)
     assert str(err) == "unknown key 'sft.training.lerning_rate'; did you mean 'learning_rate'?"
-    assert str(C.unknown_key_error("zz", ["b", "a"], "")) == "unknown key 'zz'; valid keys: a, b"
+    assert str(unknown_key_error("zz", ["b", "a"], "")) == "unknown key 'zz'; valid keys: a, b"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,27 +281,27 @@ def test_sections_must_be_mappings(override, expected, tmp_path):
 
 
 def test_stages_may_be_a_comma_separated_string():
-    raw = C.apply_overrides(demo_raw(), ["stages=sft, dpo"])
-    assert C.validate_recipe(raw, DEMO) == ["sft", "dpo"]
+    raw = apply_overrides(demo_raw(), ["stages=sft, dpo"])
+    assert validate_recipe(raw, DEMO) == ["sft", "dpo"]
 
 
 # ----------------------------------------------------------------------------------------------
 # 5. coerce
 # ----------------------------------------------------------------------------------------------
 def test_coerce_accepts():
-    assert C.coerce(3.0, int, "k") == 3 and type(C.coerce(3.0, int, "k")) is int
-    assert C.coerce("7", int, "k") == 7
-    assert C.coerce("yes", bool, "k") is True
-    assert C.coerce("No", bool, "k") is False
-    assert C.coerce("1e-4", float, "k") == 1e-4
-    assert type(C.coerce(2, float, "k")) is float
-    assert C.coerce(None, typing.Optional[int], "k") is None
-    assert C.coerce(None, int | None, "k") is None
-    assert C.coerce("4", int | None, "k") == 4
-    assert C.coerce(["a", "b"], list[str], "k") == ["a", "b"]
-    assert C.coerce("all-linear", list[str] | str, "k") == "all-linear"
-    assert C.coerce({"a": "b"}, dict[str, str], "k") == {"a": "b"}
-    assert C.coerce("bf16", typing.Any, "k") == "bf16"
+    assert coerce(3.0, int, "k") == 3 and type(coerce(3.0, int, "k")) is int
+    assert coerce("7", int, "k") == 7
+    assert coerce("yes", bool, "k") is True
+    assert coerce("No", bool, "k") is False
+    assert coerce("1e-4", float, "k") == 1e-4
+    assert type(coerce(2, float, "k")) is float
+    assert coerce(None, typing.Optional[int], "k") is None
+    assert coerce(None, int | None, "k") is None
+    assert coerce("4", int | None, "k") == 4
+    assert coerce(["a", "b"], list[str], "k") == ["a", "b"]
+    assert coerce("all-linear", list[str] | str, "k") == "all-linear"
+    assert coerce({"a": "b"}, dict[str, str], "k") == {"a": "b"}
+    assert coerce("bf16", typing.Any, "k") == "bf16"
 
 
 @pytest.mark.parametrize("value, tp, expected", [
@@ -314,7 +319,7 @@ def test_coerce_accepts():
 ])
 def test_coerce_rejects(value, tp, expected):
     with pytest.raises(ConfigError) as info:
-        C.coerce(value, tp, "k")
+        coerce(value, tp, "k")
     where = expected.split(":")[0]
     assert str(info.value) == f"{expected}; fix the value in the recipe or override it with {where}=VALUE"
 
@@ -323,32 +328,32 @@ def test_coerce_rejects(value, tp, expected):
 # 6. load_recipe
 # ----------------------------------------------------------------------------------------------
 def test_load_recipe_by_name_and_path(tmp_path):
-    by_name, source = C.load_recipe("demo")
+    by_name, source = load_recipe("demo")
     assert source == DEMO
     assert by_name["stages"] == ["pretrain", "sft", "reward", "ppo", "dpo"]
     assert by_name["pretrain"]["block_size"] == 64
 
-    by_path, source2 = C.load_recipe(DEMO)
+    by_path, source2 = load_recipe(DEMO)
     assert by_path == by_name and source2 == DEMO
 
     own = tmp_path / "mine.yaml"
     own.write_text("sft:\n  data: {path: x.jsonl}\n")
-    raw, source3 = C.load_recipe(str(own))
+    raw, source3 = load_recipe(str(own))
     assert raw == {"sft": {"data": {"path": "x.jsonl"}}} and source3 == str(own)
 
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert C.load_recipe(str(empty)) == ({}, str(empty))
+    assert load_recipe(str(empty)) == ({}, str(empty))
 
 
 def test_load_recipe_unknown_name_lists_shipped():
-    shipped = ", ".join(sorted(C.shipped_recipes()))
+    shipped = ", ".join(sorted(shipped_recipes()))
     with pytest.raises(ConfigError) as info:
-        C.load_recipe("no-such-recipe")
+        load_recipe("no-such-recipe")
     assert str(info.value) == (f"recipe 'no-such-recipe' is neither a file nor a shipped recipe; shipped: {shipped} "
                                "(or pass the path of your own YAML file)")
     with pytest.raises(ConfigError) as info:
-        C.load_recipe("demoo")
+        load_recipe("demoo")
     assert "did you mean 'demo'? " in str(info.value) and f"shipped: {shipped}" in str(info.value)
 
 
@@ -356,7 +361,7 @@ def test_load_recipe_invalid_yaml_is_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2\nsft:\n  x: 1\n")
     with pytest.raises(ConfigError) as info:
-        C.load_recipe(str(bad))
+        load_recipe(str(bad))
     msg = str(info.value)
     assert "\n" not in msg
     # the position of the problem (1-based), and where the unclosed sequence starts
@@ -368,7 +373,7 @@ def test_load_recipe_not_a_mapping(tmp_path):
     bad = tmp_path / "list.yaml"
     bad.write_text("- sft\n- dpo\n")
     with pytest.raises(ConfigError) as info:
-        C.load_recipe(str(bad))
+        load_recipe(str(bad))
     assert str(info.value) == f"{bad}: a recipe must be a mapping of sections (model, data, sft, ...)"
 
 
@@ -388,44 +393,44 @@ def test_output_dir_in_recipe_is_rejected(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def test_fingerprint_and_diff_keys(tmp_path):
     raw = demo_raw()
-    a = C.to_dict(resolve(raw, "sft", tmp_path, work="w1"))
-    b = C.to_dict(resolve(raw, "sft", tmp_path, work="w2"))  # only output_dir differs
+    a = to_dict(resolve(raw, "sft", tmp_path, work="w1"))
+    b = to_dict(resolve(raw, "sft", tmp_path, work="w2"))  # only output_dir differs
     assert a["training"]["output_dir"] != b["training"]["output_dir"]
-    fp = C.fingerprint(a)
+    fp = fingerprint(a)
     assert len(fp) == 16 and int(fp, 16) >= 0
-    assert C.fingerprint(copy.deepcopy(a)) == fp
-    assert C.fingerprint(b) == fp and C.diff_keys(a, b) == []
+    assert fingerprint(copy.deepcopy(a)) == fp
+    assert fingerprint(b) == fp and diff_keys(a, b) == []
 
     lr = copy.deepcopy(a)
     lr["training"]["learning_rate"] = 1e-5
-    assert C.fingerprint(lr) != fp
-    assert C.diff_keys(a, lr) == ["training.learning_rate"]
+    assert fingerprint(lr) != fp
+    assert diff_keys(a, lr) == ["training.learning_rate"]
 
     logging = copy.deepcopy(a)
     logging["training"]["logging_steps"] = 1
     logging["training"]["output_dir"] = "/elsewhere"
-    assert C.fingerprint(logging) == fp
-    assert C.diff_keys(a, logging) == []
+    assert fingerprint(logging) == fp
+    assert diff_keys(a, logging) == []
 
     both = copy.deepcopy(lr)
     both["data"]["seed"] = 123
-    assert C.diff_keys(a, both) == ["data.seed", "training.learning_rate"]
+    assert diff_keys(a, both) == ["data.seed", "training.learning_rate"]
 
 
 def test_fingerprint_follows_overrides(tmp_path):
     raw = demo_raw()
-    base = C.fingerprint(C.to_dict(resolve(raw, "sft", tmp_path)))
-    same = C.fingerprint(C.to_dict(resolve(C.apply_overrides(raw, ["sft.training.logging_steps=1"]), "sft", tmp_path)))
-    other = C.to_dict(resolve(C.apply_overrides(raw, ["sft.training.learning_rate=1e-5"]), "sft", tmp_path))
+    base = fingerprint(to_dict(resolve(raw, "sft", tmp_path)))
+    same = fingerprint(to_dict(resolve(apply_overrides(raw, ["sft.training.logging_steps=1"]), "sft", tmp_path)))
+    other = to_dict(resolve(apply_overrides(raw, ["sft.training.learning_rate=1e-5"]), "sft", tmp_path))
     assert same == base
-    assert C.fingerprint(other) != base
+    assert fingerprint(other) != base
 
 
 # ----------------------------------------------------------------------------------------------
 # 9. field_help
 # ----------------------------------------------------------------------------------------------
 def test_field_help_sft():
-    rows = {key: (default, text) for key, default, text in C.field_help("sft")}
+    rows = {key: (default, text) for key, default, text in field_help("sft")}
     assert rows["sft.data.path"] == (
         "None", "Hub dataset id, local dataset folder, or a .jsonl/.json/.parquet/.csv/.txt file (each also "
                 ".gz/.bz2/.xz/.zst).")
@@ -442,7 +447,7 @@ def test_field_help_sft():
 
 
 def test_field_help_pretrain_has_block_size():
-    rows = {key: (default, text) for key, default, text in C.field_help("pretrain")}
+    rows = {key: (default, text) for key, default, text in field_help("pretrain")}
     assert rows["pretrain.block_size"] == ("512", "Tokens per training block (texts are concatenated).")
 
 
@@ -462,13 +467,13 @@ def test_cli_unknown_key_exits_2_without_writing(tmp_path):
 
 
 def test_redact_overrides_hides_secret_values_only():
-    assert C.redact_overrides(["sft.training.hub_token=hf_x", "a.b.api_key=k", "sft.training.learning_rate=1e-5",
+    assert redact_overrides(["sft.training.hub_token=hf_x", "a.b.api_key=k", "sft.training.learning_rate=1e-5",
                                "x.password=p"]) == ["sft.training.hub_token=<redacted>", "a.b.api_key=<redacted>",
                                                     "sft.training.learning_rate=1e-5", "x.password=<redacted>"]
 
 
 def test_data_num_proc_feeds_trl_tokenisation(tmp_path):
-    raw = C.apply_overrides(demo_raw(), ["data.num_proc=3", "dpo.training.dataset_num_proc=1"])
+    raw = apply_overrides(demo_raw(), ["data.num_proc=3", "dpo.training.dataset_num_proc=1"])
     assert resolve(raw, "sft", tmp_path).training.dataset_num_proc == 3
     assert resolve(raw, "dpo", tmp_path).training.dataset_num_proc == 1  # explicit wins
     assert resolve(raw, "pretrain", tmp_path).data.num_proc == 3

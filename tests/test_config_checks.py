@@ -12,22 +12,27 @@ import typing
 from pathlib import Path
 
 import pytest
+from trl import SFTConfig as TRLSFTConfig
 
-from rlhf_dist import config as C
-from rlhf_dist import rundir
+from rlhf_dist import registry, rundir
+from rlhf_dist.config.coerce import RANGES, Range, range_error, range_rule
+from rlhf_dist.config.ppo import KLRule, PPOTrainingConfig
+from rlhf_dist.config.resolve import SHARED_SECTIONS, resolve_stage, validate_recipe
+from rlhf_dist.config.sections import WatchdogSection
 from rlhf_dist.errors import ConfigError, RunDirError
+from rlhf_dist.recipe import apply_overrides, load_recipe, shipped_recipes
 
-DEMO = str(C.shipped_recipes()["demo"])
+DEMO = str(shipped_recipes()["demo"])
 
 
 def resolve(raw: dict, stage: str, tmp_path: Path, source: str = DEMO):
-    return C.resolve_stage(raw, source, stage, str(tmp_path), str(tmp_path / "w"))
+    return resolve_stage(raw, source, stage, str(tmp_path), str(tmp_path / "w"))
 
 
 def config_error(overrides: list[str], stage: str, tmp_path: Path) -> str:
-    raw, _ = C.load_recipe("demo")
+    raw, _ = load_recipe("demo")
     with pytest.raises(ConfigError) as info:
-        resolve(C.apply_overrides(raw, overrides), stage, tmp_path)
+        resolve(apply_overrides(raw, overrides), stage, tmp_path)
     message = str(info.value)
     assert "\n" not in message, message
     return message
@@ -40,7 +45,7 @@ def load_error(tmp_path: Path, text: str) -> tuple[Path, str]:
     path = tmp_path / "my.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
-        C.load_recipe(str(path))
+        load_recipe(str(path))
     message = str(info.value)
     assert "\n" not in message, message
     return path, message
@@ -80,17 +85,17 @@ def test_yaml_errors_are_one_line_with_a_1_based_position(tmp_path, text, line, 
 
 def test_override_that_is_not_valid_yaml_is_named():
     with pytest.raises(ConfigError) as info:
-        C.apply_overrides({}, ["sft.training.learning_rate=1e-5", "sft.data.columns={prompt: q"])
+        apply_overrides({}, ["sft.training.learning_rate=1e-5", "sft.data.columns={prompt: q"])
     assert str(info.value) == (
         "override 'sft.data.columns' (value '{prompt: q') column 11: not valid YAML: expected ',' or '}', but got "
         "'<stream end>' (while parsing a flow mapping that starts at line 1, column 1); fix the value, or put it in "
         "quotes to pass it as a string")
     with pytest.raises(ConfigError) as info:
-        C.apply_overrides({}, ["sft.data.path=a: b: c"])
+        apply_overrides({}, ["sft.data.path=a: b: c"])
     assert str(info.value).startswith("override 'sft.data.path' (value 'a: b: c') column 5: not valid YAML: "
                                       "mapping values are not allowed here")
     # quoted, the same text is a string
-    assert C.apply_overrides({}, ["sft.data.path='a: b: c'"]) == {"sft": {"data": {"path": "a: b: c"}}}
+    assert apply_overrides({}, ["sft.data.path='a: b: c'"]) == {"sft": {"data": {"path": "a: b: c"}}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +108,7 @@ def _numeric(tp: typing.Any) -> bool:
 
 def _ours(tp: typing.Any) -> list[type]:
     args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-    return [a for a in args if dataclasses.is_dataclass(a) and a.__module__ == C.__name__]
+    return [a for a in args if dataclasses.is_dataclass(a) and a.__module__.startswith("rlhf_dist.config.")]
 
 
 def our_numeric_fields() -> dict[str, tuple[type, str, typing.Any]]:
@@ -122,7 +127,7 @@ def our_numeric_fields() -> dict[str, tuple[type, str, typing.Any]]:
             if _numeric(hints[f.name]):
                 found[f"{cls.__name__}.{f.name}"] = (cls, f.name, hints[f.name])
 
-    for cls in [*C.STAGES.values(), *C.SHARED_SECTIONS.values()]:
+    for cls in [*(s.config_class() for s in registry.STAGES.values()), *SHARED_SECTIONS.values()]:
         walk(cls)
     return found
 
@@ -130,12 +135,12 @@ def our_numeric_fields() -> dict[str, tuple[type, str, typing.Any]]:
 def test_every_numeric_field_of_our_dataclasses_has_a_range():
     fields = our_numeric_fields()
     # the walk reaches every kind of section (so a new numeric field anywhere is caught)
-    assert {"LoraConfig.r", "LoraConfig.alpha", "LoraConfig.dropout", "DataConfig.eval_fraction", "DataConfig.seed",
-            "DataConfig.max_samples", "WatchdogConfig.train_step", "PretrainConfig.block_size",
+    assert {"LoraSection.r", "LoraSection.alpha", "LoraSection.dropout", "DataSection.eval_fraction", "DataSection.seed",
+            "DataSection.max_samples", "WatchdogSection.train_step", "PretrainStageConfig.block_size",
             "PPOTrainingConfig.learning_rate", "PPOTrainingConfig.max_steps", "KLRule.limit", "HeldoutRule.patience",
             "RollbackConfig.lr_factor", "GuardrailsConfig.max_skipped"} <= set(fields)
     assert len(fields) > 60
-    missing = [key for key, (cls, name, _) in fields.items() if C.range_rule(cls, name) is None]
+    missing = [key for key, (cls, name, _) in fields.items() if range_rule(cls, name) is None]
     assert missing == [], f"numeric fields without a range in config.RANGES: {missing}"
 
 
@@ -143,7 +148,7 @@ def test_defaults_of_our_dataclasses_are_within_their_ranges():
     for key, (cls, name, tp) in our_numeric_fields().items():
         f = next(f for f in dataclasses.fields(cls) if f.name == name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        assert C.range_error(cls, name, default, key, tp) is None, (key, default)
+        assert range_error(cls, name, default, key, tp) is None, (key, default)
 
 
 def walk_values(obj: typing.Any, prefix: str):
@@ -157,15 +162,15 @@ def walk_values(obj: typing.Any, prefix: str):
             yield f"{prefix}{f.name}", type(obj), f.name, value, hints.get(f.name)
 
 
-@pytest.mark.parametrize("name", sorted(C.shipped_recipes()))
+@pytest.mark.parametrize("name", sorted(shipped_recipes()))
 def test_every_shipped_recipe_resolves_every_stage_within_the_ranges(name, tmp_path):
-    raw, source = C.load_recipe(name)
+    raw, source = load_recipe(name)
     checked = 0
-    for stage in C.validate_recipe(raw, source):
+    for stage in validate_recipe(raw, source):
         cfg = resolve(raw, stage, tmp_path, source=source)
         for key, cls, field, value, tp in walk_values(cfg, f"{stage}."):
-            assert C.range_error(cls, field, value, key, tp) is None, (name, key, value)
-            checked += C.range_rule(cls, field) is not None
+            assert range_error(cls, field, value, key, tp) is None, (name, key, value)
+            checked += range_rule(cls, field) is not None
     assert checked > 100  # the HF/TRL training sections' common fields are covered too
 
 
@@ -223,7 +228,7 @@ def test_shared_section_out_of_range_names_the_shared_key(tmp_path):
 def test_range_is_checked_in_a_recipe_file_too(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("sft:\n  data: {path: d.jsonl}\n  training: {learning_rate: -1.0e-5}\n")
-    raw, source = C.load_recipe(str(path))
+    raw, source = load_recipe(str(path))
     with pytest.raises(ConfigError) as info:
         resolve(raw, "sft", tmp_path, source=source)
     assert str(info.value) == (f"{path}: sft.training.learning_rate must be > 0, got -1e-05; fix it in the recipe or "
@@ -244,8 +249,8 @@ def test_range_is_checked_in_a_recipe_file_too(tmp_path):
     ("dpo.training.label_smoothing=0.1", "dpo", "label_smoothing", 0.1),
 ])
 def test_values_on_the_bounds_are_accepted(override, stage, key, value, tmp_path):
-    raw, _ = C.load_recipe("demo")
-    cfg = resolve(C.apply_overrides(raw, [override]), stage, tmp_path)
+    raw, _ = load_recipe("demo")
+    cfg = resolve(apply_overrides(raw, [override]), stage, tmp_path)
     assert getattr(cfg.training, key) == value
 
 
@@ -256,37 +261,37 @@ def test_values_on_the_bounds_are_accepted(override, stage, key, value, tmp_path
     ("sft.watchdog.train_step=null", "watchdog", "train_step", None),
 ])
 def test_section_values_on_the_bounds_are_accepted(override, section, key, value, tmp_path):
-    raw, _ = C.load_recipe("demo")
-    cfg = resolve(C.apply_overrides(raw, [override]), "sft", tmp_path)
+    raw, _ = load_recipe("demo")
+    cfg = resolve(apply_overrides(raw, [override]), "sft", tmp_path)
     assert getattr(getattr(cfg, section), key) == value
 
 
 def test_our_dataclasses_check_ranges_when_built_directly():
     with pytest.raises(ValueError, match=r"^training\.learning_rate must be > 0, got -1$"):
-        C.PPOTrainingConfig(learning_rate=-1)
+        PPOTrainingConfig(learning_rate=-1)
     with pytest.raises(ValueError, match=r"^training\.mini_batch_size must be >= 1, got 0$"):
-        C.PPOTrainingConfig(mini_batch_size=0)
+        PPOTrainingConfig(mini_batch_size=0)
     with pytest.raises(ValueError, match=r"^patience must be >= 1, got 0$"):
-        C.KLRule(patience=0)
+        KLRule(patience=0)
     with pytest.raises(ValueError, match=r"^watchdog\.save must be a number of seconds > 0 or null, got 0$"):
-        C.WatchdogConfig(save=0)
+        WatchdogSection(save=0)
     # the cross-field checks are still there
     with pytest.raises(ValueError, match="must divide the rollouts per step"):
-        C.PPOTrainingConfig(rollout_batch_size=6, mini_batch_size=4)
+        PPOTrainingConfig(rollout_batch_size=6, mini_batch_size=4)
 
 
 def test_range_descriptions():
-    assert C.Range(0, low_open=True).describe() == "> 0"
-    assert C.Range(1).describe(nullable=True) == ">= 1 or null"
-    assert C.Range(0, 1, high_open=True).describe() == "within [0, 1)"
-    assert C.Range(0, 1, low_open=True).describe() == "within (0, 1]"
-    assert C.Range(1, also=(-1,)).describe() == "-1 or >= 1"
-    rule = C.Range(0, 1, high_open=True)
+    assert Range(0, low_open=True).describe() == "> 0"
+    assert Range(1).describe(nullable=True) == ">= 1 or null"
+    assert Range(0, 1, high_open=True).describe() == "within [0, 1)"
+    assert Range(0, 1, low_open=True).describe() == "within (0, 1]"
+    assert Range(1, also=(-1,)).describe() == "-1 or >= 1"
+    rule = Range(0, 1, high_open=True)
     assert rule.ok(0) and rule.ok(0.5) and not rule.ok(1) and not rule.ok(-0.01) and not rule.ok(math.nan)
     # a qualified rule wins over the bare field name, and applies to subclasses
-    assert C.range_rule(C.PPOTrainingConfig, "max_steps") is C.RANGES["PPOTrainingConfig.max_steps"]
-    assert C.range_rule(C.KLRule, "limit") is C.RANGES["GuardRule.limit"]
-    assert C.range_rule(C.TRLSFTConfig, "max_steps") is C.RANGES["max_steps"]
+    assert range_rule(PPOTrainingConfig, "max_steps") is RANGES["PPOTrainingConfig.max_steps"]
+    assert range_rule(KLRule, "limit") is RANGES["GuardRule.limit"]
+    assert range_rule(TRLSFTConfig, "max_steps") is RANGES["max_steps"]
 
 
 def test_range_error_comes_before_any_model_is_loaded(tmp_path, monkeypatch, capsys):
@@ -316,7 +321,7 @@ def claimed(tmp_path: Path) -> tuple[Path, Path, dict]:
     """A run directory whose sft stage an earlier attempt (learning rate 1.0) claimed."""
     out = tmp_path / "run"
     old = resolved(out, 1.0)
-    work = rundir.prepare(out, "sft", old, rundir.Plan("fresh"))
+    work = rundir.prepare(out, "sft", old, rundir.StageAction("fresh"))
     return out, work, old
 
 
@@ -336,13 +341,13 @@ def files(root: Path) -> dict[str, bytes]:
 def test_changed_config_after_an_attempt_without_checkpoints_starts_fresh(tmp_path):
     out, work, _ = claimed(tmp_path)  # failed before its first checkpoint: only config.yaml
     new = resolved(out, 1e-5)
-    plan = rundir.plan_stage(out, "sft", new, overwrite=False, resume=False)
+    plan = rundir.stage_action(out, "sft", new, overwrite=False, resume=False)
     assert plan.action == "fresh" and plan.checkpoint is None and plan.set_aside == []
     assert "wrote no complete checkpoint" in plan.reason and "training.learning_rate" in plan.reason
     rundir.prepare(out, "sft", new, plan)
     assert rundir._read_config(work) == new
     # the same config again: the ordinary fresh start
-    assert rundir.plan_stage(out, "sft", new, overwrite=False, resume=False) == rundir.Plan("fresh")
+    assert rundir.stage_action(out, "sft", new, overwrite=False, resume=False) == rundir.StageAction("fresh")
 
 
 def test_changed_config_after_an_attempt_with_only_unsealed_checkpoints_starts_fresh(tmp_path):
@@ -354,13 +359,13 @@ def test_changed_config_after_an_attempt_with_only_unsealed_checkpoints_starts_f
     (work / rundir.UNHEALTHY).mkdir()
     (work / rundir.UNHEALTHY / "checkpoint-1").mkdir()  # condemned by a guardrail earlier: kept, never resumed
     new = resolved(out, 1e-5)
-    plan = rundir.plan_stage(out, "sft", new, overwrite=False, resume=False)
+    plan = rundir.stage_action(out, "sft", new, overwrite=False, resume=False)
     assert plan.action == "fresh" and plan.checkpoint is None
     assert plan.set_aside == ["checkpoint-2", "checkpoint-3"]
     assert "wrote no complete checkpoint" in plan.reason and "2 incomplete checkpoint(s)" in plan.reason
     rundir.prepare(out, "sft", new, plan)
     # nothing deleted silently: the unsealed checkpoints are set aside, the condemned ones stay; the rest is new
-    assert sorted(p.name for p in work.iterdir()) == [rundir.STATE_FILE, rundir.SET_ASIDE, rundir.UNHEALTHY]
+    assert sorted(p.name for p in work.iterdir()) == [rundir.CONFIG_FILE, rundir.SET_ASIDE, rundir.UNHEALTHY]
     assert sorted(p.name for p in (work / rundir.SET_ASIDE).iterdir()) == ["checkpoint-2", "checkpoint-3"]
     assert (work / rundir.SET_ASIDE / "checkpoint-2" / "model.safetensors").read_bytes() == b"weights"
     assert (work / rundir.UNHEALTHY / "checkpoint-1").is_dir()
@@ -374,7 +379,7 @@ def test_changed_config_after_an_attempt_with_a_sealed_checkpoint_is_refused(tmp
     before = files(out)
     new = resolved(out, 1e-5)
     with pytest.raises(RunDirError) as info:
-        rundir.plan_stage(out, "sft", new, overwrite=False, resume=False)
+        rundir.stage_action(out, "sft", new, overwrite=False, resume=False)
     message = str(info.value)
     assert "\n" not in message
     assert message == (f"{work} holds an unfinished different run (differs in training.learning_rate) with a "
@@ -382,11 +387,11 @@ def test_changed_config_after_an_attempt_with_a_sealed_checkpoint_is_refused(tmp
                        "--overwrite to start the stage again, or choose another --output")
     assert files(out) == before  # planning touches nothing
     # the ways out still work
-    resumed = rundir.plan_stage(out, "sft", new, overwrite=False, resume=True)
+    resumed = rundir.stage_action(out, "sft", new, overwrite=False, resume=True)
     assert (resumed.action, resumed.checkpoint, resumed.set_aside) == ("resume", str(work / "checkpoint-4"),
                                                                        ["checkpoint-6"])
-    assert rundir.plan_stage(out, "sft", new, overwrite=True, resume=False).action == "fresh"
+    assert rundir.stage_action(out, "sft", new, overwrite=True, resume=False).action == "fresh"
     # and the same config as the attempt resumes it
-    same = rundir.plan_stage(out, "sft", old, overwrite=False, resume=False)
+    same = rundir.stage_action(out, "sft", old, overwrite=False, resume=False)
     assert (same.action, same.checkpoint) == ("resume", str(work / "checkpoint-4"))
     assert json.loads((work / "checkpoint-4" / rundir.SEAL).read_text())["step"] == 4

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_dist.config import DataConfig
+from rlhf_dist.config.sections import DataSection
 from rlhf_dist.data import check_preference, load_splits, looks_local, prepare, split_prompt
 from rlhf_dist.errors import DataError, UserError
 
@@ -34,7 +34,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def load(kind: str, path, **kw):
     """load_splits with no held-out data unless asked; returns (train rows, eval rows or None, source)."""
     kw.setdefault("eval_fraction", 0.0)
-    train, evaluation, source = load_splits(DataConfig(path=str(path), **kw), kind, "stage")
+    train, evaluation, source = load_splits(DataSection(path=str(path), **kw), kind, "stage")
     return train.to_list(), (evaluation.to_list() if evaluation is not None else None), source
 
 
@@ -198,7 +198,7 @@ def test_eval_fraction_needs_two_rows(tmp_path):
 
 def test_path_not_set():
     with pytest.raises(DataError) as info:
-        load_splits(DataConfig(), "sft", "sft")
+        load_splits(DataSection(), "sft", "sft")
     assert str(info.value) == "sft.data.path is not set; give a hub dataset id or a local file"
 
 
@@ -364,8 +364,8 @@ def test_check_preference_direct():
     import datasets
 
     ds = datasets.Dataset.from_list([{"chosen": "x y", "rejected": "x z"}])
-    assert check_preference(ds, "src", DataConfig()) == ([{"prompt": "x ", "chosen": "y", "rejected": "z"}], [])
-    prepared = prepare(ds, DataConfig(), "preference", "src")
+    assert check_preference(ds, "src", DataSection()) == ([{"prompt": "x ", "chosen": "y", "rejected": "z"}], [])
+    prepared = prepare(ds, DataSection(), "preference", "src")
     assert prepared.column_names == ["prompt", "chosen", "rejected"] and prepared[0]["prompt"] == "x "
 
 

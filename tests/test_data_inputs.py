@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_dist import lengths
-from rlhf_dist.config import DataConfig
+from rlhf_dist import lengths, registry
+from rlhf_dist.config.sections import DataSection
 from rlhf_dist.data import DataReport, load_splits
 from rlhf_dist.errors import DataError
 
@@ -63,7 +63,7 @@ def as_format(fmt: str, rows: list[dict]) -> bytes:
 def load(kind: str, path, **kw):
     kw.setdefault("eval_fraction", 0.0)
     report = DataReport()
-    train, _, _ = load_splits(DataConfig(path=str(path), **kw), kind, "stage", report)
+    train, _, _ = load_splits(DataSection(path=str(path), **kw), kind, "stage", report)
     return train.to_list(), report
 
 
@@ -309,12 +309,12 @@ def splits(rows):
 
 
 def stage_cfg(stage: str, limit: int, action: str | None):
-    from rlhf_dist.config import STAGES, build
+    from rlhf_dist.config.coerce import build
 
-    training = {lengths.LIMITS[stage]: limit, "output_dir": "/tmp/x"}
+    training = {registry.get(stage).length_limit: limit, "output_dir": "/tmp/x"}
     if stage != "ppo":
         training.update(use_cpu=True, report_to="none")
-    return build(STAGES[stage], {"data": {"on_long_row": action}, "training": training}, stage)
+    return build(registry.get(stage).config_class(), {"data": {"on_long_row": action}, "training": training}, stage)
 
 
 def test_ppo_prompts_truncated_on_the_left_and_counted(tokenizer):
@@ -336,13 +336,14 @@ def test_skip_and_error(tokenizer, stage):
     report = DataReport()
     out = lengths.apply(stage, stage_cfg(stage, 24, "skip"), splits([row, short, short]), tokenizer, report)
     assert len(out["train"]) == 2 and report.too_long["train"]["skipped"] == 1
-    with pytest.raises(DataError, match=rf"1 of 3 train rows are longer than {stage}.training.{lengths.LIMITS[stage]}=24 "
+    limit = registry.get(stage).length_limit
+    with pytest.raises(DataError, match=rf"1 of 3 train rows are longer than {stage}.training.{limit}=24 "
                                         rf"tokens .*set {stage}.data.on_long_row=truncate or skip"):
         lengths.apply(stage, stage_cfg(stage, 24, "error"), splits([row, short, short]), tokenizer, DataReport())
 
 
 def test_defaults_follow_the_trainers(tokenizer):
-    assert {s: lengths.policy(s, DataConfig()) for s in lengths.LIMITS} == {
+    assert {s: lengths.policy(s, DataSection()) for s, spec in registry.STAGES.items() if spec.length_rule} == {
         "sft": "truncate", "reward": "skip", "dpo": "truncate", "ppo": "truncate"}
 
 
@@ -515,21 +516,22 @@ def test_a_dataset_folder_laid_out_like_hh_rlhf_with_data_dir(tmp_path):
     synthetic.hh_pairs(root / "helpful-base" / "train.jsonl.gz", seed=2, n=30, n_empty=0, n_identical=0, n_long=0)
     synthetic.hh_pairs(root / "helpful-base" / "test.jsonl.gz", seed=3, n=10, n_empty=0, n_identical=0, n_long=0)
     report = DataReport()
-    cfg = DataConfig(path=str(root), data_dir="harmless-base", eval_split="test", on_bad_row="skip")
+    cfg = DataSection(path=str(root), data_dir="harmless-base", eval_split="test", on_bad_row="skip")
     train, evaluation, _ = load_splits(cfg, "preference", "dpo", report)
     assert (len(train), len(evaluation)) == (37, 19)
     assert report.rows_read == 60 and report.bad_rows == {"empty_response": 3, "identical": 1}
     with pytest.raises(DataError, match=r"hh-rlhf: 3 of 40 rows are bad \(empty_response: 2, identical: 1\): row "):
-        load_splits(DataConfig(path=str(root), data_dir="harmless-base", eval_split="test"), "preference", "dpo")
+        load_splits(DataSection(path=str(root), data_dir="harmless-base", eval_split="test"), "preference", "dpo")
 
 
 def test_length_error_names_the_file_of_its_split(tokenizer):
     import datasets
 
-    from rlhf_dist.config import STAGES, build
+    from rlhf_dist.config.coerce import build
 
-    cfg = build(STAGES["ppo"], {"data": {"path": "train.jsonl", "eval_path": "held_out.jsonl", "on_long_row": "error"},
-                                "training": {"max_prompt_length": 8, "output_dir": "/tmp/x"}}, "ppo")
+    data = {"path": "train.jsonl", "eval_path": "held_out.jsonl", "on_long_row": "error"}
+    cfg = build(registry.get("ppo").config_class(), {"data": data, "training": {"max_prompt_length": 8, "output_dir": "/tmp/x"}},
+                "ppo")
     short, long = {"prompt": "Question: hi?"}, {"prompt": "Question: " + "Ulm grows wheat. " * 6}
     ds = {"train": datasets.Dataset.from_list([short]), "eval": datasets.Dataset.from_list([long])}
     with pytest.raises(DataError, match=r"^held_out.jsonl: 1 of 1 eval rows are longer than ppo.training.max_prompt_length=8"):

@@ -6,6 +6,7 @@ decides on the same numbers the stage uses.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -13,13 +14,14 @@ import yaml
 from helpers import tiny_recipe as recipe
 
 from rlhf_dist import fallback, plan
-from rlhf_dist.config import load_recipe, resolve_stage
+from rlhf_dist.config.resolve import resolve_stage
+from rlhf_dist.recipe import load_recipe
 
 GIB = 2**30
 
 
 def sft_config(rec, tmp_path, *overrides):
-    from rlhf_dist.config import apply_overrides
+    from rlhf_dist.recipe import apply_overrides
 
     raw, source = load_recipe(str(rec))
     cfg = resolve_stage(apply_overrides(raw, list(overrides)), source, "sft", str(tmp_path / "run"), str(tmp_path / "w"))
@@ -76,10 +78,10 @@ def test_qlora_base_really_is_4bit(tmp_path, tiny_model, demo_data):
 
 def test_device_where_full_fits_changes_nothing(tmp_path, tiny_model, demo_data):
     cfg = sft_config(recipe(tmp_path, tiny_model, demo_data), tmp_path)
-    before = json.dumps(plan.asdict(cfg.lora)) + json.dumps(plan.asdict(cfg.quantization))
+    before = json.dumps(dataclasses.asdict(cfg.lora)) + json.dumps(dataclasses.asdict(cfg.quantization))
     args = type("Args", (), {"fallback": "auto", "gpu_memory": 80.0})()
     assert fallback.apply("sft", cfg, args) is None
-    assert json.dumps(plan.asdict(cfg.lora)) + json.dumps(plan.asdict(cfg.quantization)) == before
+    assert json.dumps(dataclasses.asdict(cfg.lora)) + json.dumps(dataclasses.asdict(cfg.quantization)) == before
     assert cfg.training.per_device_train_batch_size == 16
     # --fallback off, or several processes: nothing happens even on a tiny device
     for off in ({"fallback": "off", "gpu_memory": 1e-6}, {"fallback": "auto", "gpu_memory": 1e-6, "num_processes": 2}):
@@ -121,7 +123,7 @@ def test_nothing_fits_exit_2_one_line_nothing_written(tmp_path, tiny_model, demo
 
 
 def test_ppo_halves_its_per_device_batches(tmp_path, tiny_model, demo_data, tiny_reward_model):
-    from rlhf_dist.config import apply_overrides
+    from rlhf_dist.recipe import apply_overrides
 
     raw, source = load_recipe(str(recipe(tmp_path, tiny_model, demo_data)))
     raw = apply_overrides(raw, [f"ppo.reward_model={tiny_reward_model}"])

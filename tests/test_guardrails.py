@@ -15,7 +15,7 @@ from helpers import bit_identical, ppo_crashes_at_step, tiny_recipe, without_tim
 
 from rlhf_dist import rundir
 from rlhf_dist.cli import main
-from rlhf_dist.config import EntropyRule, GuardrailsConfig, HeldoutRule, KLRule, LengthRule
+from rlhf_dist.config.ppo import EntropyRule, GuardrailsConfig, HeldoutRule, KLRule, LengthRule
 from rlhf_dist.rl.guardrails import GUARD_STOPPED, Guardrails, worst
 
 # KL per response at lr 0.05 on the tiny model (measured): 0, 1.08, 3.84, 5.25, 7.25, ... -- a blow-up in 3 steps.
@@ -133,9 +133,9 @@ def test_kl_blow_up_with_stop_ends_with_a_diagnosis(tmp_path, tiny_model, tiny_r
 
 def test_nan_in_one_micro_batch_skips_that_optimizer_step(tmp_path, tiny_model, tiny_reward_model, demo_data,
                                                          monkeypatch):
-    from rlhf_dist.rl.trainer import PPOTrainer
+    from rlhf_dist.rl.trainer import PPOLoop
 
-    real_loss, real_update = PPOTrainer.loss, PPOTrainer.optimizer_update
+    real_loss, real_update = PPOLoop.loss, PPOLoop.optimizer_update
     calls, seen = [], {}
 
     def nan_once(self, mb, *args):
@@ -151,8 +151,8 @@ def test_nan_in_one_micro_batch_skips_that_optimizer_step(tmp_path, tiny_model, 
         if self.step == 2 and "skipped" not in seen:
             seen["skipped"] = all(torch.equal(a, b) for a, b in zip(before, self.model.parameters()))
 
-    monkeypatch.setattr(PPOTrainer, "loss", nan_once)
-    monkeypatch.setattr(PPOTrainer, "optimizer_update", watched)
+    monkeypatch.setattr(PPOLoop, "loss", nan_once)
+    monkeypatch.setattr(PPOLoop, "optimizer_update", watched)
     out = tmp_path / "run"
     assert run(tmp_path, tiny_model, tiny_reward_model, demo_data, out) == 0
     assert seen["skipped"]  # not applied: the weights did not move
@@ -171,7 +171,7 @@ def test_nan_in_one_micro_batch_skips_that_optimizer_step(tmp_path, tiny_model, 
         loss, stats = real_loss(self, mb, *a)
         return (loss * float("nan") if self.step >= 2 else loss), stats
 
-    monkeypatch.setattr(PPOTrainer, "loss", nan_loss)
+    monkeypatch.setattr(PPOLoop, "loss", nan_loss)
     assert run(tmp_path, tiny_model, tiny_reward_model, demo_data, tmp_path / "nan") == GUARD_STOPPED
     _, events = log_rows(tmp_path / "nan")
     assert [e["action"] for e in events if e["rule"] == "nonfinite"] == ["skip", "skip", "stop"]

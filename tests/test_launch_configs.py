@@ -118,11 +118,14 @@ def _filled_by_accelerate(path: Path, mixed_precision: str = "bf16") -> dict:
 # ----------------------------------------------------------------------------------------------- ds_configs
 
 
-def test_ds_configs_are_exactly_the_documented_set():
-    assert {p.stem for p in DS_DIR.glob("*.json")} == set(DS_EXPECTED)
-    readme = (DS_DIR / "README.md").read_text()
-    for name in DS_EXPECTED:
-        assert f"{name}.json" in readme, f"ds_configs/README.md does not mention {name}.json"
+@pytest.mark.parametrize("folder,suffix,expected,mention", [(DS_DIR, "json", DS_EXPECTED, "{}.json"),
+                                                             (LAUNCH_DIR, "yaml", LAUNCH_EXPECTED, "launch/{}.yaml")],
+                         ids=["ds_configs", "launch"])
+def test_config_folders_hold_exactly_the_documented_set(folder, suffix, expected, mention):
+    assert {p.stem for p in folder.glob(f"*.{suffix}")} == set(expected)
+    readme = (folder / "README.md").read_text()
+    for name in expected:
+        assert mention.format(name) in readme, f"{folder.name}/README.md does not mention {mention.format(name)}"
 
 
 @pytest.mark.parametrize("name", sorted(DS_EXPECTED))
@@ -206,13 +209,6 @@ def test_ds_config_parser_really_checks(clean_env, ds_world):
 
 
 # ----------------------------------------------------------------------------------------------- launch/
-
-
-def test_launch_yamls_are_exactly_the_documented_set():
-    assert {p.stem for p in LAUNCH_DIR.glob("*.yaml")} == set(LAUNCH_EXPECTED)
-    readme = (LAUNCH_DIR / "README.md").read_text()
-    for name in LAUNCH_EXPECTED:
-        assert f"launch/{name}.yaml" in readme, f"launch/README.md has no command for {name}.yaml"
 
 
 @pytest.mark.parametrize("name", sorted(LAUNCH_EXPECTED))

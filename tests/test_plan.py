@@ -262,3 +262,54 @@ def test_bad_model(tmp_path, capsys):
     empty.mkdir()
     assert cli.main(["plan", "--model", str(empty), "--stage", "sft", "--gpu-memory", "24"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_plan_reads_the_recipe_in_its_vocabulary(llama7b, tmp_path, capsys):
+    """--recipe R --stage S plans the stage's own settings (model, sequence length, micro-batch, checkpointing, LoRA
+    rank, precision, ppo's reward model and generation batch); the same plan as the flags that say the same, and a
+    flag given as well wins. The old flag names still work."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+model: {{name_or_path: "{llama7b}"}}
+lora: {{r: 8}}
+sft:
+  training: {{max_length: 1536, per_device_train_batch_size: 4, activation_checkpointing: false, bf16: false}}
+ppo:
+  reward_model: "{llama7b}"
+  training: {{max_prompt_length: 256, max_new_tokens: 128, per_device_train_batch_size: 2, generation_batch_size: 8,
+             rollout_batch_size: 16, mini_batch_size: 16, activation_checkpointing: true}}
+""")
+    common = ["--gpus-per-node", "1", "--gpu-memory", "80"]
+    _, out, from_recipe = _run(["--recipe", str(recipe), "--stage", "sft", *common], tmp_path, capsys)
+    assert (from_recipe["seq_len"], from_recipe["per_device_train_batch_size"], from_recipe["activation_checkpointing"],
+            from_recipe["lora_r"], from_recipe["precision"]) == (1536, 4, False, 8, "fp32")
+    assert f"--recipe {recipe}" in out.out
+    _, _, by_flags = _run(["--model", str(llama7b), "--stage", "sft", "--seq-len", "1536", "--per-device-train-batch-size",
+                           "4", "--no-activation-checkpointing", "--lora-r", "8", "--precision", "fp32", *common],
+                          tmp_path, capsys)
+    assert rows(from_recipe) == rows(by_flags)
+    _, _, old_names = _run(["--model", str(llama7b), "--stage", "sft", "--seq-len", "1536", "--micro-batch", "4",
+                            "--no-gradient-checkpointing", "--lora-r", "8", "--precision", "fp32", *common],
+                           tmp_path, capsys)
+    assert rows(old_names) == rows(by_flags)
+    _, _, overridden = _run(["--recipe", str(recipe), "--stage", "sft", "--per-device-train-batch-size", "1", *common],
+                            tmp_path, capsys)
+    assert overridden["per_device_train_batch_size"] == 1 and overridden["seq_len"] == 1536
+
+    _, _, ppo = _run(["--recipe", str(recipe), "--stage", "ppo", *common], tmp_path, capsys)
+    assert (ppo["seq_len"], ppo["per_device_train_batch_size"], ppo["activation_checkpointing"], ppo["precision"]) == \
+        (384, 2, True, "bf16-mixed")  # prompt + new tokens; bf16 not turned off: the GPU convention
+    _, _, ppo_flags = _run(["--model", str(llama7b), "--stage", "ppo", "--seq-len", "384", "--micro-batch", "2",
+                            "--lora-r", "8", *common], tmp_path, capsys)
+    kv = {r["method"] + r["strategy"]: r["kv_cache"] for r in ppo["options"]}
+    assert all(kv[r["method"] + r["strategy"]] == 4 * r["kv_cache"] for r in ppo_flags["options"])  # 8 generated at once
+
+
+def rows(result: dict) -> list[dict]:
+    """The options' figures, without the recommended row's launch command (it names the recipe, or RECIPE.yaml)."""
+    return [{k: v for k, v in row.items() if k != "command"} for row in result["options"]]
+
+
+def test_plan_without_a_model_is_one_line(tmp_path, capsys):
+    assert cli.main(["plan", "--stage", "sft", "--gpu-memory", "24"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --model or --recipe is needed: the model whose config is planned"

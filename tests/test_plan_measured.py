@@ -1,7 +1,7 @@
 """The planner against the memory really used: every stage trained for a few steps on CPU, peak bytes measured.
 
 Measured: the peak of the bytes the torch CPU allocator holds (the running sum of torch.profiler's [memory]
-alloc/free events, `plan.AllocatorPeak`) from the stage command's start, before any model is loaded, to the end
+alloc/free events, `helpers.AllocatorPeak`) from the stage command's start, before any model is loaded, to the end
 of training (the profiler stops when the stage starts saving). Planned: `plan.estimate` for the same stage,
 method, sequence length (the longest the model saw in a training forward), micro-batch, checkpointing, and
 precision fp32 (CPU runs train in fp32 without mixed precision: 16 B per trainable parameter).
@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import AllocatorPeak  # noqa: E402
 
 from rlhf_dist import plan  # noqa: E402
 
@@ -148,10 +150,10 @@ def measure(stage: str, recipe: Path, out: Path, method: str, checkpointing: boo
 
     from rlhf_dist.cli import main
 
-    module = importlib.import_module(f"rlhf_dist.stages.{stage}")
-    saver = "save_final" if stage == "ppo" else "save_model"
+    module = importlib.import_module("rlhf_dist.rl.models" if stage == "ppo" else f"rlhf_dist.stages.{stage}")
+    saver = "save_ppo" if stage == "ppo" else "save_model"
     original = getattr(module, saver)
-    meter = plan.AllocatorPeak()
+    meter = AllocatorPeak()
 
     def stop_then_save(*args, **kwargs):
         meter.stop()
@@ -240,7 +242,7 @@ def test_allocator_peak_counts_what_is_held():
     import torch
 
     before = torch.empty(1000)
-    meter = plan.AllocatorPeak()
+    meter = AllocatorPeak()
     meter.start()
     a = torch.empty(250_000)  # 1 MB
     b = torch.empty(500_000)  # 2 MB

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 from rlhf_dist.cli import main
 
-CHECKLIST_23 = ["objective/scores", "objective/kl", "policy/entropy", "policy/approx_kl", "policy/clipfrac",
+# (policy/approx_kl: the k2 value under its old name, logged for one more release beside approx_kl_k2 / _k3)
+CHECKLIST_23 = ["objective/scores", "objective/kl", "policy/entropy", "policy/approx_kl_k2", "policy/approx_kl_k3",
+                "policy/approx_kl", "policy/clipfrac",
                 "policy/ratio_mean", "policy/ratio_max", "value/loss", "value/explained_variance",
                 "rollout/response_length", "rollout/eos_rate", "rollout/tokens_per_second"]
 
@@ -129,8 +131,8 @@ def test_split_backward_gives_the_same_training(option, tmp_path, tiny_model, ti
     from rlhf_dist.rl import trainer as loop
 
     values = []  # the value function's own pass, with grad: only the split update calls it
-    original = loop.PPOTrainer.value_loss
-    monkeypatch.setattr(loop.PPOTrainer, "value_loss", lambda self, *a: values.append(1) or original(self, *a))
+    original = loop.PPOLoop.value_loss
+    monkeypatch.setattr(loop.PPOLoop, "value_loss", lambda self, *a: values.append(1) or original(self, *a))
     split = run_ppo(tmp_path, tiny_model, demo_data, *common, reward=tiny_reward_model, out=tmp_path / "split")
     assert len(values) == 8  # 2 steps x 2 epochs x 2 micro-batches: split by default
     assert _without_timings(history(joint)) == _without_timings(history(split))
@@ -147,13 +149,13 @@ def _without_timings(rows: list[dict]) -> list[dict]:
 
 
 def test_fused_adam_where_torch_has_it():
-    from rlhf_dist.rl.trainer import _fused_adam_ok
+    from rlhf_dist.rl.optim import fused_adam_ok
 
     weights = [{"params": [torch.nn.Parameter(torch.zeros(3))]}, {"params": [torch.nn.Parameter(torch.zeros(2, 2))]}]
-    assert _fused_adam_ok(weights, deepspeed=False) is True
-    assert _fused_adam_ok(weights, deepspeed=True) is None  # DeepSpeed steps its own partitions
-    assert _fused_adam_ok([{"params": [torch.nn.Parameter(torch.zeros(2, device="meta"))]}], deepspeed=False) is None
-    assert _fused_adam_ok([{"params": []}], deepspeed=False) is None
+    assert fused_adam_ok(weights, deepspeed=False) is True
+    assert fused_adam_ok(weights, deepspeed=True) is None  # DeepSpeed steps its own partitions
+    assert fused_adam_ok([{"params": [torch.nn.Parameter(torch.zeros(2, device="meta"))]}], deepspeed=False) is None
+    assert fused_adam_ok([{"params": []}], deepspeed=False) is None
 
 
 def test_lora_policy_trains_only_the_adapter_and_saves_it_merged(tmp_path, tiny_model, tiny_reward_model, demo_data):

@@ -33,22 +33,22 @@ def _run(tmp_path: Path, tiny_model, demo_data, reward, *overrides, out: Path | 
 
 
 def _build(tmp_path, tiny_model, demo_data, reward, *overrides):
-    """The stage's models as `rlhf_dist.stages.ppo.build_models` makes them (no training)."""
+    """The stage's models as `rlhf_dist.rl.models.build_ppo` makes them for the stage (no training): (actor_critic,
+    reference, reward, config, tokenizer)."""
     import argparse
 
+    from rlhf_dist.models import load_tokenizer
     from rlhf_dist.rl.distributed import make_accelerator
-    from rlhf_dist.stages import ppo
-    from rlhf_dist.stages.common import StageContext, load_stage_config
+    from rlhf_dist.rl.models import build_ppo
+    from rlhf_dist.stages.common import load_stage_config
 
     rec = tiny_recipe(tmp_path, tiny_model, demo_data)
     args = argparse.Namespace(recipe=str(rec), output=str(tmp_path / "built"), overrides=[f"ppo.reward_model={reward}",
                                                                                           *QLORA, *overrides])
     cfg, _ = load_stage_config("ppo", args)
-    from rlhf_dist.models import load_tokenizer
-
-    ctx = StageContext(cfg, None, None, "", load_tokenizer(cfg.init_from, cfg.model), tmp_path / "f", None, tmp_path)
-    accelerator = make_accelerator(cfg.training, 1, 64)
-    return (*ppo.build_models(ctx, accelerator), ctx)
+    tokenizer = load_tokenizer(cfg.init_from, cfg.model)
+    models = build_ppo(cfg, tokenizer, make_accelerator(cfg.training, 1, 64))
+    return models.actor_critic, models.reference, models.reward, cfg, tokenizer
 
 
 def _lora_and_base(model) -> tuple[dict, dict]:
@@ -62,9 +62,9 @@ def test_one_4bit_base_shared_by_policy_reference_and_value(tmp_path, tiny_model
     import bitsandbytes as bnb
 
     from rlhf_dist.rl.adapters import POLICY, VALUE, no_adapter, use_adapter
-    from rlhf_dist.rl.rollout import forward_logprobs
+    from rlhf_dist.rl.scoring import forward_logprobs
 
-    actor_critic, reference, reward, ctx = _build(tmp_path, tiny_model, demo_data, tiny_reward_model)
+    actor_critic, reference, reward, cfg, tokenizer = _build(tmp_path, tiny_model, demo_data, tiny_reward_model)
     assert reference is None and actor_critic.value_adapter == VALUE
     policy = actor_critic.policy
     linear4 = [m for m in policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -99,7 +99,7 @@ def test_one_4bit_base_shared_by_policy_reference_and_value(tmp_path, tiny_model
     # the reference is the base with no adapter applied: compare with a fresh 4-bit load of the SFT model
     from rlhf_dist.models import load_causal_lm
 
-    fresh = load_causal_lm(ctx.cfg.init_from, ctx.cfg).eval()
+    fresh = load_causal_lm(cfg.init_from, cfg).eval()
     with torch.no_grad():
         assert torch.equal(ref, forward_logprobs(fresh, q, qm, r, rm, 1.0))
     # the policy pass and the value pass use different adapters, and the policy's log-probs ignore the value adapter
@@ -110,18 +110,19 @@ def test_one_4bit_base_shared_by_policy_reference_and_value(tmp_path, tiny_model
 def test_qlora_updates_lower_the_losses_and_change_only_the_adapters(tmp_path, tiny_model, tiny_reward_model, demo_data):
     """Repeated PPO updates on one fixed rollout batch: the value loss falls, the clipped surrogate falls; the
     4-bit base weights keep their bytes (only LoRA weights of both adapters and the value head move)."""
+    from rlhf_dist.lengths import token_ids
     from rlhf_dist.rl.advantages import gae, whiten
     from rlhf_dist.rl.kl import kl_estimate
     from rlhf_dist.rl.rewards import kl_shaped_rewards
-    from rlhf_dist.rl.trainer import PPOTrainer
-    from rlhf_dist.stages.ppo import encode_prompts
+    from rlhf_dist.rl.trainer import PPOLoop
 
-    actor_critic, reference, reward, ctx = _build(tmp_path, tiny_model, demo_data, tiny_reward_model,
+    actor_critic, reference, reward, cfg, tokenizer = _build(tmp_path, tiny_model, demo_data, tiny_reward_model,
                                                   "ppo.training.learning_rate=3e-3", "ppo.training.lr_scheduler_type=constant",
                                                   "ppo.training.value_clip=null")
-    a = ctx.cfg.training
-    prompts = encode_prompts([f"Question: what is village {i} known for?\nAnswer:" for i in range(16)], ctx.tokenizer)
-    trainer = PPOTrainer(a, make_acc(a), actor_critic, reference, reward, ctx.tokenizer, prompts, prompts[:4], tmp_path)
+    a = cfg.training
+    prompts = [token_ids(tokenizer, f"Question: what is village {i} known for?\nAnswer:", generation_prompt=True)
+               for i in range(16)]
+    trainer = PPOLoop(a, make_acc(a), actor_critic, reference, reward, tokenizer, prompts, prompts[:4], tmp_path)
     batch = trainer.rollout(trainer.step_prompts(1), (a.seed, 1))
     kl = kl_estimate(batch.logprobs, batch.ref_logprobs, a.kl_estimator, a.kl_clamp, batch.response_mask)
     rewards, _ = kl_shaped_rewards(batch.scores, kl, batch.response_mask, a.kl_coef, a.missing_eos_penalty, batch.ended)
@@ -228,7 +229,7 @@ def test_reward_adapter_on_the_shared_base(tmp_path, tiny_model, tiny_reward_mod
 
     from rlhf_dist.models import _load_kwargs, one_4bit_layout
     from rlhf_dist.rl.adapters import REWARD, AdapterRewardModel
-    from rlhf_dist.rl.rollout import sequence_scores
+    from rlhf_dist.rl.scoring import sequence_scores
 
     rec = tiny_recipe(tmp_path, tiny_model, demo_data)
     out = tmp_path / "run"
@@ -236,7 +237,7 @@ def test_reward_adapter_on_the_shared_base(tmp_path, tiny_model, tiny_reward_mod
                  "reward.quantization.load_in_4bit=true", "reward.quantization.compute_dtype=float32",
                  "reward.training.max_steps=10"]) == 0
     reward_dir = out / "reward"
-    actor_critic, _, reward, ctx = _build(tmp_path, tiny_model, demo_data, reward_dir)
+    actor_critic, _, reward, cfg, tokenizer = _build(tmp_path, tiny_model, demo_data, reward_dir)
     assert isinstance(reward.model, AdapterRewardModel) and REWARD in actor_critic.policy.peft_config
     assert not any(p.requires_grad for n, p in actor_critic.named_parameters() if f".{REWARD}." in n)
 
@@ -244,8 +245,8 @@ def test_reward_adapter_on_the_shared_base(tmp_path, tiny_model, tiny_reward_mod
     qm = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
     r = torch.tensor([[12, 13, 14], [15, 16, 0]])
     rm = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    usual = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, **_load_kwargs(ctx.cfg))
-    usual.config.pad_token_id = ctx.tokenizer.pad_token_id
+    usual = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, **_load_kwargs(cfg))
+    usual.config.pad_token_id = tokenizer.pad_token_id
     one_4bit_layout(usual)  # the same 4-bit kernel as ours (on an AVX512-BF16 CPU bitsandbytes would switch to another)
     usual = PeftModel.from_pretrained(usual, reward_dir / "adapter").eval()
     with torch.no_grad():
@@ -256,7 +257,7 @@ def test_reward_adapter_on_the_shared_base(tmp_path, tiny_model, tiny_reward_mod
         assert torch.equal(actor_critic(q, qm, r, rm)[0], pol_before)
 
     with_adapter = ppo_memory(actor_critic, reward)
-    separate_ac, _, separate_reward, _ = _build(tmp_path, tiny_model, demo_data, reward_dir, "ppo.reward_adapter=false")
+    separate_ac, _, separate_reward, *_ = _build(tmp_path, tiny_model, demo_data, reward_dir, "ppo.reward_adapter=false")
     assert not isinstance(separate_reward.model, AdapterRewardModel)
     assert with_adapter["held_bytes"] < ppo_memory(separate_ac, separate_reward)["held_bytes"]
 
@@ -271,7 +272,7 @@ def test_reward_adapter_on_the_shared_base(tmp_path, tiny_model, tiny_reward_mod
 
 
 def ppo_memory(actor_critic, reward) -> dict:
-    from rlhf_dist.stages.ppo import model_memory
+    from rlhf_dist.rl.models import model_memory
 
     return model_memory(actor_critic, None, reward.model)
 

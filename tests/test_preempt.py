@@ -66,26 +66,26 @@ def test_sft_preempted_at_a_step_saves_there_and_resumes_to_the_uninterrupted_re
 def test_ppo_preempted_at_a_step_saves_there_and_resumes_to_the_uninterrupted_result(tmp_path, tiny_model,
                                                                                          tiny_reward_model, demo_data,
                                                                                          monkeypatch):
-    from rlhf_dist.rl.trainer import PPOTrainer
+    from rlhf_dist.rl.trainer import PPOLoop
 
     rec = tiny_recipe(tmp_path, tiny_model, demo_data)  # 4 steps, save_steps 2
     args = ["--recipe", str(rec), f"ppo.reward_model={tiny_reward_model}"]
     assert main(["ppo", *args, "--output", str(tmp_path / "clean")]) == 0
-    real_step = PPOTrainer.train_step
+    real_step = PPOLoop.train_step
 
     def signal_during_step_3(self, step):
         if step == 3:
             os.kill(os.getpid(), signal.SIGUSR1)
         return real_step(self, step)
 
-    monkeypatch.setattr(PPOTrainer, "train_step", signal_during_step_3)
+    monkeypatch.setattr(PPOLoop, "train_step", signal_during_step_3)
     out = tmp_path / "preempted"
     assert main(["ppo", *args, "--output", str(out)]) == preempt.PREEMPTED
     # checkpoint-2 from save_steps, checkpoint-3 from the signal (not a multiple of save_steps)
     assert sorted(p.name for p in (out / "ppo.incomplete").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert json.loads((out / "ppo.incomplete" / "checkpoint-3" / "ppo_state.json").read_text())["step"] == 3
 
-    monkeypatch.setattr(PPOTrainer, "train_step", real_step)
+    monkeypatch.setattr(PPOLoop, "train_step", real_step)
     assert main(["ppo", *args, "--output", str(out), "--resume"]) == 0
     for name in ("model.safetensors", "value_model/model.safetensors"):
         assert same_weights(tmp_path / "clean" / "ppo" / name, out / "ppo" / name), name

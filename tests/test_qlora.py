@@ -64,8 +64,9 @@ def load_base(stage: str, rec: Path, tmp_path: Path, tiny_model: Path, *override
     """A fresh load of the stage's base model exactly as the stage loads it (4-bit, prepared for k-bit training)."""
     from transformers import set_seed
 
-    from rlhf_dist.config import apply_overrides, load_recipe, resolve_stage
+    from rlhf_dist.config.resolve import resolve_stage
     from rlhf_dist.models import load_causal_lm, load_reward_model, load_tokenizer
+    from rlhf_dist.recipe import apply_overrides, load_recipe
 
     raw, source = load_recipe(str(rec))
     cfg = resolve_stage(apply_overrides(raw, list(overrides)), source, stage, str(tmp_path), str(tmp_path / "work"))

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, run_launched, tiny_recipe
+from helpers import REPO, run_launched
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -95,22 +95,17 @@ def finished(result: subprocess.CompletedProcess, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory, tiny_model, demo_data) -> Path:
-    return tiny_recipe(tmp_path_factory.mktemp("qlora_dist_recipe"), tiny_model, demo_data)
-
-
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory, recipe):
+def one_process(tmp_path_factory, shared_recipe):
     out = tmp_path_factory.mktemp("qlora_one")
-    return launch([sys.executable], recipe, out, 2 * BATCH), out
+    return launch([sys.executable], shared_recipe, out, 2 * BATCH), out
 
 
 @pytest.mark.parametrize("case,distributed_type,zero_stage", [("ddp", "MULTI_CPU", 0), ("zero2", "DEEPSPEED", 2),
                                                               ("zero3", "DEEPSPEED", 3)])
-def test_qlora_sft_two_processes_equal_one(case, distributed_type, zero_stage, one_process, recipe, tmp_path, tiny_model):
+def test_qlora_sft_two_processes_equal_one(case, distributed_type, zero_stage, one_process, shared_recipe, tmp_path, tiny_model):
     out = tmp_path / case
     prefix = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/{case}.yaml", "--num_processes", "2"]
-    single, multi = finished(*one_process), finished(launch(prefix, recipe, out, BATCH), out)
+    single, multi = finished(*one_process), finished(launch(prefix, shared_recipe, out, BATCH), out)
 
     one, two = json.loads((single / "metrics.json").read_text()), json.loads((multi / "metrics.json").read_text())
     assert one["world_size"] == 1 and two["world_size"] == 2  # really two processes (docs/cpu.md trap 1)

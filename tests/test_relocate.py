@@ -141,7 +141,7 @@ def test_a_moved_run_loads_in_plain_peft_and_with_our_loader(tmp_path, monkeypat
     from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rlhf_dist.config import StageConfig
+    from rlhf_dist.config.sections import StageConfig
     from rlhf_dist.demo.tiny import save_tiny
     from rlhf_dist.models import load_adapter
 

@@ -290,7 +290,8 @@ def test_policy_loss_stats_at_ratio_one():
     mask, _ = ragged(4, 6, seed=5)
     logp = randn(4, 6, seed=6) - 2
     loss, stats = ppo_policy_loss(logp, logp.clone(), randn(4, 6, seed=7), mask, 0.2)
-    assert stats == {"clipfrac": 0.0, "approx_kl": 0.0, "approx_kl_k3": 0.0, "ratio_mean": 1.0, "ratio_max": 1.0}
+    assert stats == {"clipfrac": 0.0, "approx_kl_k2": 0.0, "approx_kl_k3": 0.0, "approx_kl": 0.0, "ratio_mean": 1.0,
+                     "ratio_max": 1.0}
 
 
 def test_adaptive_kl_controller_by_hand():
@@ -343,7 +344,8 @@ def test_ppo_policy_loss_one_token_by_hand(ratio, A, loss, clipfrac, grad):
     assert out.item() == pytest.approx(loss, abs=1e-12)
     assert stats["clipfrac"] == clipfrac
     assert stats["ratio_mean"] == pytest.approx(ratio) and stats["ratio_max"] == pytest.approx(ratio)
-    assert stats["approx_kl"] == pytest.approx(0.5 * math.log(ratio) ** 2)
+    assert stats["approx_kl_k2"] == pytest.approx(0.5 * math.log(ratio) ** 2)
+    assert stats["approx_kl"] == stats["approx_kl_k2"]  # the old name, kept for one release
     assert stats["approx_kl_k3"] == pytest.approx(ratio - 1 - math.log(ratio))
     out.backward()
     assert logp.grad.item() == pytest.approx(grad, abs=1e-12)
@@ -401,7 +403,7 @@ def test_ppo_stats_on_two_ranks_equal_whole_batch():
     halves = [(stacked[:2], mask[:2]), (stacked[2:], mask[2:])]
     per_rank = on_ranks(2, lambda r, reduce: ppo_policy_loss(*halves[r][0].unbind(-1), halves[r][1], 0.2, reduce=reduce)[1])
     for stats in per_rank:
-        for key in ("clipfrac", "approx_kl", "approx_kl_k3", "ratio_mean"):
+        for key in ("clipfrac", "approx_kl_k2", "approx_kl_k3", "ratio_mean"):
             assert stats[key] == pytest.approx(full[key], abs=1e-12)
     assert max(s["ratio_max"] for s in per_rank) == pytest.approx(full["ratio_max"])  # ratio_max is rank-local
 

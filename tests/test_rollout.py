@@ -1,4 +1,5 @@
-"""Rollout helpers (rlhf_dist.rl.rollout) on the tiny Llama: padding invariance, rollout vs training forward.
+"""Sampling and scoring helpers (rlhf_dist.rl.generation, .scoring) on the tiny Llama: padding invariance, rollout
+vs training forward.
 
 Models are float32 on CPU. Their weights are re-drawn with a larger spread (`sharpen`) so that
 attention is peaked and outputs depend visibly on positions and context: a test that a wrong
@@ -13,18 +14,9 @@ import pytest
 import torch
 from torch import nn
 
+from rlhf_dist.rl.generation import disable_dropout, generate, left_pad
 from rlhf_dist.rl.rewards import first_stop_truncate
-from rlhf_dist.rl.rollout import (
-    decode_pairs,
-    disable_dropout,
-    forward_logprobs,
-    forward_token_scores,
-    generate,
-    left_pad,
-    retokenize,
-    sequence_scores,
-    token_values,
-)
+from rlhf_dist.rl.scoring import decode_pairs, forward_logprobs, forward_token_scores, retokenize, sequence_scores, token_values
 
 ATTN = ("sdpa", "eager")
 # Llama has rotary positions, which only see position DIFFERENCES: a sequence shifted by its left
@@ -34,6 +26,11 @@ KINDS = ("llama-sdpa", "llama-eager", "gpt2-sdpa", "gpt2-eager")
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def same_sample(a, b) -> bool:
+    """Two `Generation`s hold the same responses (ids, masks, lengths, ended)."""
+    return all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("response_ids", "response_mask", "lengths", "ended"))
+
 
 def sharpen(model: nn.Module, seed: int, std: float = 0.2) -> nn.Module:
     """Re-draw every matrix N(0, std^2): peaked attention and logits instead of near-uniform ones."""
@@ -238,7 +235,7 @@ def test_rollout_logprobs_match_generation_scores(policies, tok, monkeypatch, ki
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_logprobs_recorded_while_sampling_equal_the_forward(policies, tok, kind):
-    """generate(return_logprobs=True) samples the same rollout (same seed) and records what forward_logprobs computes
+    """generate(record_logprobs=True) samples the same rollout (same seed) and records what forward_logprobs computes
     afterwards, to float rounding; 0 after each response's end, where rows stopped at different steps."""
     policy = policies[kind]
     queries = [rand_ids(n, seed=60 + n) for n in (3, 8, 5, 1)]
@@ -247,8 +244,10 @@ def test_logprobs_recorded_while_sampling_equal_the_forward(policies, tok, kind)
     free = generate(policy, query_ids, query_mask, stop_ids=[], **kwargs)
     kwargs["stop_ids"] = [int(free.response_ids[0, 4])]  # a token row 0 samples: it stops there (the others may not)
     plain = generate(policy, query_ids, query_mask, **kwargs)
-    rollout, logprobs, entropy = generate(policy, query_ids, query_mask, return_logprobs=True, **kwargs)
-    assert all(torch.equal(x, y) for x, y in zip(plain, rollout))  # recording does not change the sampling
+    rollout = generate(policy, query_ids, query_mask, record_logprobs=True, **kwargs)
+    logprobs, entropy = rollout.logprobs, rollout.entropy
+    assert plain.logprobs is None and plain.entropy is None and plain.hidden is None and rollout.hidden is None
+    assert same_sample(plain, rollout)  # recording does not change the sampling
     mask = rollout.response_mask
     assert bool(rollout.ended.any()) and len(set(rollout.lengths.tolist())) > 1  # rows ended at different steps
     with torch.no_grad():
@@ -260,10 +259,10 @@ def test_logprobs_recorded_while_sampling_equal_the_forward(policies, tok, kind)
     assert bool((logprobs[~mask] == 0).all()) and bool((entropy[~mask] == 0).all())
     assert float(logprobs[mask].std()) > 0.1
 
-    # return_hidden: the vocabulary head's input at each predicting position = the forward's last hidden state there
-    again, logprobs_again, _, hidden = generate(policy, query_ids, query_mask, return_logprobs=True, return_hidden=True,
-                                                **kwargs)
-    assert all(torch.equal(x, y) for x, y in zip(plain, again)) and torch.equal(logprobs_again, logprobs)
+    # record_hidden: the vocabulary head's input at each predicting position = the forward's last hidden state there
+    again = generate(policy, query_ids, query_mask, record_logprobs=True, record_hidden=True, **kwargs)
+    hidden = again.hidden
+    assert same_sample(plain, again) and torch.equal(again.logprobs, logprobs)
     ids, full_mask = torch.cat([query_ids, rollout.response_ids], 1), torch.cat([query_mask, mask.long()], 1)
     with torch.no_grad():
         states = policy(input_ids=ids, attention_mask=full_mask, position_ids=(full_mask.cumsum(1) - 1).clamp_min(0),
@@ -294,7 +293,7 @@ def test_generate_stops_pads_and_masks(policies, tok):
     first = free.response_ids[0].tolist().index(stop)
     stopped = generate(policy, query_ids, query_mask, max_new_tokens=10, temperature=1.0, stop_ids=[stop], pad_id=pad,
                        generator_seed=5)
-    ids, mask, lengths, ended = stopped
+    ids, mask, lengths, ended = stopped.response_ids, stopped.response_mask, stopped.lengths, stopped.ended
     assert bool(ended[0]) and int(lengths[0]) == first + 1
     assert ids.shape[1] == int(lengths.max())  # trailing all-padding columns dropped
     assert mask.dtype == torch.bool and mask.sum(1).tolist() == lengths.tolist()
@@ -331,7 +330,7 @@ def test_same_seed_same_rollout(policies, tok):
     b = generate(policy, query_ids, query_mask, generator_seed=7, **kwargs)
     c = generate(policy, query_ids, query_mask, generator_seed=8, **kwargs)
     assert torch.equal(torch.get_rng_state(), rng_before)  # the seed is applied in a forked RNG
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert same_sample(a, b)
     assert not torch.equal(a.response_ids, c.response_ids[:, :a.response_ids.shape[1]])
 
 

@@ -78,9 +78,10 @@ def test_sft_labels_keep_eos_and_mask_prompt_and_padding(tmp_path, tiny_model, d
     the tokenizer pads with EOS (Qwen2.5 base, Llama 3)."""
     from trl import SFTTrainer
 
-    from rlhf_dist.config import load_recipe, resolve_stage
+    from rlhf_dist.config.resolve import resolve_stage
     from rlhf_dist.data import load_splits
     from rlhf_dist.models import load_causal_lm, load_tokenizer
+    from rlhf_dist.recipe import load_recipe
 
     raw, source = load_recipe(str(recipe(tmp_path, tiny_model, demo_data)))
     cfg = resolve_stage(raw, source, "sft", str(tmp_path), str(tmp_path / "work"))  # the stage's real config

@@ -44,7 +44,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_launched, tiny_recipe
+from helpers import REPO, run_launched
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -95,23 +95,18 @@ def stage_output(run: tuple[subprocess.CompletedProcess, Path], name: str) -> Pa
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory, tiny_model, demo_data) -> Path:
-    return tiny_recipe(tmp_path_factory.mktemp("stages_recipe"), tiny_model, demo_data)
-
-
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory, recipe):
+def one_process(tmp_path_factory, shared_recipe):
     out = tmp_path_factory.mktemp("stages_one")
-    return launch([sys.executable], recipe, out, 2 * BATCH), out
+    return launch([sys.executable], shared_recipe, out, 2 * BATCH), out
 
 
 @pytest.fixture(scope="module", params=[("ddp", "MULTI_CPU", 0), ("zero2", "DEEPSPEED", 2), ("zero3", "DEEPSPEED", 3)],
                 ids=["ddp", "zero2", "zero3"])
-def two_processes(request, tmp_path_factory, recipe):
+def two_processes(request, tmp_path_factory, shared_recipe):
     case, distributed_type, zero_stage = request.param
     out = tmp_path_factory.mktemp(f"stages_{case}")
     prefix = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/{case}.yaml", "--num_processes", "2"]
-    return launch(prefix, recipe, out, BATCH), out, case, distributed_type, zero_stage
+    return launch(prefix, shared_recipe, out, BATCH), out, case, distributed_type, zero_stage
 
 
 def close(a: float, b: float, key: str) -> bool:

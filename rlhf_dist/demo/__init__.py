@@ -36,7 +36,9 @@ def prepare_inputs(output: Path) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     from rlhf_dist.pipeline import run_pipeline
+    from rlhf_dist.stages.common import quiet_device_probe
 
+    quiet_device_probe()
     output = Path(args.output).expanduser().resolve()
     rundir.check_output_root(output)
     output.mkdir(parents=True, exist_ok=True)

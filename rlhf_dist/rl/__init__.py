@@ -8,10 +8,19 @@
   `group_baseline` (RLOO/GRPO), `sequence_advantages_to_tokens`.
 * `losses`     — `ppo_policy_loss`, `value_loss`, `logprobs_from_logits`, `entropy_from_logits`,
   `explained_variance`.
-* `rollout`    — the model-facing helpers (import from `rlhf_dist.rl.rollout`): `left_pad`, `generate`
-  (sampling with the KV cache, truncated at the first stop token), `forward_logprobs` (policy and
-  reference, same temperature), `sequence_scores` / `token_values` (reward and value models),
-  `disable_dropout`, `decode_pairs` / `retokenize` (a reward model with another tokenizer).
+
+The model-facing modules (import from them; they are not re-exported here):
+
+* `generation` — `left_pad`, `generate` (sampling with the KV cache, truncated at the first stop token; one
+  typed `Generation`), `stop_token_ids`, `disable_dropout`.
+* `scoring`    — `forward_logprobs` (policy and reference, same temperature), `sequence_scores` /
+  `token_values` (reward and value models), `decode_pairs` / `retokenize` (a reward model with another
+  tokenizer), `RewardSource` and `score_responses`.
+* `actor_critic`, `adapters` — the policy and its value function as one module; several LoRA adapters on one base.
+* `sources`, `models` — where the PPO models come from (configs only), and `build_ppo` / `save_ppo`.
+* `batch`, `sampler`, `trainer` — the step's `RolloutBatch`; phase 1 (`RolloutSampler`); the loop (`PPOLoop`).
+* `optim`, `checkpoint`, `guardrails`, `tracking`, `distributed`, `batching`, `reward_fn` — its optimizer and
+  schedule, checkpoints, health rules, logs, Accelerator and reductions, batch arithmetic, reward functions.
 
 Conventions: ``mask`` [B, T] is True (or 1) on valid response tokens; padding never affects an
 output at a valid position. ``reduce`` sums a tensor over data-parallel ranks, e.g.

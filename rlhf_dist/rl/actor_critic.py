@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from rlhf_dist.rl.adapters import POLICY, use_adapter
+from rlhf_dist.rl.generation import position_ids_from_mask
 from rlhf_dist.rl.losses import entropy_from_logits, logprobs_from_logits
-from rlhf_dist.rl.rollout import _accepts_logits_to_keep, _concat, position_ids_from_mask, token_values
+from rlhf_dist.rl.scoring import accepts_logits_to_keep, concat_query_response, token_values
 
 
 class ValueHead(nn.Module):
@@ -132,7 +133,7 @@ class ActorCritic(nn.Module):
             return token_values(self.value_model, query_ids, query_mask, response_ids, response_mask)
         if self.value_adapter is None:
             return None
-        ids, mask = _concat(query_ids, query_mask, response_ids, response_mask)
+        ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
         return self._adapter_values(ids, mask, position_ids_from_mask(mask), response_mask)
 
     def _adapter_values(self, ids, mask, position_ids, response_mask) -> torch.Tensor:
@@ -154,14 +155,14 @@ class ActorCritic(nn.Module):
         Shapes: queries [B, Lq] left-padded, responses [B, T] right-padded; outputs [B, T]
         float32, aligned as in `rollout.forward_logprobs` / `rollout.token_values`.
         """
-        ids, mask = _concat(query_ids, query_mask, response_ids, response_mask)
+        ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
         T = response_ids.shape[1]
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask,
                                   "position_ids": position_ids_from_mask(mask), "use_cache": False}
         shared_pass = self.value_head is not None and self.value_adapter is None
         if shared_pass:
             kwargs["output_hidden_states"] = True
-        elif _accepts_logits_to_keep(self.policy):
+        elif accepts_logits_to_keep(self.policy):
             kwargs["logits_to_keep"] = T + 1  # no [B, Lq, V] logits for the prompt
         if self.value_adapter is not None:
             with use_adapter(self.policy, POLICY):

@@ -1,4 +1,5 @@
-"""Distributed plumbing of the PPO stage: the Accelerator, DeepSpeed's blanks, loading and saving under ZeRO-3.
+"""Distributed plumbing of the PPO stage: the Accelerator, DeepSpeed's blanks, loading and saving under ZeRO-3, and
+statistics reduced over processes with one collective.
 
 The loop (`rlhf_dist.rl.trainer`) only sees the Accelerator built here; these are the details that
 make the same code run in one process, under DDP, and under DeepSpeed ZeRO-2/3, on GPUs and on CPU
@@ -8,6 +9,7 @@ make the same code run in one process, under DDP, and under DeepSpeed ZeRO-2/3, 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -89,3 +91,53 @@ def untied(module, state: dict) -> dict:
     every = {name for name, _ in module.named_parameters(remove_duplicate=False)}
     tied = every - {name for name, _ in module.named_parameters()}
     return {k: v for k, v in state.items() if k not in tied}
+
+
+def zero_stage(accelerator) -> int:
+    """The DeepSpeed ZeRO stage the accelerator runs (0 without DeepSpeed)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics summed over micro-batches and processes
+# ---------------------------------------------------------------------------------------------
+
+class WeightedMeans:
+    """Weighted means of named statistics, reduced over processes with ONE collective at the end. A key ending in
+    ``_max`` keeps its maximum instead."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.maxima: dict[str, float] = {}
+
+    def add(self, stats: dict[str, float], weight: float) -> None:
+        for key, value in stats.items():
+            if key.endswith("_max"):
+                self.maxima[key] = max(self.maxima.get(key, -math.inf), value)
+            else:
+                self.sums[key] = self.sums.get(key, 0.0) + value * weight
+                self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def reduce(self, accelerator) -> dict[str, float]:
+        keys, max_keys = sorted(self.sums), sorted(self.maxima)
+        device = accelerator.device
+        sums = torch.tensor([self.sums[k] for k in keys] + [self.weights[k] for k in keys], dtype=torch.float64,
+                            device=device)
+        maxima = torch.tensor([self.maxima[k] for k in max_keys], dtype=torch.float64, device=device)
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums, "sum")
+            if len(max_keys):
+                maxima = accelerator.gather(maxima[None]).max(dim=0).values
+        n = len(keys)
+        out = {k: (sums[i] / sums[n + i]).item() if sums[n + i] > 0 else math.nan for i, k in enumerate(keys)}
+        out.update({k: maxima[i].item() for i, k in enumerate(max_keys)})
+        return out
+
+
+def max_over_processes(accelerator, value: float) -> float:
+    """The largest of each process's `value` (one gather; the value itself on one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    return float(accelerator.gather(torch.tensor([value], dtype=torch.float64, device=accelerator.device)).max())

@@ -2,7 +2,7 @@
 
 Every RL framework logs KL, entropy and ratios; a run that blows up burns its allocation until someone looks.
 Here every step's metrics (the same on every process: they are reduced over all of them) go through these rules
-(recipe section ``ppo.guardrails``, `rlhf_dist.config.GuardrailsConfig`):
+(recipe section ``ppo.guardrails``, `rlhf_dist.config.ppo.GuardrailsConfig`):
 
     rule        fires when, for `patience` steps in a row
     kl          objective/kl > limit                        (nats per response)
@@ -28,8 +28,16 @@ defaults (warn only) leave a healthy run exactly as it was.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_dist import rundir
+from rlhf_dist.errors import StageStopped
+from rlhf_dist.rl import checkpoint
+
+log = logging.getLogger("rlhf_dist")
 
 GUARD_STOPPED = 3  # the exit status of a run a guardrail stopped
 
@@ -189,3 +197,69 @@ class Guardrails:
 def worst(events: list[Event]) -> Event | None:
     """The event whose action matters most (stop > rollback > warn/skip)."""
     return max(events, key=lambda e: SEVERITY[e.action], default=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Acting on a step's events in the PPO loop: rollback to a healthy checkpoint, or stop with a diagnosis
+# ---------------------------------------------------------------------------------------------
+
+def act(loop, metrics: dict, heldout: float | None, bar=None) -> bool:
+    """This step's guardrail events in the PPO loop (`rlhf_dist.rl.trainer.PPOLoop`): logged, then acted on; True if
+    the run rolled back to a checkpoint (then `loop.step` is the checkpoint's)."""
+    events = [*loop.guard_events, *loop.guard.check(loop.step, metrics, heldout)]
+    loop.guard_events = []
+    for event in events:
+        (log.warning if event.action in ("warn", "skip") else log.error)(
+            "ppo: guardrail '%s' at step %d: %s (%s)", event.rule, event.step, event.message, event.action)
+        loop.tracker.event(event.as_dict())
+    event = worst(events)
+    if event is None or event.action in ("warn", "skip"):
+        return False
+    healthy, condemned = checkpoint.healthy(loop.work_dir, loop.guard.since.get(event.rule, loop.step))
+    if event.action == "rollback":
+        limit = loop.guard.cfg.rollback.max_rollbacks
+        if healthy is not None and loop.guard.rollbacks < limit:
+            _rollback(loop, healthy, condemned)
+            if bar is not None:
+                bar.n = loop.step
+                bar.refresh()
+            return True
+        why = f"{limit} rollback(s) already" if healthy is not None else "no checkpoint from before it to go back to"
+        _stop(loop, event, healthy, condemned, f"rollback refused: {why}")
+    _stop(loop, event, healthy, condemned)
+    return False
+
+
+def _set_aside(loop, condemned: list[Path]) -> None:
+    """Checkpoints a rule condemns go to WORK/unhealthy/, out of the way of resuming (kept, not deleted)."""
+    if condemned and loop.accelerator.is_main_process:
+        moved = rundir.set_aside(loop.work_dir, [p.name for p in condemned], into=rundir.UNHEALTHY)
+        log.warning("ppo: set aside %s (saved after the policy went wrong) in %s", ", ".join(p.name for p in moved),
+                    loop.work_dir / rundir.UNHEALTHY)
+    loop.accelerator.wait_for_everyone()
+
+
+def _rollback(loop, target: Path, condemned: list[Path]) -> None:
+    rb = loop.guard.cfg.rollback
+    loop.guard.rollbacks += 1
+    loop.guard.lr_scale *= rb.lr_factor
+    loop.guard.kl_scale *= rb.kl_factor
+    step = loop.step
+    loop.load_checkpoint(target, rollback=True)
+    _set_aside(loop, condemned)
+    loop.guard.reset_streaks()
+    loop.tracker.rewind(loop.step)
+    log.warning("ppo: rollback %d of %d: from step %d back to %s; learning rate x%g (now x%g), KL coefficient now %.4g",
+                loop.guard.rollbacks, rb.max_rollbacks, step, target, rb.lr_factor, loop.guard.lr_scale,
+                loop.kl_ctl.value)
+
+
+def _stop(loop, event: Event, healthy: Path | None, condemned: list[Path], why: str = "") -> None:
+    _set_aside(loop, condemned)
+    rolled = f" after {loop.guard.rollbacks} rollback(s)" if loop.guard.rollbacks else ""
+    resume = (f"--resume continues from {healthy}, saved before it: change the recipe first (e.g. a lower "
+              "ppo.training.learning_rate or a higher ppo.training.kl_coef)" if healthy else
+              "no checkpoint from before it: change the recipe and run again")
+    raise StageStopped(f"guardrail '{event.rule}' stopped the run at step {event.step}{rolled}: {event.message}"
+                       f"{'; ' + why if why else ''}; {resume}", GUARD_STOPPED,
+                       log=loop.work_dir / "log.jsonl")

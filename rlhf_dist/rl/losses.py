@@ -3,7 +3,9 @@
 Shapes are [B, T] over response tokens (logits [B, T, V]), as in `rlhf_dist.rl.advantages`.
 Losses are local to this rank (DDP averages the gradients); statistics are plain floats, over
 all ranks when ``reduce`` (a sum over data-parallel ranks) is given. Names follow the PPO paper
-and cleanrl: ``pg_loss1``, ``pg_loss2``, ``v_loss_clipped``, ``clipfrac``, ``approx_kl``.
+and cleanrl: ``pg_loss1``, ``pg_loss2``, ``v_loss_clipped``, ``clipfrac``; the KL between the old and the new
+policy carries its estimator in its name (``approx_kl_k2``, ``approx_kl_k3``: cleanrl's ``approx_kl`` is k3, TRL's
+``approxkl`` k2).
 """
 
 from __future__ import annotations
@@ -85,9 +87,11 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     Returns:
         ``(loss, stats)``: a scalar loss local to this rank (with "token" aggregation and ranks of
         unequal token counts, DDP's mean of local means is not the global token mean); stats over
-        valid tokens (all ranks): ``clipfrac`` (share with pg_loss2 > pg_loss1), ``approx_kl``
-        (mean 0.5 * (logp - logp_old)^2), ``approx_kl_k3`` (mean (ratio - 1) - log ratio),
-        ``ratio_mean``, and ``ratio_max`` (THIS rank's max: ``reduce`` can only sum).
+        valid tokens (all ranks): ``clipfrac`` (share with pg_loss2 > pg_loss1), ``approx_kl_k2``
+        (mean 0.5 * (logp - logp_old)^2, TRL's ``approxkl``), ``approx_kl_k3`` (mean (ratio - 1) - log ratio,
+        cleanrl's ``approx_kl``), ``ratio_mean``, and ``ratio_max`` (THIS rank's max: ``reduce`` can only sum).
+        ``approx_kl``, the k2 value under its old name, is kept for one release (dashboards); it means k3 in
+        cleanrl, so read ``approx_kl_k2`` / ``approx_kl_k3`` instead.
     """
     _check_aggregation(aggregation)
     m = as_bool_mask(mask, logprobs)
@@ -106,7 +110,7 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         clipfrac, approx_kl, approx_kl_k3, ratio_mean = _global_means(
             [(pg_loss2 > pg_loss1), 0.5 * log_ratio**2, torch.expm1(log_ratio) - log_ratio, ratio], m, reduce)
         ratio_max = torch.where(m, ratio, -math.inf).max().item() if ratio.numel() else -math.inf
-    stats = {"clipfrac": clipfrac, "approx_kl": approx_kl, "approx_kl_k3": approx_kl_k3,
+    stats = {"clipfrac": clipfrac, "approx_kl_k2": approx_kl, "approx_kl_k3": approx_kl_k3, "approx_kl": approx_kl,
              "ratio_mean": ratio_mean, "ratio_max": ratio_max}
     return loss, stats
 

@@ -9,9 +9,18 @@ and `fallback` ask these questions without importing the PPO stage.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Collection
 
 from rlhf_dist import relocate, rundir
 from rlhf_dist.errors import UserError
+
+
+def check_sources(cfg, output: Path, upcoming: Collection[str] = ()) -> None:
+    """The PPO stage's `sources` hook (`rlhf_dist.registry`): fill in and check the reward source, unless the reward
+    stage is among the `upcoming` stages of a pipeline and no other reward is set (that stage will make it)."""
+    if "reward" in upcoming and not (cfg.reward_fn or cfg.reward_model):
+        return
+    resolve_reward(cfg, output)
 
 
 def resolve_reward(cfg, output: Path) -> None:

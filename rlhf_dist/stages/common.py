@@ -1,8 +1,9 @@
 """What every stage does around its training: parse, check, plan the run directory, save, report.
 
-A stage module supplies `run(ctx) -> metrics` (build model and trainer, train, save into
-`ctx.final_dir`) and calls `stage_main(STAGE, DATA_KIND, run, argv)`. Everything that can fail on
-bad input (config, data, model path, run directory) is checked here before a model is loaded.
+A stage is an entry in `rlhf_dist.registry` and a module that supplies `run(ctx) -> metrics` (build model
+and trainer, train, save into `ctx.final_dir`) and, optionally, `check(ctx)` (its own input checks, before any
+model loads). `stage_main(name, argv)` does the rest, the same for every stage. Everything that can fail on bad
+input (config, data, model path, run directory) is checked here before a model is loaded.
 """
 
 from __future__ import annotations
@@ -14,25 +15,17 @@ import logging
 import math
 import os
 import shlex
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from rlhf_dist import failures, fallback, preempt, relocate, rundir, watchdog
-from rlhf_dist.config import (
-    UPSTREAM,
-    StageConfig,
-    apply_overrides,
-    load_recipe,
-    redact_overrides,
-    resolve_stage,
-    to_dict,
-)
+from rlhf_dist import failures, fallback, preempt, registry, relocate, rundir, watchdog
+from rlhf_dist.config.resolve import redact_overrides, resolve_stage, to_dict
+from rlhf_dist.config.sections import StageConfig
 from rlhf_dist.errors import StageStopped, UserError
 from rlhf_dist.plots import plot_stage
-from rlhf_dist.recipe import add_run_arguments, check_grace_period
+from rlhf_dist.recipe import add_run_arguments, apply_overrides, check_grace_period, load_recipe
 
 log = logging.getLogger("rlhf_dist")
 
@@ -49,7 +42,6 @@ class StageContext:
     final_dir: Path
     checkpoint: str | None
     output: Path | None = None
-    extra: dict = field(default_factory=dict)  # what a stage's `check` prepared for its `run`
     report: Any = None  # data.DataReport: rows read, skipped, too long (metrics.json's `data`)
 
 
@@ -57,7 +49,7 @@ def resolve_init(cfg: StageConfig, stage: str, output: Path) -> str:
     """The model a stage starts from: explicit init_from, else the latest complete upstream stage, else the base."""
     if cfg.init_from:
         return cfg.init_from
-    for upstream in UPSTREAM[stage]:
+    for upstream in registry.get(stage).upstream:
         if rundir.is_complete(output, upstream):
             return str(rundir.stage_dir(output, upstream).resolve())
     if cfg.model.name_or_path:
@@ -85,15 +77,15 @@ def input_identity(cfg: StageConfig) -> dict:
     """
     import yaml
 
-    from rlhf_dist.config import fingerprint
+    from rlhf_dist.config.identity import fingerprint
 
     ident = {}
     models = {"init": cfg.init_from, "reward_model": getattr(cfg, "reward_model", None),
               "value_model": getattr(cfg, "value_model", None)}
     for name, path in models.items():
         folder = Path(path).expanduser() if path else None
-        if folder and (folder / "metrics.json").is_file() and (folder / rundir.STATE_FILE).is_file():
-            ident[f"{name}_fingerprint"] = fingerprint(yaml.safe_load((folder / rundir.STATE_FILE).read_text()) or {})
+        if folder and (folder / "metrics.json").is_file() and (folder / rundir.CONFIG_FILE).is_file():
+            ident[f"{name}_fingerprint"] = fingerprint(yaml.safe_load((folder / rundir.CONFIG_FILE).read_text()) or {})
     for key in ("path", "eval_path"):
         value = getattr(cfg.data, key)
         if value and Path(value).expanduser().is_file():
@@ -105,6 +97,7 @@ def load_stage_config(stage: str, args: argparse.Namespace) -> tuple[StageConfig
     """Resolve the typed config of `stage` (with its starting model) and its plain dict."""
     from rlhf_dist.models import check_lora_targets, check_model_path, check_quantization
 
+    spec = registry.get(stage)
     output = Path(args.output).expanduser().resolve()
     raw, source = load_recipe(args.recipe)
     raw = apply_overrides(raw, args.overrides)
@@ -113,15 +106,13 @@ def load_stage_config(stage: str, args: argparse.Namespace) -> tuple[StageConfig
     explicit = isinstance(raw.get(stage), dict) and raw[stage].get("init_from")
     check_model_path(cfg.init_from, f"{stage}.init_from" if explicit else "model.name_or_path", cfg.model)
     check_quantization(f"{stage}.quantization", cfg)
-    check_lora_targets(cfg.init_from, f"{stage}.lora.target_modules", cfg, classifier=stage == "reward")
-    if stage == "ppo":
-        from rlhf_dist.rl.sources import resolve_reward
-
-        resolve_reward(cfg, output)
+    check_lora_targets(cfg.init_from, f"{stage}.lora.target_modules", cfg, classifier=spec.classifier)
+    if spec.sources:  # the other models the stage reads (ppo: the reward model)
+        registry.load(spec.sources)(cfg, output)
     decision = fallback.apply(stage, cfg, args)  # one GPU that the run would not fit: QLoRA, smaller micro-batch
     if decision is not None:
         check_quantization(f"{stage}.quantization", cfg)
-        check_lora_targets(cfg.init_from, f"{stage}.lora.target_modules", cfg, classifier=stage == "reward")
+        check_lora_targets(cfg.init_from, f"{stage}.lora.target_modules", cfg, classifier=spec.classifier)
     resolved = {**to_dict(cfg), "run_dir": str(output), "inputs": input_identity(cfg)}
     if decision is not None:
         resolved["fallback"] = decision
@@ -152,27 +143,52 @@ def process_state(timeout_seconds: float | None = None):
     return PartialState(cpu=on_cpu, **extra)
 
 
+# Known-benign messages of the libraries, dropped where they are logged (logger -> words of the message): a tied
+# embedding saved once by accelerate (lm_head = embed_tokens), bitsandbytes' optional CPU kernel from the hub (its own
+# CPU code runs instead; offline it can never load).
+BENIGN = {"accelerate.utils.other": "Removed shared tensor",
+          "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
+
+
 def setup_logging() -> None:
     """Readable logs: our INFO lines and the Trainer's progress bar, not every library's chatter."""
     import warnings
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "DeepSpeed"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "DeepSpeed", "accelerate.checkpointing", "accelerate.accelerator"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name, words in BENIGN.items():
+        logging.getLogger(name).addFilter(lambda record, words=words: words not in str(record.msg))
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/TRL
+    quiet_device_probe()
     import datasets
 
     datasets.disable_progress_bars()
 
 
-def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], argv: list[str] | None = None,
-               check: Callable[[StageContext], None] | None = None) -> int:
-    """Parse, check, claim the work directory, `run`, then write the outputs and complete the stage.
+def quiet_device_probe() -> bool:
+    """Without a CUDA device, tell DeepSpeed so (DS_ACCELERATOR=cpu, unless set) before it probes for one: it would
+    warn "Setting accelerator to CPU" in every process of every stage. Returns whether the run is on the CPU (the
+    stage says so once, in its first log line)."""
+    import torch
 
-    ``check(ctx)`` (optional) runs on every process after the data and tokenizer are loaded and
-    before anything is written or any model is loaded: the place for a stage's own input checks.
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return on_cpu
+
+
+def stage_main(stage: str, argv: list[str] | None = None) -> int:
+    """Parse, check, claim the work directory, run the stage, then write the outputs and complete it.
+
+    The stage's module (`registry.StageSpec.entry`) has ``run(ctx) -> metrics`` and may have ``check(ctx)``, which
+    runs on every process after the data and tokenizer are loaded and before anything is written or any model is
+    loaded: the place for a stage's own input checks.
     """
-    parser = argparse.ArgumentParser(prog=f"rlhf-dist {stage}", description=sys.modules[run.__module__].__doc__,
+    spec = registry.get(stage)
+    entry = spec.entry()
+    run, check = entry.run, getattr(entry, "check", None)
+    parser = argparse.ArgumentParser(prog=f"rlhf-dist {stage}", description=entry.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     args = parser.parse_args(argv)
@@ -193,13 +209,13 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
         raise UserError(f"{stage}.training.ddp_timeout must be a number of seconds > 0, got {timeout}")
     state = process_state(timeout)  # one process, or one of many under accelerate/torchrun/srun
     output = Path(args.output).expanduser().resolve()
-    plan = rundir.plan_stage(output, stage, resolved, args.overwrite, args.resume)
-    if plan.action == "skip":
-        log.info("%s: %s; skipping", stage, plan.reason)
+    action = rundir.stage_action(output, stage, resolved, args.overwrite, args.resume)
+    if action.action == "skip":
+        log.info("%s: %s; skipping", stage, action.reason)
         return 0
     report = DataReport()
     with state.main_process_first():  # the main process fills the datasets cache, the others reuse it
-        train, evaluation, source = load_splits(cfg.data, data_kind, stage, report)
+        train, evaluation, source = load_splits(cfg.data, spec.data_kind, stage, report)
     if evaluation is None or len(evaluation) == 0:
         raise UserError(f"{stage}: no held-out data for the before/after metrics; set {stage}.data.eval_fraction > 0, "
                         f"{stage}.data.eval_path or {stage}.data.eval_split")
@@ -208,23 +224,23 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
     splits = lengths.apply(stage, cfg, {"train": train, "eval": evaluation}, tokenizer, report)
     train, evaluation = splits["train"], splits["eval"]
     final_dir = rundir.work_dir(output, stage) / "final"
-    ctx = StageContext(cfg, train, evaluation, source, tokenizer, final_dir, plan.checkpoint, output, report=report)
+    ctx = StageContext(cfg, train, evaluation, source, tokenizer, final_dir, action.checkpoint, output, report=report)
     if check is not None:
         check(ctx)
 
     # 2. Claim the work directory (main process, once every process has finished checking), then train.
     state.wait_for_everyone()
     if state.is_main_process:
-        rundir.prepare(output, stage, resolved, plan)
+        rundir.prepare(output, stage, resolved, action)
     state.wait_for_everyone()
-    if plan.reason:
-        log.info("%s: %s", stage, plan.reason)
+    if action.reason:
+        log.info("%s: %s", stage, action.reason)
     failures.start(output, stage, state.process_index, keep_stderr=failures.keep_stderr_default)
     dog = None
     if cfg.watchdog.enabled:
         dog = watchdog.Watchdog(cfg.watchdog.limits(), failures.log_dir(output, stage), state.process_index, stage).start()
     try:
-        code = _train_and_finish(stage, cfg, ctx, args, resolved, state, run)
+        code = _train_and_finish(spec, cfg, ctx, args, resolved, state, run)
     except preempt.Preempted as stop:
         preempt.checkpoint_saved()
         log.warning("%s: %s; continue with the same command and --resume", stage, stop)
@@ -246,10 +262,11 @@ def stage_main(stage: str, data_kind: str, run: Callable[[StageContext], dict], 
     return code
 
 
-def _train_and_finish(stage, cfg, ctx: StageContext, args, resolved: dict, state, run) -> int:
-    output, final_dir = ctx.output, ctx.final_dir
-    log.info("%s: starting from %s; data %s (%d train / %d eval rows); %d process(es)", stage, cfg.init_from,
-             ctx.data_source, len(ctx.train), len(ctx.eval), state.num_processes)
+def _train_and_finish(spec: registry.StageSpec, cfg, ctx: StageContext, args, resolved: dict, state, run) -> int:
+    stage, output, final_dir = spec.name, ctx.output, ctx.final_dir
+    log.info("%s: starting from %s; data %s (%d train / %d eval rows); %d process(es)%s", stage, cfg.init_from,
+             ctx.data_source, len(ctx.train), len(ctx.eval), state.num_processes,
+             " on the CPU (no CUDA device)" if state.device.type == "cpu" else f" on {state.device.type}")
     from transformers import set_seed
 
     set_seed(cfg.training.seed)  # new heads (a reward model's score, LoRA) start the same on every run
@@ -266,7 +283,7 @@ def _train_and_finish(stage, cfg, ctx: StageContext, args, resolved: dict, state
     for split, given in (("train", len(ctx.train)), ("eval", len(ctx.eval))):
         if split in used:
             data[f"{split}_rows_used"] = used[split]
-            if stage in ("sft", "reward", "dpo") and used[split] != given:  # TRL trainers filter on their own
+            if spec.rows_one_for_one and used[split] != given:  # TRL trainers filter on their own
                 data[f"{split}_rows_dropped_by_trainer"] = given - used[split]
                 log.warning("%s: the trainer used %d of the %d %s rows it was given (it dropped %d on its own)", stage,
                             used[split], given, split, given - used[split])
@@ -288,7 +305,7 @@ def _train_and_finish(stage, cfg, ctx: StageContext, args, resolved: dict, state
 
             # Paths inside the run are written as ${output}/...: a copied or moved run means the same (relocate.resolve)
             here = functools.partial(relocate.to_relative, run_dir=output)
-            rundir.write_text(final_dir / rundir.STATE_FILE, yaml.safe_dump(here(resolved), sort_keys=False))
+            rundir.write_text(final_dir / rundir.CONFIG_FILE, yaml.safe_dump(here(resolved), sort_keys=False))
             rundir.write_json(final_dir / "metrics.json", here(metrics))
             rundir.write_text(final_dir / "README.md", here(model_card(stage, cfg, metrics, args)))
             keep_tracker_files(rundir.work_dir(output, stage), final_dir)

@@ -20,11 +20,9 @@ import contextlib
 import torch
 
 from rlhf_dist.models import load_causal_lm, peft_config, save_model
-from rlhf_dist.stages.common import StageContext, stage_main
+from rlhf_dist.stages.common import StageContext
 from rlhf_dist.stages.fit import fit
 from rlhf_dist.stages.reward import held_out_margins, pair_metrics
-
-STAGE, DATA_KIND = "dpo", "preference"
 
 
 def _sequence_logps(model, batch) -> torch.Tensor:
@@ -93,10 +91,3 @@ def run(ctx: StageContext) -> dict:
 
     return {"before": report(before), "after": report(after), **extra}
 
-
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, DATA_KIND, run, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

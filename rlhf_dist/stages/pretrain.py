@@ -18,10 +18,9 @@ from itertools import chain
 
 from rlhf_dist.errors import DataError
 from rlhf_dist.models import load_causal_lm, peft_config, save_model
-from rlhf_dist.stages.common import StageContext, perplexity, stage_main
+from rlhf_dist.stages.common import StageContext, perplexity
 from rlhf_dist.stages.fit import fit
 
-STAGE, DATA_KIND = "pretrain", "pretrain"
 log = logging.getLogger("rlhf_dist")
 
 
@@ -79,10 +78,3 @@ def run(ctx: StageContext) -> dict:
     return {"before": report(before), "after": report(after), **extra,
             "blocks": {"block_size": block, "train": len(train), "eval": len(evaluation)}, "tokens": tokens}
 
-
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, DATA_KIND, run, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

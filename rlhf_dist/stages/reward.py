@@ -18,10 +18,8 @@ from __future__ import annotations
 import torch
 
 from rlhf_dist.models import load_reward_model, peft_config, save_model
-from rlhf_dist.stages.common import StageContext, stage_main
+from rlhf_dist.stages.common import StageContext
 from rlhf_dist.stages.fit import fit
-
-STAGE, DATA_KIND = "reward", "preference"
 
 
 @torch.no_grad()
@@ -70,10 +68,3 @@ def run(ctx: StageContext) -> dict:
     save_model(trainer, ctx.tokenizer, ctx.final_dir, cfg, loader)
     return {"before": before, "after": after, **extra}
 
-
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, DATA_KIND, run, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

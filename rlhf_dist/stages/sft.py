@@ -15,10 +15,8 @@ Writes OUTPUT/sft: model (merged; plus `adapter/` with LoRA), tokenizer, config.
 from __future__ import annotations
 
 from rlhf_dist.models import load_causal_lm, peft_config, save_model
-from rlhf_dist.stages.common import StageContext, perplexity, stage_main
+from rlhf_dist.stages.common import StageContext, perplexity
 from rlhf_dist.stages.fit import fit
-
-STAGE, DATA_KIND = "sft", "sft"
 
 
 def run(ctx: StageContext) -> dict:
@@ -40,10 +38,3 @@ def run(ctx: StageContext) -> dict:
 
     return {"before": report(before), "after": report(after), **extra}
 
-
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(STAGE, DATA_KIND, run, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

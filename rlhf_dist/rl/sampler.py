@@ -1,0 +1,97 @@
+"""Phase 1 of a PPO step: sample responses for this process's prompts and run the batched forwards that score
+them (policy log-probabilities and values, reference log-probabilities, reward), in chunks of
+generation_batch_size, into one `RolloutBatch`.
+
+Sampling randomness belongs to a chunk, not to a process: chunk c is sampled with a seed derived from the step's
+seed parts and c's index over all processes, so chunk c is the same whichever process generates it
+(docs/ppo.md item 22), and 2 processes sample exactly what 1 does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from rlhf_dist import watchdog
+from rlhf_dist.rl.adapters import REFERENCE, no_adapter, use_adapter
+from rlhf_dist.rl.batch import RolloutBatch, concat_batches, gather_batch
+from rlhf_dist.rl.generation import generate, left_pad, stop_token_ids
+from rlhf_dist.rl.scoring import RewardSource, forward_logprobs, score_responses
+
+
+def derived_seed(*parts: int) -> int:
+    """A seed from integers (seed, step, chunk...): the same on every process, different per tuple."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+class RolloutSampler:
+    """Samples and scores prompts with the PPO models. `model` is the prepared `ActorCritic` (unwrapped on use);
+    `reference` a frozen model, or None: the policy with its LoRA adapter disabled (or the frozen SFT adapter)."""
+
+    def __init__(self, args, accelerator, model, reference, reward: RewardSource, tokenizer, zero_stage: int):
+        self.args, self.accelerator, self.model = args, accelerator, model
+        self.reference, self.reward, self.tokenizer = reference, reward, tokenizer
+        self.pad_id = tokenizer.pad_token_id
+        self.stop_ids = stop_token_ids(tokenizer, args.stop_tokens, args.ignore_eos)
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.synced = zero_stage == 3 and self.world > 1  # every process steps until all have finished (item 21)
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[list[int]], seed_parts: tuple[int, ...], step: int) -> RolloutBatch:
+        """Sample and score ``prompts`` (this process's share) in chunks of generation_batch_size."""
+        size, device = self.args.generation_batch_size, self.accelerator.device
+        chunks = len(prompts) // size
+        parts = []
+        for j in range(chunks):
+            chunk = prompts[j * size:(j + 1) * size]
+            with watchdog.phase("rollout", step):  # each chunk on its own clock
+                parts.append(self._chunk(chunk, derived_seed(*seed_parts, self.rank * chunks + j), device, step))
+        return concat_batches(parts, self.pad_id)
+
+    @torch.no_grad()
+    def evaluate(self, prompts: list[list[int]], step: int) -> dict[str, float]:
+        """Mean score, KL to the reference (sum over tokens of logp - logp_ref), length and EOS rate of responses
+        sampled for the held-out `prompts`, with fixed seeds (the same before and after training)."""
+        with watchdog.phase("evaluate"):
+            quantum = self.world * self.args.generation_batch_size  # equal, whole chunks on every process (item 20)
+            padded = prompts + [prompts[0]] * (-len(prompts) % quantum)
+            per_process = len(padded) // self.world
+            mine = padded[self.rank * per_process:(self.rank + 1) * per_process]
+            batch = gather_batch(self.accelerator, self.rollout(mine, (self.args.seed, -1), step), self.pad_id)
+        n = len(prompts)
+        mask = batch.response_mask[:n]
+        kl = ((batch.logprobs - batch.ref_logprobs)[:n] * mask).sum(1)
+        return {"score": float(batch.scores[:n].float().mean()), "kl": float(kl.mean()),
+                "response_length": float(mask.sum(1).float().mean()), "eos_rate": float(batch.ended[:n].float().mean())}
+
+    def _chunk(self, prompts: list[list[int]], seed: int, device, step: int) -> RolloutBatch:
+        a, model = self.args, self.accelerator.unwrap_model(self.model)
+        q_ids, q_mask = left_pad(prompts, self.pad_id, device)
+        extra = {"synced_gpus": True} if self.synced else {}
+        with self.accelerator.autocast():
+            recorded = a.rollout_logprobs == "generate"
+            head_on_policy = recorded and model.values_need_policy_pass  # the head reads the sampling pass's states
+            out = generate(model.policy, q_ids, q_mask, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                           top_k=a.top_k, top_p=a.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                           generator_seed=seed, record_logprobs=recorded, record_hidden=head_on_policy, **extra)
+            r_ids, r_mask = out.response_ids, out.response_mask
+            if head_on_policy:  # no second policy pass at all
+                logprobs, entropy, values = out.logprobs, out.entropy, torch.where(r_mask, model.value_head(out.hidden), 0.0)
+            elif recorded:  # no second policy pass: the values alone (none for RLOO/GRPO)
+                logprobs, entropy, values = out.logprobs, out.entropy, model.values(q_ids, q_mask, r_ids, r_mask)
+            else:
+                logprobs, entropy, values = model(q_ids, q_mask, r_ids, r_mask)  # the training forward, without grad
+            ref_logprobs = self._ref_logprobs(model, q_ids, q_mask, r_ids, r_mask)
+            with watchdog.phase("score", step):
+                scores = score_responses(self.reward, self.tokenizer, q_ids, q_mask, r_ids, r_mask, out.ended)
+        return RolloutBatch(q_ids, q_mask, r_ids, r_mask, out.ended, logprobs, ref_logprobs, entropy, values, scores)
+
+    def _ref_logprobs(self, model, q_ids, q_mask, r_ids, r_mask) -> torch.Tensor:
+        if self.reference is not None:
+            return forward_logprobs(self.reference, q_ids, q_mask, r_ids, r_mask, self.args.temperature)
+        policy = model.policy
+        reference = use_adapter(policy, REFERENCE) if REFERENCE in policy.peft_config else no_adapter(policy)
+        with reference:  # the SFT model: the base (SFT merged into it), or the frozen SFT adapter (item 19)
+            return forward_logprobs(policy, q_ids, q_mask, r_ids, r_mask, self.args.temperature)

@@ -1,0 +1,268 @@
+"""Scoring sampled responses with the PPO models: per-token log-probabilities (policy, reference), values (value
+model), and one score per response (reward model, or a reward function), the reward model possibly with a
+tokenizer of its own (decode, re-encode).
+
+Per-token outputs ([B, T]) are aligned with ``response_ids``: entry ``t`` belongs to the model position that
+PREDICTS response token ``t`` (the last query token for ``t = 0``), and is 0 where ``response_mask`` is False
+(docs/ppo.md items 3, 4, 6). Queries left-padded, responses right-padded, as `rlhf_dist.rl.generation` makes them;
+every tensor on the model's device.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from rlhf_dist.rl.generation import check_left_padded, left_pad, position_ids_from_mask
+from rlhf_dist.rl.losses import entropy_from_logits, logprobs_from_logits
+from rlhf_dist.rl.reward_fn import call_reward_fn
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities (policy, reference)
+# ---------------------------------------------------------------------------------------------
+
+def concat_query_response(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+            response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` of query + response, [B, Lq + T]; the mask as long."""
+    check_left_padded(query_mask)
+    if query_ids.shape != query_mask.shape:
+        raise ValueError(f"query_ids {tuple(query_ids.shape)} and query_mask {tuple(query_mask.shape)} differ in shape")
+    if response_ids.shape != response_mask.shape or response_ids.shape[0] != query_ids.shape[0]:
+        raise ValueError(f"response_ids {tuple(response_ids.shape)} and response_mask {tuple(response_mask.shape)} "
+                         f"must both be [B, T] with B = {query_ids.shape[0]} (the queries' batch size)")
+    ids = torch.cat([query_ids, response_ids.to(query_ids.dtype)], dim=1)
+    mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
+    return ids, mask
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs on
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def forward_logprobs(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                     response_mask: torch.Tensor, temperature: float, *,
+                     return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of the response under ``model``, in one batched forward.
+
+    ::
+
+        x      = concat(query, response),  m = concat(query_mask, response_mask),  pos = cumsum(m) - 1
+        logits = model(x, attention_mask=m, position_ids=pos).logits          # [B, Lq + T, V]
+        logp_t = log_softmax(logits[:, Lq - 1 + t] / temperature)[response_t]   # position Lq-1+t predicts token t
+
+    Dividing by the sampling temperature (docs/ppo.md item 13) makes this the log-probability
+    that `generate` sampled with, so at the first PPO step ``exp(logp - old_logp) = 1`` (item 14).
+    The same call serves the policy (with grad, in train mode with `disable_dropout` applied), the
+    reference, and a PEFT policy inside the caller's ``with model.disable_adapter():``. The mode
+    (train/eval) and grad are the caller's: this function changes neither. Logits are cast to
+    float32 before the softmax.
+
+    Args:
+        query_ids, query_mask: [B, Lq] left-padded.
+        response_ids, response_mask: [B, T] right-padded (from `generate`).
+        temperature: > 0, the sampling temperature.
+        return_entropy: also return the entropy of ``softmax(logits / temperature)`` per position.
+    Returns:
+        logprobs [B, T] float32, 0 where ``response_mask`` is False (item 4); with
+        ``return_entropy``, ``(logprobs, entropy)``, the entropy also [B, T] and 0 there.
+    """
+    ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
+    T = response_ids.shape[1]
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask),
+                              "use_cache": False}
+    if accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = T + 1  # only positions Lq-1 .. Lq+T-1; skips the prompt's [B, Lq, V] logits
+    logits = model(**kwargs).logits
+    logits = logits[:, -(T + 1):-1].float()  # [B, T, V]: position Lq-1+t predicts response token t
+    valid = response_mask.bool()
+    logprobs = logprobs_from_logits(logits, response_ids, temperature)
+    logprobs = torch.where(valid, logprobs, 0.0)
+    if not return_entropy:
+        return logprobs
+    entropy = torch.where(valid, entropy_from_logits(logits / temperature), 0.0)
+    return logprobs, entropy
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward and value models (sequence classifiers with one label)
+# ---------------------------------------------------------------------------------------------
+
+def _score_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(backbone, head)`` of a one-label ``*ForSequenceClassification`` model (PEFT unwrapped)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(inner).__name__
+    prefix = getattr(inner, "base_model_prefix", None)
+    backbone = getattr(inner, prefix, None) if prefix else None
+    if backbone is None:
+        raise ValueError(f"{name} has no backbone at `base_model_prefix`; expected a transformers "
+                         "*ForSequenceClassification model (unwrap DDP/DeepSpeed wrappers first)")
+    head = getattr(inner, "score", None)
+    if head is None:
+        head = getattr(inner, "classifier", None)
+    if head is None:
+        raise ValueError(f"{name} has neither a `score` nor a `classifier` head; reward and value models must be "
+                         "*ForSequenceClassification models (AutoModelForSequenceClassification, num_labels=1)")
+    num_labels = getattr(inner.config, "num_labels", None)
+    if num_labels != 1:
+        raise ValueError(f"{name} has config.num_labels={num_labels}; a reward or value model needs num_labels=1 "
+                         "(load it with AutoModelForSequenceClassification.from_pretrained(path, num_labels=1))")
+    return backbone, head
+
+
+def forward_token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The score head of a one-label sequence classifier applied at EVERY position: [B, L].
+
+    ``model(...).logits`` reads the score at one position only (the last non-pad token); here the
+    backbone (``getattr(model, model.base_model_prefix)``) runs once with position ids from the
+    mask and the head (``model.score``, else ``model.classifier``) is applied to every hidden
+    state, giving the reward or value model's score of every prefix. Values at padded positions
+    are meaningless; `sequence_scores` and `token_values` pick the valid ones. The head must act
+    per position (a Linear, as in decoder-only classifiers).
+
+    Calls submodules directly, so a DDP-wrapped model must be unwrapped (wrap policy and value
+    model in one module if the value model trains under DDP); PEFT models work (their LoRA layers
+    live inside the backbone; use ``disable_adapter()`` as usual). Raises ValueError naming the class
+    if there is no score head or ``config.num_labels != 1``. Returns float32.
+    """
+    backbone, head = _score_head(model)
+    if input_ids.shape != attention_mask.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                         "differ in shape")
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    return head(hidden).squeeze(-1).float()
+
+
+def sequence_scores(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                    response_mask: torch.Tensor) -> torch.Tensor:
+    """Reward-model score of prompt + truncated response: [B] (docs/ppo.md items 3 and 6).
+
+    The per-token score (`forward_token_scores`) at the last valid token of query + response,
+    found from the masks (not from ``ids != pad_id``, item 2). Equals ``model(ids).logits[:, 0]``
+    for an unpadded sequence. For a reward model with another tokenizer, build the inputs with
+    `decode_pairs` and `retokenize`, and pass them as the query with an empty response.
+    """
+    ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
+    scores = forward_token_scores(model, ids, mask)
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    last = torch.where(mask.bool(), positions, -1).max(dim=1).values
+    return scores.gather(1, last[:, None]).squeeze(1)
+
+
+def token_values(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                 response_mask: torch.Tensor) -> torch.Tensor:
+    """Value estimates V(s_t) for the response tokens: [B, T], aligned with `forward_logprobs`.
+
+    ``V[:, t]`` is the value model's score at the position that predicts response token ``t``
+    (position ``Lq - 1 + t``), i.e. of the state before emitting token ``t``: the prompt alone for
+    ``t = 0``. 0 where ``response_mask`` is False (docs/ppo.md item 4). Grad flows if enabled.
+    """
+    ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
+    T = response_ids.shape[1]
+    scores = forward_token_scores(model, ids, mask)
+    values = scores[:, -(T + 1):-1]
+    return torch.where(response_mask.bool(), values, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# A reward model with another tokenizer: decode, re-encode
+# ---------------------------------------------------------------------------------------------
+
+def decode_pairs(tokenizer: Any, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+                 response_mask: torch.Tensor, *, skip_special_tokens: bool = True) -> tuple[list[str], list[str]]:
+    """Decode each (prompt, response) pair to text, reading only the tokens the masks mark valid.
+
+    With ``skip_special_tokens=True`` (the default) BOS, EOS and other special tokens are left out:
+    plain text for a reward model whose tokenizer adds its own (see `retokenize`'s ``append_eos``).
+    With False the text keeps them verbatim (e.g. chat markers), for a reward tokenizer that knows
+    the same special tokens. No clean-up of spaces, so the text re-encodes to the same tokens.
+    """
+    prompts, responses = [], []
+    q_valid, r_valid = query_mask.bool().cpu(), response_mask.bool().cpu()
+    q_ids, r_ids = query_ids.cpu(), response_ids.cpu()
+    for b in range(q_ids.shape[0]):
+        for ids, valid, out in ((q_ids[b], q_valid[b], prompts), (r_ids[b], r_valid[b], responses)):
+            out.append(tokenizer.decode(ids[valid].tolist(), skip_special_tokens=skip_special_tokens,
+                                        clean_up_tokenization_spaces=False))
+    return prompts, responses
+
+
+def retokenize(texts_prompt: Sequence[str], texts_response: Sequence[str], tokenizer: Any, max_length: int | None, *,
+               append_eos: Sequence[bool] | torch.Tensor | None = None, add_special_tokens: bool = True,
+               device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode prompt + response texts with a reward model's own tokenizer: left-padded ``(ids, mask)`` [B, L].
+
+    For a reward model whose tokenizer differs from the policy's: decode the rollout with
+    `decode_pairs`, re-encode here, then score with ``sequence_scores(rm, ids, mask, empty, empty)``
+    (an empty [B, 0] response) or ``forward_token_scores``. Each row is ``tokenizer(prompt + response)``,
+    encoded as one string as the reward stage does, with the tokenizer's own special tokens
+    (BOS) when ``add_special_tokens``. ``append_eos[b]`` adds ``tokenizer.eos_token`` to response b:
+    pass the rollout's ``ended`` so that a response that stopped ends in the reward model's EOS,
+    as its training texts did (TRL appends EOS to non-conversational preference texts), and a
+    truncated one does not. Padding uses ``tokenizer.pad_token_id`` (mask from lengths, not ids).
+
+    ``max_length`` (None = no limit) keeps the LAST ``max_length`` tokens of a longer row: the
+    score is read at the last token, so the end of the response must survive.
+    """
+    if len(texts_prompt) != len(texts_response):
+        raise ValueError(f"{len(texts_prompt)} prompts but {len(texts_response)} responses")
+    if append_eos is not None:
+        append_eos = [bool(e) for e in (append_eos.tolist() if isinstance(append_eos, torch.Tensor) else append_eos)]
+        if len(append_eos) != len(texts_response):
+            raise ValueError(f"append_eos has {len(append_eos)} entries for {len(texts_response)} responses")
+        if any(append_eos) and tokenizer.eos_token is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no eos_token to append; set tokenizer.eos_token")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id  # safe: the mask, not the ids, marks valid tokens
+    if pad_id is None:
+        raise ValueError(f"{type(tokenizer).__name__} has neither pad_token_id nor eos_token_id to pad with")
+    texts = [p + r + (tokenizer.eos_token if append_eos and append_eos[i] else "")
+             for i, (p, r) in enumerate(zip(texts_prompt, texts_response))]
+    encoded = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    if max_length is not None:
+        encoded = [ids[-max_length:] for ids in encoded]
+    return left_pad(encoded, pad_id, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# One score per response: a reward model (any tokenizer) or a reward function
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class RewardSource:
+    """Where scores come from: a reward model (with its own tokenizer, or None = the policy's) or a function."""
+
+    model: nn.Module | None = None
+    tokenizer: Any = None
+    max_length: int | None = None
+    fn: Callable | None = None
+    fn_name: str = "reward_fn"
+
+
+def score_responses(reward: RewardSource, tokenizer: Any, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                    response_ids: torch.Tensor, response_mask: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+    """[B] scores of prompt + truncated response (docs/ppo.md item 3), from the reward model or function.
+
+    ``tokenizer`` is the policy's. A reward model with the policy's tokenizer scores the very tokens the policy
+    produced; one with its own is given the decoded text, re-encoded (`retokenize`, EOS where the response ended); a
+    function gets the decoded prompts and completions."""
+    if reward.fn is not None:
+        prompts, completions = decode_pairs(tokenizer, query_ids, query_mask, response_ids, response_mask)
+        values = call_reward_fn(reward.fn, prompts, completions, reward.fn_name)
+        return torch.tensor(values, dtype=torch.float32, device=query_ids.device)
+    if reward.tokenizer is None:
+        return sequence_scores(reward.model, query_ids, query_mask, response_ids, response_mask)
+    prompts, completions = decode_pairs(tokenizer, query_ids, query_mask, response_ids, response_mask)
+    ids, mask = retokenize(prompts, completions, reward.tokenizer, reward.max_length, append_eos=ended,
+                           device=query_ids.device)
+    empty = ids.new_zeros((ids.shape[0], 0))
+    return sequence_scores(reward.model, ids, mask, empty, empty.bool())
