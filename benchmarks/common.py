@@ -5,9 +5,12 @@ subprocess and print one JSON line per iteration, prefixed with ``BENCH``; this 
 
 * builds the models, tokenizer and prompts both sides load, from one config and seed, into a cache folder
   (`prepare_models`), so both sides start from byte-identical weights;
-* starts the sides A B A B ... (`run_interleaved`), parses their lines, takes the median of the
-  iterations after the warm-up, and writes ``benchmarks/results/<name>.json`` atomically (`write_result`)
-  plus a table (`print_table`).
+* runs our side in its child (`run_ours`): the four models built by the PPO stage's own
+  `rlhf_dist.rl.models.build_ppo` (`build_ours`), our `PPOLoop` driven step by step, its phases timed where the
+  loop looks its calls up (`wrap_ours_phases`);
+* starts the sides A B A B ... (`compare`, `run_interleaved`), parses their lines, takes the median of the
+  iterations after the warm-up, and writes ``benchmarks/results/<name>.json`` atomically (`result`,
+  `write_result`) plus a table (`print_table`).
 
 CPU numbers are relative only: the machine's speed drifts between runs, so the figure that counts is the
 ratio ours/peer measured in the same interleaved run.
@@ -15,6 +18,7 @@ ratio ours/peer measured in the same interleaved run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -23,7 +27,9 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
@@ -247,7 +253,7 @@ def utilisation(side: dict, flops: dict[str, float]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Children: report lines
+# Children: start-up, report lines, phase timers
 # ---------------------------------------------------------------------------------------------
 
 def emit(kind: str, **fields) -> None:
@@ -255,33 +261,231 @@ def emit(kind: str, **fields) -> None:
     print("BENCH " + json.dumps({"kind": kind, **fields}), flush=True)
 
 
+def start_child(folder: Path) -> dict:
+    """A side's start-up: threads, prompts, import-only memory, this process's matmul rate (the ``start`` line)."""
+    pin_threads()
+    info = load_prompts(folder)
+    emit("start", import_rss_mib=peak_rss_mib(), matmul_gflops=matmul_gflops())
+    return info
+
+
+def emit_end(packages: tuple[str, ...], **fields) -> None:
+    """A side's last line: its peak RSS, its matmul rate now, the versions of `packages` as imported here, `fields`."""
+    emit("end", peak_rss_mib=peak_rss_mib(), matmul_gflops_end=matmul_gflops(), versions=versions(*packages), **fields)
+
+
+def describe_optimizer(optimizer, per_group: bool = False) -> dict:
+    """The optimizer's class and settings. Default: its constructor defaults and the learning rate of each parameter
+    group; per_group: each group's size, (initial) learning rate and weight decay (where a side sets them per group,
+    overriding the constructor defaults, e.g. torch AdamW's lr 1e-3 and weight decay 0.01)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    keep = ("eps", "betas", "foreach", "fused") if per_group else ("eps", "weight_decay", "betas", "foreach", "fused")
+    out = {"class": type(inner).__name__, **{k: inner.defaults.get(k) for k in keep if k in inner.defaults}}
+    if per_group:
+        out["groups"] = [{"params": len(g["params"]), "lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"]}
+                         for g in inner.param_groups]
+    else:
+        out["lr_per_group"] = [group["lr"] for group in inner.param_groups]
+    return out
+
+
 class PhaseTimer:
     """Seconds per named phase within one iteration, from thin wrappers around existing callables.
 
     Measurement only: a wrapper calls the original and adds its wall time (a few microseconds of
     overhead per call); nothing is skipped or changed. `take()` returns and resets the current sums.
+    With ``peak_growth``, also how much each phase raised the process's peak RSS (VmHWM), summed over the
+    whole run in `growth`: WHERE the peak is made (phases that do not nest count nothing twice); two /proc
+    reads per call, outside the timed part.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, peak_growth: bool = False) -> None:
         self.sums: dict[str, float] = {}
+        self.growth: dict[str, float] | None = {} if peak_growth else None
 
     def wrap(self, owner, attr: str, name) -> None:
         """Replace ``owner.attr`` by a timed wrapper; ``name`` is a string or ``f(args) -> str``."""
         original = getattr(owner, attr)
 
         def timed(*args, **kwargs):
+            before = peak_rss_mib() if self.growth is not None else 0.0
             t0 = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                seconds = time.perf_counter() - t0
                 key = name(args) if callable(name) else name
-                self.sums[key] = self.sums.get(key, 0.0) + time.perf_counter() - t0
+                self.sums[key] = self.sums.get(key, 0.0) + seconds
+                if self.growth is not None:
+                    self.growth[key] = self.growth.get(key, 0.0) + peak_rss_mib() - before
 
         setattr(owner, attr, timed)
 
     def take(self) -> dict[str, float]:
         out, self.sums = self.sums, {}
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Children: our side, its models built as the PPO stage builds them
+# ---------------------------------------------------------------------------------------------
+
+OURS_PACKAGES = ("torch", "transformers", "accelerate", "rlhf_dist")
+
+
+def import_ours(lora: bool = False) -> None:
+    """Import what our side runs on (transformers' models, our PPO models and loop; peft with LoRA): before the
+    import-only memory figure, as each peer imports its TRL first."""
+    import importlib
+
+    for module in ("torch", "transformers.models.auto.modeling_auto", "rlhf_dist.rl.models", "rlhf_dist.rl.trainer",
+                   *(("peft",) if lora else ())):
+        importlib.import_module(module)
+
+
+def ours_training(iterations: int, **fields):
+    """Our loop's `PPOTrainingConfig` for `iterations` steps: `fields` over what every benchmark sets alike (no
+    trackers, no checkpoints, CPU, no stop at EOS: every response runs to max_new_tokens; the rollout
+    log-probabilities recorded while sampling, as TRL takes them from the generation scores)."""
+    from rlhf_dist.config.ppo import PPOTrainingConfig
+
+    return PPOTrainingConfig(**{"max_steps": iterations, "report_to": [], "save_steps": 0, "use_cpu": True,
+                                "max_prompt_length": 256, "ignore_eos": True, "rollout_logprobs": "generate", **fields})
+
+
+@dataclass
+class Ours:
+    """What `build_ours` returns: the policy's tokenizer, the accelerator, `rlhf_dist.rl.models.PPOModels` and the
+    PPO stage config they were built from."""
+
+    tokenizer: Any
+    accelerator: Any
+    models: Any
+    cfg: Any
+
+    def loop(self, prompts: list[list[int]], eval_prompts: list[list[int]], prefix: str = "bench_ours_"):
+        """Our `PPOLoop` on these models (its work directory a fresh temporary folder), driven step by step."""
+        import tempfile
+
+        from rlhf_dist.rl.trainer import PPOLoop
+
+        m = self.models
+        return PPOLoop(self.cfg.training, self.accelerator, m.actor_critic, m.reference, m.reward, self.tokenizer,
+                       prompts, eval_prompts, Path(tempfile.mkdtemp(prefix=prefix)))
+
+
+def build_ours(folder: Path, args, *, value: str | None = "model", lora: dict | None = None, world: int = 1,
+               accelerator=None) -> Ours:
+    """Our side's models, built by the PPO stage's own `rlhf_dist.rl.models.build_ppo` from a `PPOStageConfig`:
+    policy and reference from folder/policy, the frozen reward model from folder/reward, fp32 weights, dropout off,
+    and the value function `value`: "model" a separate value model started from the reward model (value_model =
+    folder/reward), "head" a value head on the policy's own pass (value_head), "adapter" with `lora` its own
+    adapter + a value head on the policy's base (value_adapter), None none (args.advantage_estimator rloo / grpo).
+    With `lora` ({r, alpha, dropout, target_modules}) the policy is a LoRA adapter on the base and the reference
+    that base with the adapters off. `args`: the loop's `PPOTrainingConfig` (`ours_training`).
+    The accelerator: `accelerator`, else one for `world` processes (`rl.distributed.make_accelerator`).
+    Checks that the models have the layout asked for.
+    """
+    from rlhf_dist.config.ppo import PPOStageConfig
+    from rlhf_dist.config.sections import LoraSection, ModelSection
+    from rlhf_dist.models import load_tokenizer
+    from rlhf_dist.rl.adapters import VALUE
+    from rlhf_dist.rl.distributed import make_accelerator
+    from rlhf_dist.rl.models import build_ppo
+
+    if (value == "adapter") != (lora is not None):
+        raise ValueError(f"value={value!r} with lora={lora}: a value adapter goes with LoRA, and LoRA with it")
+    section = LoraSection()
+    if lora is not None:
+        section = LoraSection(enabled=True, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+                              target_modules=lora["target_modules"])
+    cfg = PPOStageConfig(model=ModelSection(dtype="float32"), lora=section, init_from=str(folder / "policy"),
+                         reward_model=str(folder / "reward"),
+                         value_model=str(folder / "reward") if value == "model" else None,
+                         value_head=value == "head", value_adapter=True if value == "adapter" else None, training=args)
+    tokenizer = load_tokenizer(cfg.init_from, cfg.model)
+    if accelerator is None:
+        accelerator = make_accelerator(args, world, load_prompts(folder)["config"]["hidden_size"])
+    models = build_ppo(cfg, tokenizer, accelerator)
+    ac, reward = models.actor_critic, models.reward
+    layout = {"model": ac.value_model is not None, "head": ac.values_need_policy_pass,
+              "adapter": ac.value_adapter == VALUE, None: not ac.has_value}[value]
+    if not layout or (models.reference is None) != (lora is not None) or reward.model is None or reward.tokenizer is not None:
+        raise SystemExit(f"ours: not the layout asked for (value {value}, lora {lora is not None}): value model "
+                         f"{type(ac.value_model).__name__}, value head {ac.value_head is not None}, value adapter "
+                         f"{ac.value_adapter}, reference {type(models.reference).__name__}, reward "
+                         f"{type(reward.model).__name__} (own tokenizer: {reward.tokenizer is not None})")
+    return Ours(tokenizer, accelerator, models, cfg)
+
+
+def wrap_ours_phases(timer: PhaseTimer, loop, value: str | None, optimizer_step: bool = False) -> None:
+    """Time our loop's own calls per phase (measurement only), where the loop looks them up: sampling
+    (`rl.sampler.generate`), the reference's log-probabilities (`rl.sampler.forward_logprobs`; with LoRA the base with
+    the adapters off), the reward model (`rl.scoring.sequence_scores`, which `score_responses` calls), the
+    actor-critic's forward (the policy, and a value head on its pass) and, for a value function with a pass of its
+    own, its `values` (in the rollout, and in the update where the backward is split), the backward, and the
+    optimizer: `PPOLoop.optimizer_update` (clipping, step, zero_grad), or with `optimizer_step` the clipping
+    (grad_clip) and the optimizer's step apart."""
+    import torch
+
+    from rlhf_dist.rl import sampler, scoring
+
+    timer.wrap(sampler, "generate", "generate")
+    timer.wrap(sampler, "forward_logprobs", "reference_forward")
+    timer.wrap(scoring, "sequence_scores", "reward_forward")
+    actor_critic = loop.unwrapped
+    rollout_forward = "policy_forward" if value is None else "policy_value_forward"
+    timer.wrap(actor_critic, "forward", lambda _: "update_forward" if torch.is_grad_enabled() else rollout_forward)
+    if value in ("model", "adapter"):
+        timer.wrap(actor_critic, "values", lambda _: "update_forward" if torch.is_grad_enabled() else "value_forward")
+    timer.wrap(loop.accelerator, "backward", "update_backward")
+    if optimizer_step:
+        timer.wrap(loop.accelerator, "clip_grad_norm_", "grad_clip")
+        timer.wrap(loop.optimizer, "step", "optimizer_step")
+    else:
+        timer.wrap(loop, "optimizer_update", "optimizer_step")
+
+
+def run_ours(folder: Path, iterations: int, training: dict, *, value: str | None, lora: dict | None = None,
+             prefix: str = "bench_ours_", timer: PhaseTimer | None = None, optimizer_step: bool = False,
+             packages: tuple[str, ...] = OURS_PACKAGES, setup=None, check=None, fields=None, end=None) -> None:
+    """Our side of a comparison, in its child process: start-up, the models (`build_ours`), a `PPOLoop` driven
+    directly, one ``train_step`` per iteration with every phase timed (`wrap_ours_phases`), one ``iteration`` line
+    each, checked for equal work (rollouts x exactly max_new_tokens, no stop token), and the ``end`` line.
+
+    `training`: the `PPOTrainingConfig` fields (`ours_training`; ``seed`` also seeds torch first). Hooks:
+    ``setup(ours, loop)`` before the timers go on; ``check(batch)`` -> a problem (str) or None; ``fields(metrics,
+    batch)`` and ``end(loop)`` -> more fields for each iteration line and for the end line.
+    """
+    import torch
+
+    import_ours(lora=lora is not None)
+    info = start_child(folder)
+    torch.manual_seed(training["seed"])
+    args = ours_training(iterations, **training)
+    ours = build_ours(folder, args, value=value, lora=lora)
+    rollouts, new_tokens = args.rollout_batch_size * args.samples_per_prompt, args.max_new_tokens
+    loop = ours.loop(info["prompts"], info["prompts"][:rollouts], prefix)
+    if loop.stop_ids:
+        raise SystemExit(f"ours: stop ids {loop.stop_ids} would end responses early; expected none (ignore_eos)")
+    if setup is not None:
+        setup(ours, loop)
+    timer = timer or PhaseTimer()  # measurement only: wrappers around the loop's own calls
+    wrap_ours_phases(timer, loop, value, optimizer_step)
+    for step in range(1, iterations + 1):
+        t0 = time.perf_counter()
+        metrics, batch = loop.train_step(step)
+        seconds = time.perf_counter() - t0
+        lengths = batch.response_mask.sum(1)
+        problem = check(batch) if check is not None else None
+        if (batch.response_ids.shape[1] != new_tokens or int(lengths.min()) != new_tokens or len(batch) != rollouts
+                or problem):
+            raise SystemExit(f"ours: unequal work: {len(batch)} rollouts, lengths {lengths.tolist()}"
+                             + (f"; {problem}" if problem else ""))
+        emit("iteration", step=step, seconds=seconds, rollout_s=metrics["time/rollout"], update_s=metrics["time/update"],
+             phases=timer.take(), rollouts=len(batch), min_tokens=int(lengths.min()), max_tokens=int(lengths.max()),
+             ratio_first=metrics.get("policy/ratio_first_minibatch"), **(fields(metrics, batch) if fields else {}))
+    emit_end(packages, **{"optimizer": describe_optimizer(loop.optimizer), **(end(loop) if end else {})})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +604,94 @@ def print_table(summary: dict, ours: str, peer: str) -> None:
     d = summary["diagnostic_ratio_without_peer_gc_collect"]
     print(f"(diagnostic) samples/s ours/peer if the peer's gc.collect() cost nothing: median {d['median']:.2f}")
     print(f"peak RSS ours/peer:  median {m['median']:.2f}  (per run: {', '.join(f'{x:.2f}' for x in m['per_run'])})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent of a script: options, the comparison, the JSON
+# ---------------------------------------------------------------------------------------------
+
+def parser(doc: str, *, per: str = "process", sides: bool = True, side: str = "side") -> argparse.ArgumentParser:
+    """The options every benchmark takes: --model, --runs, --iterations (checked by `parse`); the children get
+    --folder, and a comparison's --side."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="tiny", help="Model shape (every side loads the same).")
+    p.add_argument("--runs", type=int, default=3, help=f"Interleaved runs (one {per} per {side} per run).")
+    p.add_argument("--iterations", type=int, default=6, help=f"Iterations per {per}; the first is the warm-up.")
+    if sides:
+        p.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)  # a child process
+    p.add_argument("--folder", help=argparse.SUPPRESS)
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if args.iterations < 6:
+        p.error("--iterations must be >= 6 (1 warm-up + at least 5 measured)")
+    return args
+
+
+def comparison_args(doc: str, argv: list[str] | None, run_ours, run_peer,
+                    peer: tuple[Path, str, str]) -> argparse.Namespace | None:
+    """A comparison's options. In a child (--side ours / peer) run that side, ``run_*(folder, iterations)``, and
+    return None; in the parent stop with the install command where the peer's TRL is not in its folder
+    (`peer`: the folder, benchmarks/.peers/<peer>, TRL's version, the command), else return the options."""
+    p = parser(doc)
+    args = parse(p, argv)
+    if args.side:
+        (run_ours if args.side == "ours" else run_peer)(Path(args.folder), args.iterations)
+        return None
+    folder, version, install = peer
+    if not (folder / "trl" / "__init__.py").is_file():
+        p.error(f"TRL {version} is not installed in {folder}; run: {install}")
+    return args
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass
+class Comparison:
+    """One benchmark's runs: the models' folder and prompts (`load_prompts`), when and where it ran, every run of
+    every side (`run_interleaved`) and their summary."""
+
+    folder: Path
+    info: dict
+    started: str
+    machine: dict
+    per_side: dict[str, list[dict]]
+    summary: dict
+
+
+def compare(args: argparse.Namespace, script: str, peer: str, *, value: str | None, lora: bool = False,
+            peer_args: tuple[str, ...] = (), peer_env: dict[str, str] | None = None, rollouts: int = 16,
+            new_tokens: int = 32) -> Comparison:
+    """The parent of a comparison: the shared models (`prepare_models`), `args.runs` A B runs of the script's
+    children (``--side ours`` in our venv, ``--side peer`` plus `peer_args` with `peer_env`), and the summary
+    (`aggregate`, the utilisation from `phase_flops` of `value` and `lora`); `rollouts` x `new_tokens` an iteration."""
+    folder = prepare_models(args.model)
+    info = load_prompts(folder)
+    child = [python(), str(Path(script).resolve()), "--iterations", str(args.iterations), "--folder", str(folder)]
+    sides = {"ours": (child + ["--side", "ours"], {}), peer: (child + ["--side", "peer", *peer_args], peer_env or {})}
+    machine = machine_info()
+    started = utc_now()
+    per_side = run_interleaved(sides, args.runs, warmup=1, samples=rollouts, tokens=rollouts * new_tokens)
+    flops = phase_flops(MODELS[args.model], rollouts, info["prompt_length"], new_tokens, value=value, lora=lora)
+    return Comparison(folder, info, started, machine, per_side, aggregate(per_side, "ours", peer, flops))
+
+
+def result(benchmark: str, args: argparse.Namespace, run: Comparison, settings: dict, *, versions: dict | None = None,
+           models: dict | None = None, **extra) -> dict:
+    """A benchmark's JSON: what ran (benchmark, model, settings, runs, iterations), when, where (machine; the
+    versions each side imported, unless `versions`), on what (the models' shape and prompts, plus `models`), then
+    `extra` (e.g. not_equal), the summary and every run."""
+    described = ("policy_parameters", "tokenizer_length", "prompt_length", "distinct_prompts")
+    return {"benchmark": benchmark, "model": args.model, "started_utc": run.started, "finished_utc": utc_now(),
+            "machine": run.machine,
+            "versions": versions or {name: rows[0]["raw"]["end"]["versions"] for name, rows in run.per_side.items()},
+            "models": {"shape": MODELS[args.model], **{k: run.info[k] for k in described}, **(models or {})},
+            "settings": settings, "runs": args.runs, "iterations": args.iterations, "warmup_iterations": 1,
+            **extra, "summary": run.summary, "per_run": run.per_side}
 
 
 def python() -> str:

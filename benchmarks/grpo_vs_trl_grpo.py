@@ -1,4 +1,4 @@
-"""Our GRPO (PPOTrainer, advantage_estimator="grpo", no value function) against TRL 1.16's GRPOTrainer, on equal
+"""Our GRPO (PPOLoop, advantage_estimator="grpo", no value function) against TRL 1.16's GRPOTrainer, on equal
 work, side by side (issue 6).
 
     .venv/bin/python benchmarks/grpo_vs_trl_grpo.py --model tiny --runs 3 --iterations 6
@@ -20,7 +20,6 @@ reward forward sees other sequences than ours (recorded); that result goes to gr
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,8 @@ SETTINGS = {
              "kl_coef": BETA, "kl_clamp": None, "clip_eps": CLIP, "loss_aggregation": "token",
              "whiten_advantages": False, "learning_rate": LR, "max_grad_norm": MAX_GRAD_NORM, "report_to": [],
              "save_steps": 0, "use_cpu": True,
+             "built_by": "rlhf_dist.rl.models.build_ppo (model.dtype float32, advantage_estimator grpo: no value "
+                         "function), as the PPO stage builds them",
              "note": "ignore_eos: no stop token (stop_ids == [], checked), every response is checked to be 32 tokens; "
                      "rollout_logprobs=generate: the old log-probabilities recorded while sampling (TRL runs a no-grad "
                      "policy forward for them instead: the same numbers, its extra cost); "
@@ -119,99 +120,40 @@ NOT_EQUAL = [
 ]
 
 
-def _describe(optimizer) -> dict:
-    """The optimizer's class and settings as its parameter groups hold them (the constructor defaults, e.g. lr 1e-3
-    and weight decay 0.01 for torch's AdamW, are overridden per group by both sides)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
-    keep = ("eps", "betas", "foreach", "fused")
-    groups = [{"params": len(g["params"]), "lr": g.get("initial_lr", g["lr"]), "weight_decay": g["weight_decay"]}
-              for g in inner.param_groups]
-    return {"class": type(inner).__name__, **{k: inner.defaults.get(k) for k in keep if k in inner.defaults},
-            "groups": groups}
-
-
-def _start(folder: Path) -> dict:
-    """Child start-up: threads, prompts, import-only memory, this process's matmul rate."""
-    common.pin_threads()
-    info = common.load_prompts(folder)
-    common.emit("start", import_rss_mib=common.peak_rss_mib(), matmul_gflops=common.matmul_gflops())
-    return info
-
-
 # ---------------------------------------------------------------------------------------------
-# Side A: ours (rlhf_dist.rl.trainer.PPOTrainer with the GRPO estimator, one train_step per iteration)
+# Side A: ours (rlhf_dist.rl.trainer.PPOLoop with the GRPO estimator, one train_step per iteration)
 # ---------------------------------------------------------------------------------------------
+
+# Our loop's settings; common.ours_training adds what every benchmark sets (no trackers, CPU, ignore_eos,
+# rollout_logprobs: generate)
+TRAINING = dict(seed=SEED, advantage_estimator="grpo", rollout_batch_size=PROMPTS, samples_per_prompt=GROUP,
+                generation_batch_size=ROLLOUTS, mini_batch_size=MINI_BATCH, per_device_train_batch_size=MINI_BATCH,
+                ppo_epochs=1, max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, kl_coef=BETA, kl_clamp=None,
+                clip_eps=CLIP, loss_aggregation="token", learning_rate=LR, lr_scheduler_type="linear",
+                max_grad_norm=MAX_GRAD_NORM)
+
 
 def run_ours(folder: Path, iterations: int) -> None:
-    import tempfile
+    """The models built by the PPO stage's own build_ppo (no value function); the clipping and the optimizer's step
+    timed apart, as the peer's."""
+    expected_width = common.load_prompts(folder)["prompt_length"] + NEW_TOKENS
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    def width(batch) -> int:
+        return batch.query_ids.shape[1] + batch.response_ids.shape[1]
 
-    from rlhf_dist.config import PPOTrainingConfig
-    from rlhf_dist.rl.actor_critic import ActorCritic
-    from rlhf_dist.rl.distributed import make_accelerator
-    from rlhf_dist.rl.rollout import disable_dropout
-    from rlhf_dist.rl.trainer import PPOTrainer, RewardSource
+    def fields(metrics: dict, batch) -> dict:
+        w = width(batch)
+        return {"sequence_width": w, "reward_widths": [w], "reward_calls": [[len(batch), w, len(batch) * w]],
+                "ratio_mean": metrics.get("policy/ratio_mean"), "kl_k1": metrics.get("objective/kl"),
+                "score_mean": metrics.get("objective/scores"), "grad_norm": metrics.get("train/grad_norm")}
 
-    info = _start(folder)
-    torch.manual_seed(SEED)
-    args = PPOTrainingConfig(seed=SEED, max_steps=iterations, advantage_estimator="grpo", rollout_batch_size=PROMPTS,
-                             samples_per_prompt=GROUP, generation_batch_size=ROLLOUTS, mini_batch_size=MINI_BATCH,
-                             per_device_train_batch_size=MINI_BATCH, ppo_epochs=1, max_new_tokens=NEW_TOKENS,
-                             temperature=TEMPERATURE, kl_coef=BETA, kl_clamp=None, clip_eps=CLIP,
-                             loss_aggregation="token", learning_rate=LR, lr_scheduler_type="linear",
-                             max_grad_norm=MAX_GRAD_NORM, report_to=[], save_steps=0, use_cpu=True,
-                             max_prompt_length=256, ignore_eos=True, rollout_logprobs="generate")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / "policy"))
-    policy = disable_dropout(AutoModelForCausalLM.from_pretrained(str(folder / "policy"), dtype=torch.float32))
-    accelerator = make_accelerator(args, 1, policy.config.hidden_size)
+    def end(loop) -> dict:  # ours sets each group's learning rate per step
+        return {"optimizer": {**common.describe_optimizer(loop.optimizer, per_group=True), "base_lrs": loop.base_lrs},
+                "config": {k: getattr(loop.args, k) for k in ("ignore_eos", "rollout_logprobs")}}
 
-    def frozen(model):
-        return disable_dropout(model).requires_grad_(False).eval()
-
-    reference = frozen(AutoModelForCausalLM.from_pretrained(str(folder / "policy"), dtype=torch.float32))
-    reward = frozen(AutoModelForSequenceClassification.from_pretrained(str(folder / "reward"), num_labels=1,
-                                                                        dtype=torch.float32))
-    actor_critic = ActorCritic(policy, args.temperature, None, None, None)  # no value function
-    prompts = info["prompts"]
-    work = Path(tempfile.mkdtemp(prefix="bench_ours_"))
-    trainer = PPOTrainer(args, accelerator, actor_critic, reference,
-                         RewardSource(model=reward, tokenizer=None, max_length=256), tokenizer, prompts,
-                         prompts[:ROLLOUTS], work)
-    if trainer.stop_ids:
-        raise SystemExit(f"ours: stop tokens {trainer.stop_ids} would end responses early")
-    import rlhf_dist.rl.trainer as loop
-
-    timer = common.PhaseTimer()  # measurement only: wrappers around the loop's own calls
-    timer.wrap(loop, "generate", "generate")
-    timer.wrap(loop, "forward_logprobs", "reference_forward")
-    timer.wrap(loop, "sequence_scores", "reward_forward")
-    timer.wrap(actor_critic, "forward", lambda _: "update_forward" if torch.is_grad_enabled() else "policy_forward")
-    timer.wrap(accelerator, "backward", "update_backward")
-    timer.wrap(accelerator, "clip_grad_norm_", "grad_clip")
-    timer.wrap(trainer.optimizer, "step", "optimizer_step")
-    expected_width = info["prompt_length"] + NEW_TOKENS
-    for step in range(1, iterations + 1):
-        t0 = time.perf_counter()
-        metrics, batch = trainer.train_step(step)
-        seconds = time.perf_counter() - t0
-        lengths = batch.response_mask.sum(1)
-        width = batch.query_ids.shape[1] + batch.response_ids.shape[1]
-        if (batch.response_ids.shape[1] != NEW_TOKENS or int(lengths.min()) != NEW_TOKENS or len(batch) != ROLLOUTS
-                or width != expected_width):
-            raise SystemExit(f"ours: unequal work: {len(batch)} rollouts, width {width}, lengths {lengths.tolist()}")
-        common.emit("iteration", step=step, seconds=seconds, rollout_s=metrics["time/rollout"],
-                    update_s=metrics["time/update"], phases=timer.take(), rollouts=len(batch),
-                    min_tokens=int(lengths.min()), max_tokens=int(lengths.max()), sequence_width=width,
-                    reward_widths=[width], reward_calls=[[len(batch), width, len(batch) * width]],
-                    ratio_first=metrics.get("policy/ratio_first_minibatch"),
-                    ratio_mean=metrics.get("policy/ratio_mean"), kl_k1=metrics.get("objective/kl"),
-                    score_mean=metrics.get("objective/scores"), grad_norm=metrics.get("train/grad_norm"))
-    common.emit("end", peak_rss_mib=common.peak_rss_mib(), matmul_gflops_end=common.matmul_gflops(),
-                versions=common.versions("torch", "transformers", "accelerate", "rlhf_dist"),
-                optimizer={**_describe(trainer.optimizer), "base_lrs": trainer.base_lrs},  # ours sets group lr per step
-                config={k: getattr(args, k) for k in ("ignore_eos", "rollout_logprobs")})
+    common.run_ours(folder, iterations, TRAINING, value=None, optimizer_step=True,
+                    check=lambda batch: f"width {width(batch)}" if width(batch) != expected_width else None,
+                    fields=fields, end=end)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +171,7 @@ def run_peer(folder: Path, iterations: int, peer_reward: str = "model") -> None:
 
     if not trl.__version__.startswith(PEER_VERSION):
         raise SystemExit(f"peer: expected TRL {PEER_VERSION}x, got {trl.__version__} from {trl.__file__}")
-    info = _start(folder)
+    info = common.start_child(folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "policy"), padding_side="left")
     # TRL takes prompt text: decode our token ids and check that TRL's own tokenization gives them back.
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in info["prompts"]]
@@ -279,7 +221,7 @@ def run_peer(folder: Path, iterations: int, peer_reward: str = "model") -> None:
             timer.wrap(trainer.optimizer, "step", "optimizer_step")
             # the timed wrapper calls the scheduler's own step wrapper; say so, or torch warns that step was replaced
             trainer.optimizer.step._wrapped_by_lr_sched = True
-            self.optimizer = _describe(trainer.optimizer)
+            self.optimizer = common.describe_optimizer(trainer.optimizer, per_group=True)
             self.last = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -383,11 +325,10 @@ def run_peer(folder: Path, iterations: int, peer_reward: str = "model") -> None:
     trainer.train()
     keep = ("loss", "grad_norm", "kl", "entropy", "reward", "reward_std", "clip_ratio/region_mean",
             "completions/mean_length", "completions/min_length", "completions/max_length", "learning_rate")
-    common.emit("end", peak_rss_mib=common.peak_rss_mib(), matmul_gflops_end=common.matmul_gflops(),
-                versions=common.versions("torch", "transformers", "accelerate", "trl", "datasets"),
-                optimizer=timing.optimizer, trl_file=trl.__file__,
-                trl_logs=[{k: row[k] for k in ("step", *keep) if k in row} for row in timing.logs],
-                generation_config={k: v for k, v in trainer.generation_kwargs.items() if k != "cache_implementation"})
+    common.emit_end(("torch", "transformers", "accelerate", "trl", "datasets"), optimizer=timing.optimizer,
+                    trl_file=trl.__file__,
+                        trl_logs=[{k: row[k] for k in ("step", *keep) if k in row} for row in timing.logs],
+                    generation_config={k: v for k, v in trainer.generation_kwargs.items() if k != "cache_implementation"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,19 +336,11 @@ def run_peer(folder: Path, iterations: int, peer_reward: str = "model") -> None:
 # ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(common.MODELS), default="tiny", help="Model shape both sides load.")
-    p.add_argument("--runs", type=int, default=3, help="Interleaved A B runs (one process per side per run).")
-    p.add_argument("--iterations", type=int, default=6,
-                   help="Iterations (generation rounds) per process; the first is the warm-up.")
+    p = common.parser(__doc__, per="process (an iteration: a generation round)")
     p.add_argument("--peer-reward", choices=["model", "ids"], default="ids",
                    help="model: pass TRL the reward model object (its own path: decode + re-tokenize the text); "
                         "ids: a reward function scoring the token ids with the same model, as ours (equal reward work).")
-    p.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)  # a child process
-    p.add_argument("--folder", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.iterations < 6:
-        p.error("--iterations must be >= 6 (1 warm-up + at least 5 measured)")
+    args = common.parse(p, argv)
     if args.side:
         if args.side == "ours":
             run_ours(Path(args.folder), args.iterations)
@@ -418,36 +351,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if not trl.__version__.startswith(PEER_VERSION):
         p.error(f"this comparison is against TRL {PEER_VERSION}x; our venv has {trl.__version__}")
-    folder = common.prepare_models(args.model)
-    info = common.load_prompts(folder)
-    child = [common.python(), str(Path(__file__).resolve()), "--iterations", str(args.iterations), "--folder", str(folder)]
     peer_name = f"trl-{trl.__version__}"
-    sides = {"ours": (child + ["--side", "ours"], {}),
-             peer_name: (child + ["--side", "peer", "--peer-reward", args.peer_reward], {})}
     settings = {**SETTINGS, "peer_reward": args.peer_reward}
     if args.peer_reward == "ids":
         settings["peer"] = {**SETTINGS["peer"], "reward_funcs": "a function scoring BOS + prompt + completion ids "
                             "with the reward model object (one batch of 16, no padding)"}
-    machine = common.machine_info()
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    per_side = common.run_interleaved(sides, args.runs, warmup=1, samples=ROLLOUTS, tokens=ROLLOUTS * NEW_TOKENS)
-    flops = common.phase_flops(common.MODELS[args.model], ROLLOUTS, info["prompt_length"], NEW_TOKENS, value=None)
-    summary = common.aggregate(per_side, "ours", peer_name, flops)
-    payload = {
-        "benchmark": "grpo_vs_trl_grpo", "model": args.model, "started_utc": started,
-        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine,
-        "versions": {name: rows[0]["raw"]["end"]["versions"] for name, rows in per_side.items()},
-        "models": {"shape": common.MODELS[args.model], "policy_parameters": info["policy_parameters"],
-                   "tokenizer_length": info["tokenizer_length"],
-                   "prompt_length": info["prompt_length"], "distinct_prompts": info["distinct_prompts"]},
-        "settings": settings, "runs": args.runs, "iterations": args.iterations, "warmup_iterations": 1,
-        "not_equal": [REWARD_MODEL_NOT_EQUAL if args.peer_reward == "model" else REWARD_IDS_NOTE, *NOT_EQUAL],
-        "summary": summary, "per_run": per_side,
-    }
+    run = common.compare(args, __file__, peer_name, value=None, peer_args=("--peer-reward", args.peer_reward),
+                         rollouts=ROLLOUTS, new_tokens=NEW_TOKENS)
+    not_equal = [REWARD_MODEL_NOT_EQUAL if args.peer_reward == "model" else REWARD_IDS_NOTE, *NOT_EQUAL]
     suffix = "" if args.peer_reward == "ids" else "_reward_text"
-    path = common.write_result(f"grpo_vs_trl_grpo_{args.model}{suffix}", payload)
-    common.print_table(summary, "ours", peer_name)
-    for name, rows in per_side.items():
+    path = common.write_result(f"grpo_vs_trl_grpo_{args.model}{suffix}",
+                               common.result("grpo_vs_trl_grpo", args, run, settings, not_equal=not_equal))
+    common.print_table(run.summary, "ours", peer_name)
+    for name, rows in run.per_side.items():
         its = [it for r in rows for it in r["raw"]["iterations"]]
         widths = sorted({w for it in its for w in it["reward_widths"]})
         ratios = [it["ratio_first"] for it in its if it.get("ratio_first") is not None]

@@ -58,7 +58,9 @@ SETTINGS = {
              "per_device_train_batch_size": "mini_batch_size / processes (8 on 1 process, 4 on 2): one micro-batch "
                                             "per process per minibatch, no gradient accumulation",
              "ppo_epochs": 1, "max_new_tokens": NEW_TOKENS, "ignore_eos": True, "stop_ids": [],
-             "rollout_logprobs": ROLLOUT_LOGPROBS, "max_grad_norm": None, "report_to": [], "save_steps": 0},
+             "rollout_logprobs": ROLLOUT_LOGPROBS, "max_grad_norm": None, "report_to": [], "save_steps": 0,
+             "built_by": "rlhf_dist.rl.models.build_ppo (model.dtype float32, value_model = the reward folder), as "
+                         "the PPO stage builds them, on every rank"},
     "configurations": {
         "1x2": "1 process x 2 threads: python benchmarks/ppo_scaling.py --child (OMP/MKL_NUM_THREADS=2, "
                "torch.set_num_threads(2))",
@@ -97,17 +99,12 @@ def _gather_rows(accelerator, values: list[float]) -> list[list[float]]:
 
 
 def run_child(folder: Path, iterations: int, threads: int) -> None:
-    import tempfile
-
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_dist.config import PPOTrainingConfig
-    from rlhf_dist.rl.actor_critic import ActorCritic
+    import rlhf_dist.rl.trainer as trainer_module
     from rlhf_dist.rl.distributed import make_accelerator
-    from rlhf_dist.rl.rollout import disable_dropout
-    from rlhf_dist.rl.trainer import PPOTrainer, RewardSource
 
+    common.import_ours()
     common.THREADS = threads  # pin_threads sets common.THREADS intra-op threads, 1 inter-op thread
     common.pin_threads()
     if torch.get_num_threads() != threads:
@@ -116,15 +113,12 @@ def run_child(folder: Path, iterations: int, threads: int) -> None:
     info = common.load_prompts(folder)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(SEED)
-    args = PPOTrainingConfig(seed=SEED, max_steps=iterations, rollout_batch_size=ROLLOUTS, samples_per_prompt=1,
-                             generation_batch_size=GENERATION_BATCH, mini_batch_size=MINI_BATCH,
-                             per_device_train_batch_size=MINI_BATCH // world, ppo_epochs=1, max_new_tokens=NEW_TOKENS,
-                             temperature=TEMPERATURE, report_to=[], save_steps=0, use_cpu=True,
-                             max_prompt_length=256, max_grad_norm=None, ignore_eos=True,
-                             rollout_logprobs=ROLLOUT_LOGPROBS)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / "policy"))
-    policy = disable_dropout(AutoModelForCausalLM.from_pretrained(str(folder / "policy"), dtype=torch.float32))
-    accelerator = make_accelerator(args, world, policy.config.hidden_size)
+    args = common.ours_training(iterations, seed=SEED, rollout_batch_size=ROLLOUTS, samples_per_prompt=1,
+                                generation_batch_size=GENERATION_BATCH, mini_batch_size=MINI_BATCH,
+                                per_device_train_batch_size=MINI_BATCH // world, ppo_epochs=1,
+                                max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, max_grad_norm=None,
+                                rollout_logprobs=ROLLOUT_LOGPROBS)
+    accelerator = make_accelerator(args, world, info["config"]["hidden_size"])
     if accelerator.num_processes != world:
         raise SystemExit(f"child: WORLD_SIZE={world} but the accelerator has {accelerator.num_processes} processes")
     main = accelerator.is_main_process
@@ -135,50 +129,30 @@ def run_child(folder: Path, iterations: int, threads: int) -> None:
                     loadavg=os.getloadavg(),
                     import_rss_mib_per_rank=[r[0] for r in start_rows], matmul_gflops_per_rank=[r[1] for r in start_rows])
 
-    def frozen(model):
-        return disable_dropout(model).requires_grad_(False).eval()
-
-    reference = frozen(AutoModelForCausalLM.from_pretrained(str(folder / "policy"), dtype=torch.float32))
-    reward = frozen(AutoModelForSequenceClassification.from_pretrained(str(folder / "reward"), num_labels=1,
-                                                                        dtype=torch.float32))
-    value = disable_dropout(AutoModelForSequenceClassification.from_pretrained(str(folder / "reward"), num_labels=1,
-                                                                               dtype=torch.float32))
-    actor_critic = ActorCritic(policy, args.temperature, value, None, None)
-    prompts = info["prompts"]
-    work = Path(tempfile.mkdtemp(prefix=f"bench_scaling_{accelerator.process_index}_"))
-    trainer = PPOTrainer(args, accelerator, actor_critic, reference,
-                         RewardSource(model=reward, tokenizer=None, max_length=256), tokenizer, prompts,
-                         prompts[:ROLLOUTS], work)
-    if trainer.stop_ids:
-        raise SystemExit(f"stop ids {trainer.stop_ids}: expected none (ignore_eos, no stop_tokens)")
-    import rlhf_dist.rl.trainer as loop
+    # every rank builds the four models as the PPO stage does (value model started from the reward model)
+    ours = common.build_ours(folder, args, value="model", accelerator=accelerator)
+    loop = ours.loop(info["prompts"], info["prompts"][:ROLLOUTS], prefix=f"bench_scaling_{accelerator.process_index}_")
+    if loop.stop_ids:
+        raise SystemExit(f"stop ids {loop.stop_ids}: expected none (ignore_eos, no stop_tokens)")
 
     local_sizes: list[int] = []
-    original_rollout = trainer.rollout
+    original_rollout = loop.rollout
 
     def rollout(prompts, seed_parts):  # records this rank's shard: 16 / processes rollouts
         out = original_rollout(prompts, seed_parts)
         local_sizes.append(len(out))
         return out
 
-    trainer.rollout = rollout
+    loop.rollout = rollout
     timer = common.PhaseTimer()  # measurement only: wrappers around the loop's own calls
-    timer.wrap(trainer, "rollout", "rollout_local")
-    timer.wrap(loop, "generate", "generate")
-    timer.wrap(loop, "forward_logprobs", "reference_forward")
-    timer.wrap(loop, "sequence_scores", "reward_forward")
-    timer.wrap(loop, "gather_rollouts", "gather")
-    timer.wrap(actor_critic, "forward",
-               lambda _: "update_forward" if torch.is_grad_enabled() else "policy_value_forward")
-    # the value function's own pass: in the rollout, and in the update when the backward is split (one process)
-    timer.wrap(actor_critic, "values", lambda _: "update_forward" if torch.is_grad_enabled() else "value_forward")
-    timer.wrap(accelerator, "backward", "update_backward")
-    timer.wrap(trainer, "optimizer_update", "optimizer_step")
+    timer.wrap(loop, "rollout", "rollout_local")  # PPOLoop.rollout: this rank's sampler.rollout
+    timer.wrap(trainer_module, "gather_batch", "gather")  # train_step's gather of the step's rollouts
+    common.wrap_ours_phases(timer, loop, value="model")
     for step in range(1, iterations + 1):
         local_sizes.clear()
         accelerator.wait_for_everyone()
         t0 = time.perf_counter()
-        metrics, batch = trainer.train_step(step)
+        metrics, batch = loop.train_step(step)
         step_s = time.perf_counter() - t0  # this rank alone, before it waits for the other
         accelerator.wait_for_everyone()
         seconds = time.perf_counter() - t0
@@ -214,7 +188,7 @@ def run_child(folder: Path, iterations: int, threads: int) -> None:
                     backend=dist.get_backend() if dist.is_initialized() else None,
                     torch_threads=torch.get_num_threads(), torch_interop_threads=torch.get_num_interop_threads(),
                     omp_num_threads=os.environ.get("OMP_NUM_THREADS"), mkl_num_threads=os.environ.get("MKL_NUM_THREADS"),
-                    versions=common.versions("torch", "transformers", "accelerate", "rlhf_dist"))
+                    versions=common.versions(*common.OURS_PACKAGES))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,18 +314,12 @@ def print_table(summary: dict, names: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(common.MODELS), default="tiny", help="Model shape.")
-    p.add_argument("--runs", type=int, default=3, help="Interleaved runs (one launch per configuration per run).")
-    p.add_argument("--iterations", type=int, default=6, help="PPO iterations per launch; the first is the warm-up.")
+    p = common.parser(__doc__, per="launch", sides=False, side="configuration")
     p.add_argument("--oversubscribed", action="store_true",
                    help="Also run 2 processes x 2 threads (4 threads on 2 cores), for information.")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--folder", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.iterations < 6:
-        p.error("--iterations must be >= 6 (1 warm-up + at least 5 measured)")
+    args = common.parse(p, argv)
     if args.child:
         run_child(Path(args.folder), args.iterations, args.threads)
         return 0
@@ -360,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [BASE, SCALED] + ([OVER] if args.oversubscribed else [])
     sides = {name: command(name, folder, args.iterations) for name in names}
     machine = common.machine_info() | {"torch_threads": "per configuration (see settings.configurations)"}
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    started = common.utc_now()
     per_side = common.run_interleaved(sides, args.runs, warmup=1, samples=ROLLOUTS, tokens=ROLLOUTS * NEW_TOKENS)
     problems = []
     for name, rows in per_side.items():
@@ -378,21 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = aggregate(per_side)
     summary["cross_check"] = {name: [cross_check(a, b) for a, b in zip(per_side[BASE], per_side[name])]
                               for name in names if name != BASE}
-    payload = {
-        "benchmark": "ppo_scaling", "model": args.model, "started_utc": started,
-        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine,
-        "versions": per_side[BASE][0]["raw"]["end"]["versions"],
-        "models": {"shape": common.MODELS[args.model], "policy_parameters": info["policy_parameters"],
-                   "tokenizer_length": info["tokenizer_length"], "prompt_length": info["prompt_length"],
-                   "distinct_prompts": info["distinct_prompts"]},
-        "settings": SETTINGS, "commands": {name: " ".join(cmd) for name, (cmd, _) in sides.items()},
-        "runs": args.runs, "iterations": args.iterations, "warmup_iterations": 1,
-        "equal_work": {"checked": "every iteration of every configuration: 16 gathered rollouts x exactly 32 tokens, "
-                                  "16 / processes rollouts generated on each rank, world size, torch threads, backend",
-                       "problems": problems},
-        "summary": summary, "per_run": per_side,
-    }
-    path = common.write_result(f"ppo_scaling_{args.model}", payload)
+    run = common.Comparison(folder, info, started, machine, per_side, summary)
+    equal_work = {"checked": "every iteration of every configuration: 16 gathered rollouts x exactly 32 tokens, "
+                             "16 / processes rollouts generated on each rank, world size, torch threads, backend",
+                  "problems": problems}
+    path = common.write_result(f"ppo_scaling_{args.model}", common.result(
+        "ppo_scaling", args, run, SETTINGS, versions=per_side[BASE][0]["raw"]["end"]["versions"],
+        commands={name: " ".join(cmd) for name, (cmd, _) in sides.items()}, equal_work=equal_work))
     print_table(summary, names)
     print(f"\nwrote {path}")
     busiest = max(r["raw"]["start"]["loadavg"][0] for rows in per_side.values() for r in rows)

@@ -6,7 +6,8 @@
     .venv/bin/python benchmarks/ppo_valuehead_vs_trl011.py --model 27m --runs 3 --iterations 6
 
 Both sides compute the values with a linear head on the policy's last hidden state, in the policy's own
-forward pass (ours: `ActorCritic(policy, T, None, ValueHead(hidden))`; TRL: `AutoModelForCausalLMWithValueHead`).
+forward pass (ours: `ActorCritic(policy, T, None, ValueHead(hidden, seed))`, built by the PPO stage's own
+`rlhf_dist.rl.models.build_ppo` with `value_head: true`; TRL: `AutoModelForCausalLMWithValueHead`).
 One iteration = 16 prompts x 1 sample x exactly 32 generated tokens, scored by the shared reward model, then
 1 PPO epoch of 2 minibatches of 8 (one micro-batch each, no gradient accumulation), fp32, 2 threads, on the
 same models (policy, separate frozen reference, reward) and the same equal-length prompts. The peer runs TRL
@@ -17,7 +18,6 @@ PYTHONPATH, our venv underneath. Writes benchmarks/results/ppo_valuehead_vs_trl0
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -42,7 +42,9 @@ SETTINGS = {
                  "AutoModelForCausalLMWithValueHead passed as ref_model (TRL is not asked to create it)",
     "reward": "the shared one-label sequence classifier, one forward of the 16 prompt+response rows (both sides; "
               "the peer's scores are computed by this harness and passed to step(), as TRL 0.11.4 requires)",
-    "ours": {"actor_critic": "ActorCritic(policy, temperature, None, ValueHead(hidden_size_of(policy)), None)",
+    "ours": {"actor_critic": f"ActorCritic(policy, temperature, None, ValueHead(hidden_size_of(policy), seed={SEED}), None)",
+             "built_by": "rlhf_dist.rl.models.build_ppo (model.dtype float32, value_head: true), as the PPO stage "
+                         "builds them; the head seeded with training.seed",
              "rollout_batch_size": 16, "samples_per_prompt": 1, "generation_batch_size": 16, "mini_batch_size": 8,
              "per_device_train_batch_size": 8, "ppo_epochs": 1, "max_new_tokens": 32, "temperature": TEMPERATURE,
              "ignore_eos": True, "rollout_logprobs": "generate (log-probs and the value head's hidden states "
@@ -86,7 +88,8 @@ NOT_EQUAL = [
     "before 32 tokens, so EOS is never sampled); ours empties its stop-token list (EOS may be sampled and "
     "generation goes on). Same work; every response is checked to be 32 tokens on both sides",
     "value head: a Linear(hidden, 1) on both sides; TRL applies it at every position (ours at the response "
-    "positions only), initialises it with nn.Linear's default (ours: normal, std 1/sqrt(H+1)), and runs here "
+    "positions only), initialises it with nn.Linear's default (ours: normal, std 1/sqrt(H+1), seeded with "
+    f"training.seed = {SEED}), and runs here "
     "with summary_dropout_prob=0.0 instead of its default 0.1 (ours has no dropout)",
     "optimizer: TRL 0.11.4 builds torch.optim.Adam(lr) (the for-loop implementation on CPU, eps 1e-8, no weight "
     "decay, constant learning rate); ours AdamW (see versions/optimizer per side: fused flag, eps 1e-5, no weight "
@@ -104,88 +107,23 @@ NOT_EQUAL = [
 ]
 
 
-def _describe(optimizer) -> dict:
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
-    keep = ("eps", "weight_decay", "betas", "foreach", "fused")
-    return {"class": type(inner).__name__, "lr_per_group": [group["lr"] for group in inner.param_groups],
-            **{k: inner.defaults.get(k) for k in keep if k in inner.defaults}}
-
-
-def _start(folder: Path) -> dict:
-    """Child start-up: threads, prompts, import-only memory, this process's matmul rate."""
-    common.pin_threads()
-    info = common.load_prompts(folder)
-    common.emit("start", import_rss_mib=common.peak_rss_mib(), matmul_gflops=common.matmul_gflops())
-    return info
-
-
 # ---------------------------------------------------------------------------------------------
-# Side A: ours (rlhf_dist.rl.trainer.PPOTrainer with a value head, one train_step per iteration)
+# Side A: ours (rlhf_dist.rl.trainer.PPOLoop with a value head, one train_step per iteration)
 # ---------------------------------------------------------------------------------------------
+
+# Our loop's settings; common.ours_training adds what every benchmark sets (no trackers, CPU, ignore_eos: every
+# response runs to 32 tokens, as the peer's min_new_tokens=32; rollout_logprobs: generate)
+TRAINING = dict(seed=SEED, rollout_batch_size=ROLLOUTS, samples_per_prompt=1, generation_batch_size=ROLLOUTS,
+                mini_batch_size=MINI_BATCH, per_device_train_batch_size=MINI_BATCH, ppo_epochs=1,
+                max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, kl_coef=0.05, vf_coef=0.1, value_clip=0.2,
+                clip_eps=0.2, learning_rate=LR,
+                max_grad_norm=None)  # TRL 0.11.4 clips only if max_grad_norm is set: neither side does
+
 
 def run_ours(folder: Path, iterations: int) -> None:
-    import tempfile
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    from rlhf_dist.config import PPOTrainingConfig
-    from rlhf_dist.rl.actor_critic import ActorCritic, ValueHead, hidden_size_of
-    from rlhf_dist.rl.distributed import make_accelerator
-    from rlhf_dist.rl.rollout import disable_dropout
-    from rlhf_dist.rl.trainer import PPOTrainer, RewardSource
-
-    info = _start(folder)
-    torch.manual_seed(SEED)
-    args = PPOTrainingConfig(seed=SEED, max_steps=iterations, rollout_batch_size=ROLLOUTS, samples_per_prompt=1,
-                             generation_batch_size=ROLLOUTS, mini_batch_size=MINI_BATCH,
-                             per_device_train_batch_size=MINI_BATCH, ppo_epochs=1, max_new_tokens=NEW_TOKENS,
-                             temperature=TEMPERATURE, kl_coef=0.05, vf_coef=0.1, value_clip=0.2, clip_eps=0.2,
-                             learning_rate=LR, report_to=[], save_steps=0, use_cpu=True, max_prompt_length=256,
-                             max_grad_norm=None,  # TRL 0.11.4 clips only if max_grad_norm is set: neither side does
-                             ignore_eos=True,  # every response runs to 32 tokens, as the peer's min_new_tokens=32
-                             rollout_logprobs="generate")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / "policy"))
-    policy = disable_dropout(AutoModelForCausalLM.from_pretrained(str(folder / "policy"), dtype=torch.float32))
-    accelerator = make_accelerator(args, 1, policy.config.hidden_size)
-
-    def frozen(model):
-        return disable_dropout(model).requires_grad_(False).eval()
-
-    reference = frozen(AutoModelForCausalLM.from_pretrained(str(folder / "policy"), dtype=torch.float32))
-    reward = frozen(AutoModelForSequenceClassification.from_pretrained(str(folder / "reward"), num_labels=1,
-                                                                        dtype=torch.float32))
-    actor_critic = ActorCritic(policy, args.temperature, None, ValueHead(hidden_size_of(policy)), None)
-    prompts = info["prompts"]
-    work = Path(tempfile.mkdtemp(prefix="bench_ours_vh_"))
-    trainer = PPOTrainer(args, accelerator, actor_critic, reference,
-                         RewardSource(model=reward, tokenizer=None, max_length=256), tokenizer, prompts,
-                         prompts[:ROLLOUTS], work)
-    import rlhf_dist.rl.trainer as loop
-
-    timer = common.PhaseTimer()  # measurement only: wrappers around the loop's own calls
-    timer.wrap(loop, "generate", "generate")
-    timer.wrap(loop, "forward_logprobs", "reference_forward")
-    timer.wrap(loop, "sequence_scores", "reward_forward")
-    timer.wrap(actor_critic, "forward",
-               lambda _: "update_forward" if torch.is_grad_enabled() else "policy_value_forward")
-    timer.wrap(accelerator, "backward", "update_backward")
-    timer.wrap(trainer, "optimizer_update", "optimizer_step")
-    for step in range(1, iterations + 1):
-        t0 = time.perf_counter()
-        metrics, batch = trainer.train_step(step)
-        seconds = time.perf_counter() - t0
-        lengths = batch.response_mask.sum(1)
-        if (batch.response_ids.shape[1] != NEW_TOKENS or int(lengths.min()) != NEW_TOKENS or len(batch) != ROLLOUTS
-                or batch.values is None):
-            raise SystemExit(f"ours: unequal work: {len(batch)} rollouts, lengths {lengths.tolist()}")
-        common.emit("iteration", step=step, seconds=seconds, rollout_s=metrics["time/rollout"],
-                    update_s=metrics["time/update"], phases=timer.take(), rollouts=len(batch),
-                    min_tokens=int(lengths.min()), max_tokens=int(lengths.max()),
-                    ratio_first=metrics.get("policy/ratio_first_minibatch"))
-    common.emit("end", peak_rss_mib=common.peak_rss_mib(), matmul_gflops_end=common.matmul_gflops(),
-                versions=common.versions("torch", "transformers", "accelerate", "rlhf_dist"),
-                optimizer=_describe(trainer.optimizer))
+    """The models built by the PPO stage's own build_ppo, with the value head on the policy (value_head: true)."""
+    common.run_ours(folder, iterations, TRAINING, value="head", prefix="bench_ours_vh_",
+                    check=lambda batch: "no values" if batch.values is None else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +143,7 @@ def run_peer(folder: Path, iterations: int) -> None:
     from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # "PPOTrainer is deprecated", once per process
-    info = _start(folder)
+    info = common.start_child(folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "policy"))
     load = dict(dtype=torch.float32)
     torch.manual_seed(SEED)  # the value heads' initialisation
@@ -287,9 +225,8 @@ def run_peer(folder: Path, iterations: int) -> None:
         common.emit("iteration", step=step, seconds=seconds, rollout_s=marks["rollout_end"] - t0,
                     update_s=marks["update_end"] - marks["update_start"], phases=timer.take(), rollouts=ROLLOUTS,
                     min_tokens=min(lengths), max_tokens=max(lengths))
-    common.emit("end", peak_rss_mib=common.peak_rss_mib(), matmul_gflops_end=common.matmul_gflops(),
-                versions=common.versions("torch", "transformers", "accelerate", "trl", "tyro"),
-                optimizer=_describe(trainer.optimizer), trl_file=trl.__file__)
+    common.emit_end(("torch", "transformers", "accelerate", "trl", "tyro"),
+                    optimizer=common.describe_optimizer(trainer.optimizer), trl_file=trl.__file__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,44 +234,15 @@ def run_peer(folder: Path, iterations: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(common.MODELS), default="tiny", help="Model shape both sides load.")
-    p.add_argument("--runs", type=int, default=3, help="Interleaved A B runs (one process per side per run).")
-    p.add_argument("--iterations", type=int, default=6, help="PPO iterations per process; the first is the warm-up.")
-    p.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)  # a child process
-    p.add_argument("--folder", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.iterations < 6:
-        p.error("--iterations must be >= 6 (1 warm-up + at least 5 measured)")
-    if args.side:
-        (run_ours if args.side == "ours" else run_peer)(Path(args.folder), args.iterations)
+    args = common.comparison_args(__doc__, argv, run_ours, run_peer, (PEER, PEER_VERSION, INSTALL))
+    if args is None:  # a child process: it ran its side
         return 0
-    if not (PEER / "trl" / "__init__.py").is_file():
-        p.error(f"TRL {PEER_VERSION} is not installed in {PEER}; run: {INSTALL}")
-    folder = common.prepare_models(args.model)
-    info = common.load_prompts(folder)
-    child = [common.python(), str(Path(__file__).resolve()), "--iterations", str(args.iterations), "--folder", str(folder)]
     peer_name = f"trl-{PEER_VERSION}"
-    sides = {"ours": (child + ["--side", "ours"], {}),
-             peer_name: (child + ["--side", "peer"], {"PYTHONPATH": str(PEER)})}
-    machine = common.machine_info()
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    per_side = common.run_interleaved(sides, args.runs, warmup=1, samples=ROLLOUTS, tokens=ROLLOUTS * NEW_TOKENS)
-    flops = common.phase_flops(common.MODELS[args.model], ROLLOUTS, info["prompt_length"], NEW_TOKENS, value="head")
-    summary = common.aggregate(per_side, "ours", peer_name, flops)
-    payload = {
-        "benchmark": "ppo_valuehead_vs_trl011", "model": args.model, "started_utc": started,
-        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine,
-        "versions": {name: rows[0]["raw"]["end"]["versions"] for name, rows in per_side.items()},
-        "optimizers": {name: rows[0]["raw"]["end"]["optimizer"] for name, rows in per_side.items()},
-        "models": {"shape": common.MODELS[args.model], "policy_parameters": info["policy_parameters"],
-                   "tokenizer_length": info["tokenizer_length"],
-                   "prompt_length": info["prompt_length"], "distinct_prompts": info["distinct_prompts"]},
-        "settings": SETTINGS, "runs": args.runs, "iterations": args.iterations, "warmup_iterations": 1,
-        "not_equal": NOT_EQUAL, "summary": summary, "per_run": per_side,
-    }
-    path = common.write_result(f"ppo_valuehead_vs_trl011_{args.model}", payload)
-    common.print_table(summary, "ours", peer_name)
+    run = common.compare(args, __file__, peer_name, value="head", peer_env={"PYTHONPATH": str(PEER)})
+    optimizers = {name: rows[0]["raw"]["end"]["optimizer"] for name, rows in run.per_side.items()}
+    path = common.write_result(f"ppo_valuehead_vs_trl011_{args.model}", common.result(
+        "ppo_valuehead_vs_trl011", args, run, SETTINGS, optimizers=optimizers, not_equal=NOT_EQUAL))
+    common.print_table(run.summary, "ours", peer_name)
     print(f"\nwrote {path}")
     return 0
 
