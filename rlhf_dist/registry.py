@@ -78,6 +78,10 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
               "rlhf_dist.config.stages:DPOStageConfig", "preference", upstream=("sft", "pretrain"),
               headline=("accuracy", "margin", "logp_chosen", "logp_rejected"), length_rule="pair",
               length_limit="max_length", memory="lm_pairs_reference"),
+    StageSpec("kto", "Kahneman-Tversky optimisation (TRL KTOTrainer) on unpaired good / bad completions",
+              "rlhf_dist.config.stages:KTOStageConfig", "unpaired", upstream=("sft", "pretrain"),
+              headline=("accuracy", "margin", "kl"), length_rule="completion", length_limit="max_length",
+              memory="lm_pairs_reference"),
 )}
 
 

@@ -139,14 +139,15 @@ def test_generic_modules_name_no_stage(module):
 
 
 def _example_from_the_docs() -> tuple[str, list[str], list[str]]:
-    """(the module, the registry diff's context lines, its added lines) shown in docs/architecture.md."""
+    """(the module, the registry diff's added lines, the context lines after them) shown in docs/architecture.md."""
     doc = (REPO / "docs" / "architecture.md").read_text()
     section = doc[doc.index("## Adding a stage"):doc.index("## Adding an estimator")]
     module = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     diff = re.search(r"```diff\n(.*?)```", section, re.DOTALL).group(1).splitlines()
     added = [line[1:] for line in diff if line.startswith("+")]
-    before = [line[1:] for line in diff[:next(i for i, x in enumerate(diff) if x.startswith("+"))]]
-    return module, before, added
+    after = [line[1:] for line in diff[len(added):]]
+    assert diff[:len(added)] == [f"+{line}" for line in added] and all(line.startswith(" ") for line in diff[len(added):])
+    return module, added, after
 
 
 @pytest.mark.slow
@@ -159,15 +160,15 @@ def test_a_new_stage_is_one_module_and_one_registry_entry(tmp_path, tiny_model, 
 
     from helpers import tiny_recipe
 
-    module, context, entry = _example_from_the_docs()
+    module, entry, context = _example_from_the_docs()
     copy = tmp_path / "pkg"
     shutil.copytree(PACKAGE, copy / "rlhf_dist", ignore=shutil.ignore_patterns("__pycache__"))
     (copy / "rlhf_dist" / "stages" / "lm.py").write_text(module)
     registry = copy / "rlhf_dist" / "registry.py"
     text = registry.read_text()
-    anchor = "\n".join(context) + "\n"
+    anchor = "\n" + "\n".join(context) + "\n"  # the end of STAGES: the new entry goes last
     assert text.count(anchor) == 1, "the registry diff in docs/architecture.md no longer matches rlhf_dist/registry.py"
-    registry.write_text(text.replace(anchor, anchor + "\n".join(entry) + "\n"))
+    registry.write_text(text.replace(anchor, "\n" + "\n".join(entry) + anchor))
     changed = sorted(str(p.relative_to(copy / "rlhf_dist")) for p in (copy / "rlhf_dist").rglob("*.py")
                      if not (PACKAGE / p.relative_to(copy / "rlhf_dist")).is_file()
                      or p.read_bytes() != (PACKAGE / p.relative_to(copy / "rlhf_dist")).read_bytes())

@@ -140,6 +140,8 @@ RANGES: dict[str, Range] = {
     "ref_model_mixup_alpha": UNIT_CLOSED,
     "discopop_tau": POSITIVE,
     "center_rewards_coefficient": NON_NEGATIVE,
+    "desirable_weight": POSITIVE,  # KTO: the weights of the desirable and undesirable losses
+    "undesirable_weight": POSITIVE,
     "kl_coef": NON_NEGATIVE,
     "kl_target": POSITIVE,
     "kl_horizon": POSITIVE,

@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 from trl import DPOConfig as TRLDPOConfig
+from trl import KTOConfig as TRLKTOConfig
 from trl import RewardConfig as TRLRewardConfig
 from trl import SFTConfig as TRLSFTConfig
 
@@ -45,6 +46,13 @@ class DPOStageConfig(StageConfig):
 
     training: TRLDPOConfig | None = None
 
+
+
+@dataclass
+class KTOStageConfig(StageConfig):
+    """Kahneman-Tversky optimisation (TRL KTOTrainer) on unpaired good / bad completions."""
+
+    training: TRLKTOConfig | None = None
 
 
 def training_defaults() -> dict[str, Any]:

@@ -33,29 +33,36 @@ def _sequence_logps(model, batch) -> torch.Tensor:
     return (token * batch["completion_mask"][:, 1:]).sum(dim=1)
 
 
+def log_ratio(trainer, batch) -> torch.Tensor:
+    """log pi(completion) - log pi_ref(completion) of every row of a (TRL DPO or KTO) batch, summed over the completion
+    tokens. The reference: the precomputed column (DPO's ref_chosen/rejected_logps, KTO's ref_logps), the trainer's
+    ref_model, or with LoRA the policy with its adapter off."""
+    from accelerate.utils import is_peft_model
+
+    logps = _sequence_logps(trainer.model, batch)
+    if "ref_chosen_logps" in batch:
+        ref = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+    elif "ref_logps" in batch:
+        ref = batch["ref_logps"]
+    elif trainer.ref_model is not None:
+        ref = _sequence_logps(trainer.ref_model, batch)
+    else:  # LoRA: the reference is the policy with its adapter off
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        off = unwrapped.disable_adapter() if is_peft_model(unwrapped) else contextlib.nullcontext()
+        with off:
+            ref = _sequence_logps(trainer.model, batch)
+    return logps - ref
+
+
 def pairwise_eval(trainer) -> dict:
     """Implicit-reward accuracy over every held-out pair, a tie counting one half (TRL's own counts a tie as wrong:
     before training, when the policy is the reference, every pair ties and its accuracy reads 0).
 
     margin = beta * [(log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected)], TRL's implicit reward.
     """
-    from accelerate.utils import is_peft_model
-
-    model = trainer.model
 
     def margin(batch):
-        batch = trainer._prepare_inputs(batch)
-        logps = _sequence_logps(model, batch)
-        if "ref_chosen_logps" in batch:
-            ref = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
-        elif trainer.ref_model is not None:
-            ref = _sequence_logps(trainer.ref_model, batch)
-        else:  # LoRA: the reference is the policy with its adapter off
-            unwrapped = trainer.accelerator.unwrap_model(model)
-            off = unwrapped.disable_adapter() if is_peft_model(unwrapped) else contextlib.nullcontext()
-            with off:
-                ref = _sequence_logps(model, batch)
-        chosen, rejected = (logps - ref).chunk(2)
+        chosen, rejected = log_ratio(trainer, trainer._prepare_inputs(batch)).chunk(2)
         return trainer.beta * (chosen - rejected)
 
     return pair_metrics(held_out_margins(trainer, margin))
