@@ -1,13 +1,18 @@
 """The RL math of the PPO stage: pure functions on [B, T] tensors over response tokens.
 
 * `rewards`    — `first_stop_truncate` (responses end at their first stop token), `RunningMoments`
-  and `normalize_scores` (score normalisation and clipping), `kl_shaped_rewards` (per-token reward:
-  KL penalty on every token, score on the last).
+  and `normalize_scores` (score normalisation and clipping), `fit_gain_bias` / `apply_gain_bias` (a
+  fixed gain and bias, lm-human-preferences), `kl_shaped_rewards` (per-token reward: KL penalty on
+  every token, score on the last), `overlong_penalty` and `overlong_filter_mask` (DAPO's overlong
+  reward shaping and filtering).
 * `kl`         — `kl_estimate` (k1/k2/k3 estimators), `FixedKLController`, `AdaptiveKLController`.
 * `advantages` — `masked_mean`, `masked_var`, `whiten` (global over ranks via ``reduce``), `gae`,
-  `group_baseline` (RLOO/GRPO), `sequence_advantages_to_tokens`.
-* `losses`     — `ppo_policy_loss`, `value_loss`, `logprobs_from_logits`, `entropy_from_logits`,
-  `explained_variance`.
+  `group_baseline` (RLOO/GRPO/Dr. GRPO), `informative_groups` (DAPO's dynamic-sampling filter),
+  `discounted_returns`, `reinforce_pp_advantages` (REINFORCE++ and REINFORCE++-baseline),
+  `sequence_advantages_to_tokens`.
+* `losses`     — `ppo_policy_loss` (with DAPO's decoupled clip range), `gspo_policy_loss` and
+  `sequence_importance_ratio` (GSPO), `aggregate` ("token", "sequence", or Dr. GRPO's "constant"),
+  `value_loss`, `logprobs_from_logits`, `entropy_from_logits`, `explained_variance`.
 
 The model-facing modules (import from them; they are not re-exported here):
 
@@ -30,40 +35,65 @@ implement.
 """
 
 from rlhf_dist.rl.advantages import (
+    discounted_returns,
     gae,
     group_baseline,
+    informative_groups,
     masked_mean,
     masked_var,
+    reinforce_pp_advantages,
     sequence_advantages_to_tokens,
     whiten,
 )
 from rlhf_dist.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from rlhf_dist.rl.losses import (
+    aggregate,
     entropy_from_logits,
     explained_variance,
+    gspo_policy_loss,
     logprobs_from_logits,
     ppo_policy_loss,
+    sequence_importance_ratio,
     value_loss,
 )
-from rlhf_dist.rl.rewards import RunningMoments, first_stop_truncate, kl_shaped_rewards, normalize_scores
+from rlhf_dist.rl.rewards import (
+    RunningMoments,
+    apply_gain_bias,
+    first_stop_truncate,
+    fit_gain_bias,
+    kl_shaped_rewards,
+    normalize_scores,
+    overlong_filter_mask,
+    overlong_penalty,
+)
 
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "RunningMoments",
+    "aggregate",
+    "apply_gain_bias",
+    "discounted_returns",
     "entropy_from_logits",
     "explained_variance",
     "first_stop_truncate",
+    "fit_gain_bias",
     "gae",
     "group_baseline",
+    "gspo_policy_loss",
+    "informative_groups",
     "kl_estimate",
     "kl_shaped_rewards",
     "logprobs_from_logits",
     "masked_mean",
     "masked_var",
     "normalize_scores",
+    "overlong_filter_mask",
+    "overlong_penalty",
     "ppo_policy_loss",
+    "reinforce_pp_advantages",
     "sequence_advantages_to_tokens",
+    "sequence_importance_ratio",
     "value_loss",
     "whiten",
 ]

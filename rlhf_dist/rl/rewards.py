@@ -1,4 +1,5 @@
-"""From sampled responses to per-token rewards: truncation, score normalisation, KL shaping.
+"""From sampled responses to per-token rewards: truncation, score normalisation, KL shaping, DAPO's
+overlong shaping and filtering.
 
 docs/ppo.md items 2, 3, 5, 6 and 8. Shapes are [B, T] over response tokens, as in
 `rlhf_dist.rl.advantages`; ``reduce`` sums a tensor over data-parallel ranks (None = one process).
@@ -156,3 +157,85 @@ def normalize_scores(scores: torch.Tensor, moments: RunningMoments | None, clip:
     if clip is not None:
         out = out.clamp(-clip, clip)
     return out
+
+
+def fit_gain_bias(scores: torch.Tensor, target_mean: float = 0.0, target_std: float = 1.0,
+                  reduce: Reduce | None = None) -> tuple[float, float]:
+    """A fixed gain and bias that give ``scores`` the target mean and std (docs/ppo.md item 8).
+
+    As lm-human-preferences (``rewards.py::set_reward_norm`` with the statistics of
+    ``train_reward.py::stats``, on samples of the initial policy, target mean 0 / std 1)::
+
+        gain = target_std / std(s),    bias = target_mean - gain * mean(s)
+
+    so ``gain * s + bias`` has exactly the target mean and std over the given scores. ``std`` is the
+    POPULATION (biased, divisor n) std, as there (``sqrt(E[s^2] - E[s]^2)``; computed here in two passes
+    in float64, the same number without the cancellation), over all ranks with ``reduce``. Fit it
+    once, on the scores of rollouts of the initial policy, keep the two floats fixed for the run
+    (checkpoint them), and apply them with `apply_gain_bias`.
+
+    Args:
+        scores: reward-model scores, any shape (e.g. [N]); at least two distinct values over all ranks.
+        target_mean, target_std: the wanted mean and std (``target_std > 0``).
+        reduce: optional sum over ranks.
+    Returns:
+        ``(gain, bias)`` as Python floats.
+    """
+    if not target_std > 0:
+        raise ValueError(f"target_std must be > 0, got {target_std}")
+    x = scores.detach().reshape(-1).double()
+    mean, var, _ = masked_moments(x, torch.ones_like(x, dtype=torch.bool), unbiased=False, reduce=reduce)
+    std = math.sqrt(float(var))
+    if not (std > 0 and math.isfinite(std)):
+        raise ValueError(f"cannot fit a reward gain to scores with std {std} (all equal, or not finite)")
+    gain = target_std / std
+    return gain, target_mean - gain * float(mean)
+
+
+def apply_gain_bias(scores: torch.Tensor, gain: float, bias: float) -> torch.Tensor:
+    """``gain * s + bias`` (see `fit_gain_bias`): a new detached tensor in ``scores``' dtype and shape."""
+    return scores.detach() * gain + bias
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, cache_len: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, "DAPO", Eq. 13), added to the score::
+
+        R_length(L) = 0                                  if L <= max_len - cache_len
+                    = ((max_len - cache_len) - L) / cache_len   if max_len - cache_len < L <= max_len
+                    = -1                                 if L > max_len
+
+    a linear ramp from 0 to -1 over the last ``cache_len`` tokens of the budget (DAPO: max_len = 20480,
+    cache_len = 4096). Equal to OpenRLHF's ``apply_overlong_penalty`` with ``overlong_penalty_factor = 1``
+    (``-min(L - (max_len - cache_len), cache_len) / cache_len`` when positive); scale it for another factor.
+
+    Args:
+        lengths: [B] response lengths (valid tokens, e.g. from `first_stop_truncate`).
+        max_len: the generation budget L_max (max_new_tokens); cache_len: L_cache, 0 < cache_len <= max_len.
+        dtype: of the result (default: torch's default float dtype).
+    Returns:
+        [B] penalties in [-1, 0].
+    """
+    if isinstance(cache_len, bool) or not (0 < cache_len <= max_len):
+        raise ValueError(f"overlong_penalty needs 0 < cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}")
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must have shape [B], got {tuple(lengths.shape)}")
+    L = lengths.detach().double()
+    expected = float(max_len - cache_len)
+    ramp = (expected - L) / cache_len
+    out = torch.where(L <= expected, torch.zeros_like(L), torch.where(L <= max_len, ramp, torch.full_like(L, -1.0)))
+    return out.to(dtype or torch.get_default_dtype())
+
+
+def overlong_filter_mask(mask: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+    """DAPO's overlong filtering (Yu et al. 2025, Sec. 3.4): truncated samples leave the loss.
+
+    ``mask'[b, t] = mask[b, t] and ended[b]``: the rows that hit the budget without a stop token
+    (``ended == False`` from `first_stop_truncate`) get no valid token, so no loss term and no
+    gradient. Use it for the LOSS (and its ``denominator``); keep the full mask for the rewards
+    (`kl_shaped_rewards` needs a valid token in every row). Args: mask [B, T], ended [B] bool.
+    Returns a new [B, T] bool mask.
+    """
+    if ended.shape != (mask.shape[0],):
+        raise ValueError(f"ended must have shape [B] = [{mask.shape[0]}], got {tuple(ended.shape)}")
+    m = mask if mask.dtype == torch.bool else mask != 0
+    return m & ended.to(device=m.device, dtype=torch.bool)[:, None]
