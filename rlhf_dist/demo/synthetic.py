@@ -9,6 +9,13 @@ The world: villages, each with a crop, an animal and a festival month (drawn onc
   wrong-and-rude: a reward model can separate them (held-out accuracy >= 0.9), and DPO can learn
   to prefer the chosen answers (accuracy and margin rise).
 * prompts - questions for the PPO stage; the reward model rewards polite, correct answers.
+* verifiable - questions about 3 villages (`verifiable_villages`) with the one-word `answer` (crop, animal or
+  month): a task with a checkable answer for a critic-free (GRPO/RLOO) run, scored by
+  `rlhf_dist.rewards.exact_match` with ``extract: VERIFIABLE_EXTRACT`` (the last word of the first sentence).
+  The SFT model answers in the right form and with a value of the right kind, but hardly by village: about 1 in
+  10 of its samples is right, which gives a group baseline signal. The 3 villages share no value, so one fixed
+  answer per kind of question is right 1 time in 3: a short run gets there (it settles on one answer per kind),
+  and only accuracy above 1/3 means facts were learnt.
 
 Everything is deterministic given the seed.
 """
@@ -49,6 +56,8 @@ FACT_SENTENCES = {
     "month": ["{v} holds its festival in {x}.", "Every year in {x} the people of {v} celebrate.",
               "The festival of {v} is in {x}."],
 }
+VERIFIABLE_VILLAGES = 3
+VERIFIABLE_EXTRACT = r"^[^.!?]*?\b(\w+)\s*[.!?]"  # " Orin grows barley. Happy to help." -> "barley"
 LINKS = ["The road from {v} leads to {w}.", "Traders from {w} often visit {v}.", "{v} lies north of {w}.",
          "A river runs between {v} and {w}."]
 
@@ -102,6 +111,29 @@ def pretrain_texts(rng: random.Random, world: World, n: int) -> list[str]:
     return texts
 
 
+def verifiable_villages(world: World, n: int = VERIFIABLE_VILLAGES) -> list[str]:
+    """The first `n` villages whose crops, animals and months all differ, so that no one answer fits two of them:
+    a policy that says the same crop every time is right for one village in `n`, and only learning the facts pays."""
+    chosen: list[str] = []
+    for v in VILLAGES:
+        if all(world.facts[v][a] != world.facts[u][a] for u in chosen for a in QUESTIONS):
+            chosen.append(v)
+    return chosen[:n]
+
+
+def verifiable_rows(seed: int, world: World, n: int) -> list[dict]:
+    """`n` questions about the `verifiable_villages`, each with its one-word answer (own random stream: the other
+    files do not change)."""
+    rng = random.Random(seed + 1009)
+    villages = verifiable_villages(world)
+    rows = []
+    for _ in range(n):
+        village, attr = rng.choice(villages), rng.choice(list(QUESTIONS))
+        rows.append({"prompt": prompt_text(rng.choice(QUESTIONS[attr]).format(v=village)),
+                     "answer": world.facts[village][attr]})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -112,8 +144,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def generate(out_dir: str | Path, seed: int = 0, n_pretrain: int = 2000, n_sft: int = 1200, n_pref: int = 1200,
-             n_prompts: int = 256) -> dict[str, Path]:
-    """Write pretrain.jsonl, sft.jsonl, preference.jsonl, prompts.jsonl into `out_dir`; return their paths."""
+             n_prompts: int = 256, n_verifiable: int = 256) -> dict[str, Path]:
+    """Write pretrain.jsonl, sft.jsonl, preference.jsonl, prompts.jsonl, verifiable.jsonl into `out_dir`; return their
+    paths."""
     out_dir = Path(out_dir)
     rng = random.Random(seed)
     world = World.make(seed)
@@ -132,6 +165,7 @@ def generate(out_dir: str | Path, seed: int = 0, n_pretrain: int = 2000, n_sft: 
                                    "rejected": bad_answer(rng, world, v, a)})
     for _ in range(n_prompts):
         rows["prompts"].append({"prompt": prompt_text(question(rng, world)[2])})
+    rows["verifiable"] = verifiable_rows(seed, world, n_verifiable)
     paths = {}
     for name, data in rows.items():
         paths[name] = out_dir / f"{name}.jsonl"
