@@ -245,6 +245,18 @@ def _require_columns(table: Table, needed: list[str], source: str, what: str) ->
         )
 
 
+KIND_ONE = {"message lists": "a message list", "strings": "a string", "numbers": "a number", "true/false": "true/false"}
+
+
+def _kind(value: Any) -> str:
+    """The type a column holds, as an error names it (one type per column: a Dataset cannot hold two)."""
+    if isinstance(value, list):
+        return "message lists"
+    if isinstance(value, bool):
+        return "true/false"
+    return "numbers" if isinstance(value, (int, float)) else "strings"
+
+
 def _row_checker(fn: Callable[[dict], dict | list[dict]]):
     """Run a per-row check over a Table: rows that pass (a row may give several: `formats.unpaired_rows`), and a
     Problem for each that does not."""
@@ -263,12 +275,11 @@ def _row_checker(fn: Callable[[dict], dict | list[dict]]):
                             raise Bad("mixed_format", None, f"is {fmt} data, but {first[1]} (the first good row) is "
                                       f"{first[0]}; one file holds one format")
                     for name, value in out.items():
-                        kind = "message lists" if isinstance(value, list) else "strings"
+                        kind = _kind(value)
                         first = shapes.setdefault(name, (kind, where))
                         if first[0] != kind:
-                            this = "a message list" if kind == "message lists" else "a string"
-                            raise Bad("mixed_types", name, f"is {this}, but in {first[1]} (the first good row) it holds "
-                                      f"{first[0]}; use one type per column")
+                            raise Bad("mixed_types", name, f"is {KIND_ONE[kind]}, but in {first[1]} (the first good row) "
+                                      f"it holds {first[0]}; use one type per column")
             except Bad as bad:
                 problems.append(Problem(where, bad.reason, bad.message, bad.field))
                 continue

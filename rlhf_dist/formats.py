@@ -168,8 +168,18 @@ def sft_row(row: dict) -> dict:
               "'chosen'+'rejected')")
 
 
+PROMPT_SOURCES = ("prompt", "chosen", "rejected", "messages", "text", "completion")
+
+
 def prompt_row(row: dict) -> dict:
-    """One PPO prompt: 'prompt', or the part before the last assistant turn of an SFT or preference row."""
+    """One PPO prompt: 'prompt', or the part before the last assistant turn of an SFT or preference row; the row's
+    other plain columns (strings, numbers, true/false: a reference answer, an id) come along, for reward functions
+    that read them (`rlhf_dist.rewards`)."""
+    extra = {k: v for k, v in row.items() if k not in PROMPT_SOURCES and isinstance(v, (str, int, float, bool))}
+    return {**_prompt_only(row), **extra}
+
+
+def _prompt_only(row: dict) -> dict:
     if row.get("prompt") is not None:
         if row.get("chosen") is not None:
             return {"prompt": preference_row(row)["prompt"]}

@@ -55,13 +55,17 @@ def _draw(ax, history: list[dict], title: str) -> None:
 
 
 def _draw_ppo(ax, history: list[dict], keys, title: str, ylabel: str) -> None:
-    for name, (steps, values) in curves(history, keys).items():
+    drawn = curves(history, keys)
+    for name, (steps, values) in drawn.items():
         ax.plot(steps, values, label=name)
     ax.set_title(title)
     ax.set_xlabel("PPO step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:  # e.g. every ratio undefined: all responses left out of the loss (overlong_filter)
+        ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
 
 
 def plot_stage(history: list[dict], path: str | Path, title: str) -> Path:

@@ -49,6 +49,14 @@ OPTIONS = {
     "grpo, k3 KL, normalised scores": ["ppo.training.advantage_estimator=grpo", "ppo.training.samples_per_prompt=4",
                                        "ppo.training.rollout_batch_size=2", "ppo.training.kl_estimator=k3",
                                        "ppo.training.reward_normalization=true", "ppo.training.reward_clip=3"],
+    "dr_grpo, constant normaliser, clip-higher": ["ppo.training.advantage_estimator=dr_grpo",
+                                                  "ppo.training.samples_per_prompt=4", "ppo.training.rollout_batch_size=2",
+                                                  "ppo.training.loss_aggregation=constant", "ppo.training.clip_eps_high=0.28"],
+    "reinforce_pp_baseline": ["ppo.training.advantage_estimator=reinforce_pp_baseline",
+                              "ppo.training.samples_per_prompt=2", "ppo.training.rollout_batch_size=4"],
+    "reinforce_pp, gspo, overlong shaping": ["ppo.training.advantage_estimator=reinforce_pp", "ppo.training.policy_loss=gspo",
+                                             "ppo.training.clip_eps_low=3e-4", "ppo.training.clip_eps_high=4e-4",
+                                             "ppo.training.overlong_buffer=4"],
 }
 
 
@@ -72,15 +80,21 @@ def test_first_step_ratio_is_one_and_kl_is_zero(option, tmp_path, tiny_model, ti
         assert first["rollout/eos_rate"] < 1.0  # (a random tiny model rarely stops: the penalty is exercised)
     elif "normalised" in option:  # (s - running mean) / running std, over this first batch only: mean 0
         assert first["objective/rlhf_reward"] == pytest.approx(0.0, abs=1e-5)
+    elif "overlong shaping" in option:  # DAPO: the score less a penalty ramping over the last 4 of the 12 tokens
+        assert first["objective/overlong_penalty"] < 0
+        assert first["objective/rlhf_reward"] == pytest.approx(first["objective/scores"] + first["objective/overlong_penalty"],
+                                                               abs=1e-5)
     else:
         assert first["objective/rlhf_reward"] == pytest.approx(first["objective/scores"], abs=1e-6)
     if "adaptive KL" in option:  # Ziegler's controller moves beta towards the target KL (6 nats; here KL is 0: down)
         assert h[1]["objective/kl_coef"] < h[0]["objective/kl_coef"] == 0.05
     else:
         assert h[1]["objective/kl_coef"] == h[0]["objective/kl_coef"] == 0.05
-    if option.startswith("grpo"):  # the KL is a loss term, not part of the reward
+    if option.startswith(("grpo", "dr_grpo")):  # the KL is a loss term, not part of the reward
         assert h[1]["objective/non_score_reward"] == 0.0 and h[1]["objective/kl"] != 0.0
-    critic_free = option.startswith(("rloo", "grpo"))
+    if "gspo" in option:  # the sequence-level ratio, its own clip share
+        assert "policy/seq_clipfrac" in first and "policy/approx_kl" not in first
+    critic_free = option.startswith(("rloo", "grpo", "dr_grpo", "reinforce_pp"))
     assert ("value/loss" in first) == ("value/explained_variance" in first) == (not critic_free)
     if option.startswith("value model"):
         assert (stage / "value_model" / "model.safetensors").is_file()
@@ -324,6 +338,19 @@ def ppo_bad_cases(tmp_path: Path, tiny_reward_model: Path, three_label_model: Pa
         "group baseline with one sample per prompt": (["ppo.reward_fn=rlhf_dist.demo.rewards:politeness",
                                                        "ppo.training.advantage_estimator=grpo"],
                                                       "set training.samples_per_prompt >= 2"),
+        "REINFORCE++-baseline with one sample per prompt": (
+            ["ppo.reward_fn=rlhf_dist.demo.rewards:politeness", "ppo.training.advantage_estimator=reinforce_pp_baseline"],
+            "training.advantage_estimator=reinforce_pp_baseline compares samples of the same prompt"),
+        "dynamic sampling without groups": (["ppo.reward_fn=rlhf_dist.demo.rewards:politeness",
+                                             "ppo.training.dynamic_sampling=true"],
+                                            "training.dynamic_sampling drops groups of samples whose scores are all equal, "
+                                            "but advantage_estimator=gae has no groups"),
+        "an overlong buffer longer than the budget": (["ppo.reward_fn=rlhf_dist.demo.rewards:politeness",
+                                                       "ppo.training.overlong_buffer=20"],
+                                                      "training.overlong_buffer=20 is longer than max_new_tokens=12"),
+        "an unknown estimator": (["ppo.reward_fn=rlhf_dist.demo.rewards:politeness",
+                                  "ppo.training.advantage_estimator=dapo"],
+                                 "ppo.training.advantage_estimator: expected one of 'gae', 'rloo', 'grpo', 'dr_grpo'"),
     }
 
 
@@ -333,7 +360,9 @@ CASES = ["value adapter without LoRA", "an SFT adapter to start from, without Lo
          "reward model with a 3-label head", "reward model that is a causal LM", "no reward at all",
          "prompts longer than the maximum", "batch that does not split into generation chunks",
          "value model with another vocabulary", "unknown tracker", "value head with a critic-free estimator",
-         "prompt + response longer than the model's positions", "group baseline with one sample per prompt"]
+         "prompt + response longer than the model's positions", "group baseline with one sample per prompt",
+         "REINFORCE++-baseline with one sample per prompt", "dynamic sampling without groups",
+         "an overlong buffer longer than the budget", "an unknown estimator"]
 
 
 @pytest.mark.parametrize("case", CASES)

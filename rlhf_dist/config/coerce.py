@@ -151,6 +151,13 @@ RANGES: dict[str, Range] = {
     "gamma": UNIT_CLOSED,
     "lam": UNIT_CLOSED,
     "clip_eps": POSITIVE,
+    "clip_eps_low": NON_NEGATIVE,
+    "clip_eps_high": NON_NEGATIVE,
+    "overlong_buffer": AT_LEAST_1,
+    "overlong_penalty_factor": NON_NEGATIVE,
+    "dynamic_sampling_max_rounds": AT_LEAST_1,
+    "reward_target_mean": Range(),  # any number
+    "reward_target_std": POSITIVE,
     "value_clip": POSITIVE,
     "vf_coef": NON_NEGATIVE,
     "entropy_coef": NON_NEGATIVE,

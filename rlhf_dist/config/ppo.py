@@ -10,6 +10,9 @@ from typing import Any, Literal
 from rlhf_dist.config.coerce import check_ranges
 from rlhf_dist.config.sections import DDP_TIMEOUT, StageConfig
 
+# Estimators that compare the samples_per_prompt responses of one prompt (a group).
+GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with its help text (shown by `rlhf-dist fields`)."""
@@ -65,6 +68,17 @@ class PPOTrainingConfig:
     missing_eos_penalty: float | None = _f(
         None, "Subtracted from the score of a response that never stopped (docs/ppo.md item 5).")
     reward_normalization: bool = _f(False, "Normalise scores with their running mean and std (docs/ppo.md item 8).")
+    reward_gain_bias: bool = _f(
+        False, "Fit a fixed gain and bias once, on rollouts of the initial policy, so its scores have reward_target_mean "
+        "and reward_target_std; applied to every score after (lm-human-preferences; docs/ppo.md item 8).")
+    reward_target_mean: float = _f(0.0, "The mean of the initial policy's scores after the fixed gain/bias.")
+    reward_target_std: float = _f(1.0, "The std of the initial policy's scores after the fixed gain/bias.")
+    overlong_buffer: int | None = _f(
+        None, "DAPO's overlong reward shaping: a response longer than max_new_tokens - overlong_buffer tokens loses up to "
+        "overlong_penalty_factor, linearly, reaching it at max_new_tokens (Yu et al. 2025, Eq. 13); null = off.")
+    overlong_penalty_factor: float = _f(1.0, "The largest overlong penalty (with overlong_buffer).")
+    overlong_filter: bool = _f(
+        False, "DAPO's overlong filtering: responses that never stopped (cut at max_new_tokens) are left out of the loss.")
     reward_clip: float | None = _f(None, "Clip (normalised) scores to [-reward_clip, reward_clip].")
     kl_estimator: Literal["k1", "k2", "k3"] = _f(
         "k1", "Per-token KL estimator in the reward: k1 = logp - logp_ref, k3 = (r - 1) - log r.")
@@ -73,19 +87,34 @@ class PPOTrainingConfig:
     adaptive_kl: bool = _f(False, "Adapt beta towards kl_target (Ziegler et al. 2019).")
     kl_target: float = _f(6.0, "Adaptive KL: target KL per response (nats).")
     kl_horizon: float = _f(10000.0, "Adaptive KL: horizon in rollouts.")
-    advantage_estimator: Literal["gae", "rloo", "grpo"] = _f(
-        "gae", "gae: value model + GAE; rloo / grpo: critic-free group baselines over samples_per_prompt responses.")
+    advantage_estimator: Literal["gae", "rloo", "grpo", "dr_grpo", "reinforce_pp", "reinforce_pp_baseline"] = _f(
+        "gae", "gae: value model + GAE; critic-free: rloo / grpo / dr_grpo (group baselines over samples_per_prompt "
+        "responses; dr_grpo: no std division), reinforce_pp (REINFORCE++: returns of the KL-shaped rewards, whitened over "
+        "the step) and reinforce_pp_baseline (the same with the group's mean score subtracted first).")
+    dynamic_sampling: bool = _f(
+        False, "DAPO's dynamic sampling (group estimators): groups whose scores are all equal carry no signal; they are "
+        "dropped and refilled with groups of new prompts, up to dynamic_sampling_max_rounds more generation rounds.")
+    dynamic_sampling_max_rounds: int = _f(
+        3, "Refill rounds at most per step; a step still short is topped up with the dropped groups (counted).")
     gamma: float = _f(1.0, "GAE discount.")
     lam: float = _f(0.95, "GAE lambda.")
     whiten_advantages: bool | None = _f(
         None, "Whiten advantages over all valid tokens of the step (all processes, docs/ppo.md item 10). Default: on for gae, "
-        "off for rloo/grpo (their baselines are already centred; whitening would blow up noise in steps without signal).")
+        "off for the others (group baselines are already centred, whitening would blow up noise in steps without signal; "
+        "reinforce_pp whitens its returns itself).")
     clip_eps: float = _f(0.2, "Policy ratio clip epsilon.")
+    clip_eps_low: float | None = _f(None, "Lower clip range, ratio >= 1 - clip_eps_low (DAPO's decoupled clip); null = clip_eps.")
+    clip_eps_high: float | None = _f(
+        None, "Upper clip range, ratio <= 1 + clip_eps_high (DAPO's clip-higher, e.g. 0.28); null = clip_eps.")
+    policy_loss: Literal["ppo", "gspo"] = _f(
+        "ppo", "ppo: the token-level clipped ratio; gspo: GSPO's sequence-level ratio (the geometric mean of the token "
+        "ratios) clipped per sequence, averaged over sequences (Zheng et al. 2025; small clip ranges, e.g. 3e-4 / 4e-4).")
     value_clip: float | None = _f(0.2, "Value clip range; null = unclipped value loss.")
     vf_coef: float = _f(0.1, "Value loss coefficient.")
     entropy_coef: float = _f(0.0, "Entropy bonus coefficient (0 = off).")
-    loss_aggregation: Literal["token", "sequence"] = _f(
-        "token", "token: every valid token of a minibatch weighs the same; sequence: every response does.")
+    loss_aggregation: Literal["token", "sequence", "constant"] = _f(
+        "token", "token: every valid token of a minibatch weighs the same; sequence: every response does; constant: the "
+        "token sum divided by responses x max_new_tokens (Dr. GRPO's length-unbiased normaliser).")
     bf16: bool = _f(False, "bfloat16 mixed precision (GPUs that support it; our default turns it on there).")
     fp16: bool = _f(False, "float16 mixed precision.")
     activation_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, more time).")
@@ -105,9 +134,16 @@ class PPOTrainingConfig:
 
     def __post_init__(self):
         check_ranges(self, "training.")  # every numeric field within its range (RANGES)
-        if self.advantage_estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
+        if self.advantage_estimator in GROUP_ESTIMATORS and self.samples_per_prompt < 2:
             raise ValueError(f"training.advantage_estimator={self.advantage_estimator} compares samples of the same "
                              f"prompt: set training.samples_per_prompt >= 2 (got {self.samples_per_prompt})")
+        if self.dynamic_sampling and self.advantage_estimator not in GROUP_ESTIMATORS:
+            raise ValueError(f"training.dynamic_sampling drops groups of samples whose scores are all equal, but "
+                             f"advantage_estimator={self.advantage_estimator} has no groups; use one of "
+                             f"{', '.join(GROUP_ESTIMATORS)} with samples_per_prompt >= 2, or turn dynamic_sampling off")
+        if self.overlong_buffer is not None and self.overlong_buffer > self.max_new_tokens:
+            raise ValueError(f"training.overlong_buffer={self.overlong_buffer} is longer than max_new_tokens="
+                             f"{self.max_new_tokens}; the penalty ramps over the last overlong_buffer tokens of the budget")
         rollouts = self.rollout_batch_size * self.samples_per_prompt
         if rollouts % self.mini_batch_size:
             raise ValueError(f"training.mini_batch_size={self.mini_batch_size} must divide the rollouts per step "
@@ -120,6 +156,11 @@ class PPOTrainingConfig:
                              "tensorboard if listed (report_to: [tensorboard] or [])")
         if self.whiten_advantages is None:
             self.whiten_advantages = self.advantage_estimator == "gae"
+
+    @property
+    def kl_in_loss(self) -> bool:
+        """GRPO's way (DeepSeekMath): the KL to the reference is a k3 loss term, not a per-token reward term."""
+        return self.advantage_estimator in ("grpo", "dr_grpo")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -225,6 +266,11 @@ class PPOStageConfig(StageConfig):
         None, "Reward model (a one-label sequence classifier). Default: the run's reward stage output.")
     reward_fn: str | None = _f(
         None, "Instead of a reward model: a Python function module:function(prompts, completions) -> scores.")
+    rewards: list[dict[str, Any]] | None = _f(
+        None, "A composite reward: a list of components {name, weight, kwargs, columns, label}, each a shipped function "
+        "(math_answer, exact_match, format, length_penalty), module:function, or reward_model (scored with "
+        "ppo.reward_model); the reward is their weighted sum, each logged as reward/<label>. Functions read the prompt "
+        "data's other columns they name (e.g. answer). See rlhf_dist.rewards.")
     value_model: str | None = _f(
         None, "Model the value model starts from (gae only). Default: the reward model (docs/ppo.md item 18).")
     value_head: bool = _f(False, "Use a value head on the policy instead of a separate value model.")
@@ -242,6 +288,9 @@ class PPOStageConfig(StageConfig):
         super().__post_init__()
         if self.reward_model and self.reward_fn:
             raise ValueError("reward_model and reward_fn are both set; choose one source of rewards")
+        if self.rewards is not None and self.reward_fn:
+            raise ValueError("rewards and reward_fn are both set; list the function as a component of rewards "
+                             "({name: module:function, weight: 1.0})")
         estimator = self.training.advantage_estimator if self.training is not None else "gae"
         if estimator != "gae" and (self.value_head or self.value_model or self.value_adapter):
             raise ValueError(f"value_head / value_model / value_adapter are for advantage_estimator=gae; {estimator} uses "

@@ -28,6 +28,7 @@ class RolloutBatch:
     entropy: torch.Tensor        # [N, T] of the sampling distribution
     values: torch.Tensor | None  # [N, T] value estimates (None without a value function)
     scores: torch.Tensor         # [N] raw reward-model / reward-function scores
+    components: torch.Tensor | None = None  # [N, C] a composite reward's components (RewardSource.labels), unweighted
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]
@@ -64,7 +65,7 @@ def concat_batches(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
             out[f.name] = None
         elif f.name in ("query_ids", "query_mask"):
             out[f.name] = torch.cat([_pad_columns(v, lq, pad_id if f.name == "query_ids" else 0, True) for v in values])
-        elif values[0].dim() == 2:
+        elif values[0].dim() == 2 and f.name != "components":  # per response token
             fill = pad_id if f.name == "response_ids" else (False if f.name == "response_mask" else 0.0)
             out[f.name] = torch.cat([_pad_columns(v, t, fill, False) for v in values])
         else:
@@ -84,7 +85,7 @@ def gather_batch(accelerator, local: RolloutBatch, pad_id: int) -> RolloutBatch:
             continue
         is_bool = t.dtype == torch.bool
         t = t.long() if is_bool else t
-        if t.dim() == 2:
+        if t.dim() == 2 and f.name != "components":
             left = f.name in ("query_ids", "query_mask")
             fill = pad_id if f.name in ("query_ids", "response_ids") else 0
             t = accelerator.pad_across_processes(t, dim=1, pad_index=fill, pad_first=left)

@@ -43,7 +43,7 @@ from rlhf_dist.rl.distributed import replicated_loading, untied
 from rlhf_dist.rl.generation import disable_dropout
 from rlhf_dist.rl.reward_fn import load_reward_fn
 from rlhf_dist.rl.scoring import RewardSource
-from rlhf_dist.rl.sources import policy_base, reward_adapter_path, sft_adapter
+from rlhf_dist.rl.sources import composite, policy_base, reward_adapter_path, sft_adapter
 
 log = logging.getLogger("rlhf_dist")
 
@@ -118,18 +118,21 @@ def build_ppo(cfg, tokenizer, accelerator) -> PPOModels:
         if value_adapter is not None:
             adapter_aware_checkpointing(policy)
 
+    rewards = composite(cfg)  # ppo.rewards: functions and/or the reward model, weighted
     if cfg.reward_fn:
         reward = RewardSource(fn=load_reward_fn(cfg.reward_fn), fn_name=cfg.reward_fn)
+    elif rewards is not None and not rewards.needs_model:
+        reward = RewardSource(composite=rewards)
     elif shared_reward is not None:
         rm = _frozen(shared_reward, accelerator)
-        reward = RewardSource(model=rm, tokenizer=None, max_length=rm.config.max_position_embeddings)
+        reward = RewardSource(model=rm, tokenizer=None, max_length=rm.config.max_position_embeddings, composite=rewards)
     else:
         reward_tok = load_tokenizer(cfg.reward_model, cfg.model)
         same = reward_tok.get_vocab() == tokenizer.get_vocab() and reward_tok.eos_token == tokenizer.eos_token
         with replicated_loading():
             rm = _frozen(load_frozen_reward_model(cfg.reward_model, cfg, reward_tok), accelerator)
         reward = RewardSource(model=rm, tokenizer=None if same else reward_tok,
-                              max_length=getattr(rm.config, "max_position_embeddings", None))
+                              max_length=getattr(rm.config, "max_position_embeddings", None), composite=rewards)
         if not same:
             log.info("ppo: the reward model's tokenizer differs from the policy's; responses are decoded and re-encoded")
 

@@ -239,26 +239,27 @@ def retokenize(texts_prompt: Sequence[str], texts_response: Sequence[str], token
 
 @dataclass
 class RewardSource:
-    """Where scores come from: a reward model (with its own tokenizer, or None = the policy's) or a function."""
+    """Where scores come from: a reward model (with its own tokenizer, or None = the policy's), a function, or a
+    composite of functions and/or the reward model (`rlhf_dist.rewards.Composite`, ppo.rewards)."""
 
     model: nn.Module | None = None
     tokenizer: Any = None
     max_length: int | None = None
     fn: Callable | None = None
     fn_name: str = "reward_fn"
+    composite: Any = None
+
+    @property
+    def labels(self) -> list[str]:
+        """The composite's components, in order (what `score_responses` returns a column for); none otherwise."""
+        return [c.label for c in self.composite.components] if self.composite is not None else []
 
 
-def score_responses(reward: RewardSource, tokenizer: Any, query_ids: torch.Tensor, query_mask: torch.Tensor,
-                    response_ids: torch.Tensor, response_mask: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
-    """[B] scores of prompt + truncated response (docs/ppo.md item 3), from the reward model or function.
-
-    ``tokenizer`` is the policy's. A reward model with the policy's tokenizer scores the very tokens the policy
-    produced; one with its own is given the decoded text, re-encoded (`retokenize`, EOS where the response ended); a
-    function gets the decoded prompts and completions."""
-    if reward.fn is not None:
-        prompts, completions = decode_pairs(tokenizer, query_ids, query_mask, response_ids, response_mask)
-        values = call_reward_fn(reward.fn, prompts, completions, reward.fn_name)
-        return torch.tensor(values, dtype=torch.float32, device=query_ids.device)
+def model_scores(reward: RewardSource, tokenizer: Any, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                 response_ids: torch.Tensor, response_mask: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+    """[B] reward-model scores of prompt + truncated response. With the policy's tokenizer the model scores the very
+    tokens the policy produced; with its own it gets the decoded text, re-encoded (`retokenize`, EOS where the
+    response ended)."""
     if reward.tokenizer is None:
         return sequence_scores(reward.model, query_ids, query_mask, response_ids, response_mask)
     prompts, completions = decode_pairs(tokenizer, query_ids, query_mask, response_ids, response_mask)
@@ -266,3 +267,26 @@ def score_responses(reward: RewardSource, tokenizer: Any, query_ids: torch.Tenso
                            device=query_ids.device)
     empty = ids.new_zeros((ids.shape[0], 0))
     return sequence_scores(reward.model, ids, mask, empty, empty.bool())
+
+
+def score_responses(reward: RewardSource, tokenizer: Any, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                    response_ids: torch.Tensor, response_mask: torch.Tensor, ended: torch.Tensor,
+                    columns: dict[str, list] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scores [B], components [B, C] or None) of prompt + truncated response (docs/ppo.md item 3).
+
+    ``tokenizer`` is the policy's. A reward model scores as `model_scores`; a function gets the decoded prompts and
+    completions; a composite sums its components with their weights (the reward model's among them) and also returns
+    each component's own scores, in the order of `RewardSource.labels`. ``columns``: the prompt rows' other columns
+    (one value per response) for functions that read them."""
+    if reward.fn is None and reward.composite is None:
+        return model_scores(reward, tokenizer, query_ids, query_mask, response_ids, response_mask, ended), None
+    prompts, completions = decode_pairs(tokenizer, query_ids, query_mask, response_ids, response_mask)
+    if reward.fn is not None:
+        values = call_reward_fn(reward.fn, prompts, completions, reward.fn_name)
+        return torch.tensor(values, dtype=torch.float32, device=query_ids.device), None
+    from_model = None
+    if reward.composite.needs_model:
+        from_model = model_scores(reward, tokenizer, query_ids, query_mask, response_ids, response_mask, ended).tolist()
+    out = reward.composite(prompts, completions, columns, from_model)
+    components = torch.tensor([out.components[label] for label in reward.labels], dtype=torch.float32).T
+    return torch.tensor(out.total, dtype=torch.float32, device=query_ids.device), components.to(query_ids.device)

@@ -19,21 +19,33 @@ def check_sources(cfg, output: Path, upcoming: Collection[str] = ()) -> None:
     """The PPO stage's `sources` hook (`rlhf_dist.registry`): fill in and check the reward source, unless the reward
     stage is among the `upcoming` stages of a pipeline and no other reward is set (that stage will make it)."""
     if "reward" in upcoming and not (cfg.reward_fn or cfg.reward_model):
+        composite(cfg)  # its components are checked now; a reward model comes from this pipeline's reward stage
         return
     resolve_reward(cfg, output)
 
 
+def composite(cfg):
+    """The composite reward of ppo.rewards (`rlhf_dist.rewards.Composite`, every component checked), or None."""
+    if cfg.rewards is None:
+        return None
+    from rlhf_dist.rewards import Composite
+
+    return Composite(cfg.rewards, "ppo.rewards")
+
+
 def resolve_reward(cfg, output: Path) -> None:
-    """Fill in cfg.reward_model (default: OUTPUT/reward) and check the reward source; one-line errors."""
+    """Fill in cfg.reward_model (default: OUTPUT/reward) where a reward model scores, and check the reward source(s):
+    ppo.reward_fn, the components of ppo.rewards, the reward model; one-line errors."""
     from rlhf_dist.rl.reward_fn import load_reward_fn
 
+    rewards = composite(cfg)
     if cfg.reward_fn:
         load_reward_fn(cfg.reward_fn, "ppo.reward_fn")
-    else:
+    elif rewards is None or rewards.needs_model:
         if not cfg.reward_model:
             if not rundir.is_complete(output, "reward"):
                 raise UserError("ppo: no reward; set ppo.reward_model (a reward model), ppo.reward_fn "
-                                "(module:function), or run the reward stage first (it writes OUTPUT/reward)")
+                                "(module:function) or ppo.rewards, or run the reward stage first (it writes OUTPUT/reward)")
             cfg.reward_model = str(rundir.stage_dir(output, "reward").resolve())
         check_classifier(cfg.reward_model, "ppo.reward_model", cfg)
     if cfg.value_model and cfg.training.advantage_estimator == "gae" and not cfg.value_head:

@@ -46,18 +46,32 @@ import torch
 from torch import nn
 
 from rlhf_dist import faults, preempt, watchdog
-from rlhf_dist.rl import checkpoint, guardrails
+from rlhf_dist.rl import checkpoint, guardrails, objective
 from rlhf_dist.rl.actor_critic import ActorCritic
-from rlhf_dist.rl.advantages import gae, group_baseline, masked_mean, sequence_advantages_to_tokens, whiten
+from rlhf_dist.rl.advantages import (
+    gae,
+    group_baseline,
+    masked_mean,
+    reinforce_pp_advantages,
+    sequence_advantages_to_tokens,
+    whiten,
+)
 from rlhf_dist.rl.batch import RolloutBatch, gather_batch
 from rlhf_dist.rl.batching import check_batch_sizes
 from rlhf_dist.rl.distributed import WeightedMeans, max_over_processes, zero_stage
 from rlhf_dist.rl.guardrails import Guardrails
 from rlhf_dist.rl.kl import AdaptiveKLController, FixedKLController, kl_estimate
-from rlhf_dist.rl.losses import aggregate, explained_variance, ppo_policy_loss, value_loss
+from rlhf_dist.rl.losses import explained_variance
 from rlhf_dist.rl.optim import build_optimizer, lr_factor
-from rlhf_dist.rl.rewards import RunningMoments, kl_shaped_rewards, normalize_scores
-from rlhf_dist.rl.sampler import RolloutSampler, derived_seed
+from rlhf_dist.rl.rewards import (
+    RunningMoments,
+    apply_gain_bias,
+    fit_gain_bias,
+    kl_shaped_rewards,
+    normalize_scores,
+    overlong_penalty,
+)
+from rlhf_dist.rl.sampler import RolloutSampler, component_means, derived_seed
 from rlhf_dist.rl.scoring import RewardSource, decode_pairs
 from rlhf_dist.rl.tracking import Tracker
 
@@ -78,15 +92,19 @@ class PPOLoop:
         train_prompts, eval_prompts: token id lists (already checked against max_prompt_length).
         work_dir: where checkpoints and logs go.
         guardrails: `rlhf_dist.config.ppo.GuardrailsConfig` (default: its defaults), see `rlhf_dist.rl.guardrails`.
+        train_columns, eval_columns: the prompt rows' other columns (name -> one value per prompt) that reward
+            functions read (e.g. a reference answer), or None.
 
     `rlhf_dist.rl.models.build_ppo` builds actor_critic, reference and reward from a PPO stage config.
     """
 
     def __init__(self, args, accelerator, actor_critic: ActorCritic, reference: nn.Module | None, reward: RewardSource,
                  tokenizer, train_prompts: list[list[int]], eval_prompts: list[list[int]], work_dir: Path,
-                 guardrails=None):
+                 guardrails=None, train_columns: dict[str, list] | None = None,
+                 eval_columns: dict[str, list] | None = None):
         self.args, self.accelerator, self.reward = args, accelerator, reward
         self.tokenizer, self.train_prompts, self.eval_prompts = tokenizer, train_prompts, eval_prompts
+        self.train_columns, self.eval_columns = train_columns or {}, eval_columns or {}
         self.work_dir = Path(work_dir)
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.pad_id = tokenizer.pad_token_id
@@ -99,7 +117,7 @@ class PPOLoop:
         self.rollouts_per_step = args.rollout_batch_size * args.samples_per_prompt
         self.minibatches = self.rollouts_per_step // args.mini_batch_size
         self.optimizer_steps = self.max_steps * args.ppo_epochs * self.minibatches
-        self.kl_in_loss = args.advantage_estimator == "grpo"
+        self.kl_in_loss = args.kl_in_loss
         self.zero_stage = zero_stage(accelerator)
         self.deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
 
@@ -122,6 +140,7 @@ class PPOLoop:
         else:
             self.kl_ctl = FixedKLController(args.kl_coef)
         self.moments = RunningMoments()
+        self.gain_bias: tuple[float, float] | None = None  # fitted once on the initial policy (reward_gain_bias)
         self.step = 0
         self.optimizer_step = 0
         if guardrails is None:
@@ -147,19 +166,32 @@ class PPOLoop:
         for group, base in zip(self.raw_optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
 
-    def step_prompts(self, step: int) -> list[list[int]]:
-        """This process's prompts for PPO step ``step`` (1-based), each repeated samples_per_prompt times."""
+    def step_prompts(self, step: int, refill: int = 0) -> list[list[int]]:
+        """This process's prompts for PPO step ``step`` (1-based), each repeated samples_per_prompt times. `refill` > 0:
+        the prompts of dynamic sampling's refill round `refill` (another seeded draw of rollout_batch_size prompts)."""
+        return [self.train_prompts[i] for i in self.step_rows(step, refill)]
+
+    def step_columns(self, step: int, refill: int = 0) -> dict[str, list]:
+        """The other columns of `step_prompts`'s rows, for the reward functions that read them."""
+        rows = self.step_rows(step, refill)
+        return {name: [values[i] for i in rows] for name, values in self.train_columns.items()}
+
+    def step_rows(self, step: int, refill: int = 0) -> list[int]:
+        """The training prompts (their indices) of `step_prompts`."""
         a = self.args
         epoch, index = divmod(step - 1, self.steps_per_epoch)
-        order = torch.randperm(len(self.train_prompts), generator=torch.Generator().manual_seed(derived_seed(a.seed, epoch)))
+        seed = derived_seed(a.seed, step, refill, 2) if refill else derived_seed(a.seed, epoch)
+        order = torch.randperm(len(self.train_prompts), generator=torch.Generator().manual_seed(seed))
+        index = 0 if refill else index
         global_rows = order[index * a.rollout_batch_size:(index + 1) * a.rollout_batch_size].tolist()
         per_process = a.rollout_batch_size // self.world
         mine = global_rows[self.rank * per_process:(self.rank + 1) * per_process]
-        return [self.train_prompts[i] for i in mine for _ in range(a.samples_per_prompt)]
+        return [i for i in mine for _ in range(a.samples_per_prompt)]
 
-    def rollout(self, prompts: list[list[int]], seed_parts: tuple[int, ...]) -> RolloutBatch:
+    def rollout(self, prompts: list[list[int]], seed_parts: tuple[int, ...],
+                columns: dict[str, list] | None = None) -> RolloutBatch:
         """Phase 1 for ``prompts`` (this process's share): `RolloutSampler.rollout`."""
-        return self.sampler.rollout(prompts, seed_parts, self.step)
+        return self.sampler.rollout(prompts, seed_parts, self.step, columns)
 
     # -- one PPO step ------------------------------------------------------------------------------
     def train_step(self, step: int) -> tuple[dict[str, float], RolloutBatch]:
@@ -167,15 +199,26 @@ class PPOLoop:
         started = time.perf_counter()
 
         # 1. rollout: this process's shard of the step's prompts
-        local = self.rollout(self.step_prompts(step), (a.seed, step))
+        local = self.rollout(self.step_prompts(step), (a.seed, step), self.step_columns(step))
         rollout_seconds = time.perf_counter() - started
         # 2. gather: every process now holds the whole step (identical tensors everywhere)
         with watchdog.phase("gather", step):
             batch = gather_batch(acc, local, self.pad_id)
+        sampling = {}
+        if a.dynamic_sampling:  # DAPO: groups of equal scores dropped and refilled (the same decisions on every process)
+            batch, sampling = self.sampler.dynamic_sampling(
+                batch, lambda r: (self.step_prompts(step, r), self.step_columns(step, r)), (a.seed, step), step)
         mask = batch.response_mask
 
-        # 3. score: optional running normalisation and clipping (item 8)
+        # 3. score: the fixed gain/bias, DAPO's overlong shaping, optional running normalisation and clipping (item 8)
         scores = batch.scores
+        if self.gain_bias is not None:
+            scores = apply_gain_bias(scores, *self.gain_bias)
+        if a.overlong_buffer:
+            overlong = a.overlong_penalty_factor * overlong_penalty(mask.sum(1), a.max_new_tokens, a.overlong_buffer,
+                                                                    scores.dtype)
+            scores = scores + overlong
+            sampling["objective/overlong_penalty"] = float(overlong.mean())
         if a.reward_normalization:
             self.moments.update(scores)
         scores = normalize_scores(scores, self.moments if a.reward_normalization else None, a.reward_clip)
@@ -189,14 +232,19 @@ class PPOLoop:
         rewards, reward_stats = kl_shaped_rewards(scores, kl, mask, 0.0 if self.kl_in_loss else beta,
                                                   a.missing_eos_penalty, batch.ended)
 
-        # 5. advantages: GAE with the value model, or a baseline from the other samples of the prompt
+        # 5. advantages: GAE with the value model, REINFORCE++'s whitened returns, or a baseline from the other samples
+        #    of the prompt
+        returns = None
         if a.advantage_estimator == "gae":
             advantages, returns = gae(rewards, batch.values, mask, a.gamma, a.lam)
+        elif a.advantage_estimator in ("reinforce_pp", "reinforce_pp_baseline"):
+            final = scores - (a.missing_eos_penalty or 0.0) * (~batch.ended).to(scores.dtype)  # the score on the last token
+            group = {"scores": final, "group_size": a.samples_per_prompt} if a.advantage_estimator.endswith("baseline") else {}
+            advantages = reinforce_pp_advantages(rewards, mask, a.gamma, **group)
         else:
             sequence_reward = rewards.sum(dim=1)  # score - beta * sum_t kl_t
             advantages = sequence_advantages_to_tokens(
                 group_baseline(sequence_reward, a.samples_per_prompt, a.advantage_estimator), mask)
-            returns = None
 
         # 6. whiten over every valid token of the step (all processes hold all of it: item 10)
         if a.whiten_advantages:
@@ -222,6 +270,8 @@ class PPOLoop:
             "objective/non_score_reward": reward_stats["non_score_reward"],
             "objective/rlhf_reward": reward_stats["rlhf_reward"],
             "policy/entropy": float(masked_mean(batch.entropy, mask)),
+            **component_means(self.reward, batch.components),
+            **sampling,
             **train_stats,
             "rollout/response_length": float(lengths.mean()),
             "rollout/eos_rate": float(batch.ended.float().mean()),
@@ -256,8 +306,8 @@ class PPOLoop:
             for k in range(self.minibatches):
                 minibatch_rows = order[k * a.mini_batch_size:(k + 1) * a.mini_batch_size]
                 my_rows = minibatch_rows[self.rank * per_process:(self.rank + 1) * per_process]
-                minibatch_mask = batch.response_mask[minibatch_rows]
-                denominator = float(minibatch_mask.sum()) if a.loss_aggregation == "token" else float(len(minibatch_rows))
+                minibatch_mask = objective.loss_mask(batch, a)[minibatch_rows]
+                denominator = max(objective.normaliser(minibatch_mask, a), 1.0)  # all of the minibatch, every process
                 self._set_lr()
                 for j in range(0, per_process, micro_size):
                     rows = my_rows[j:j + micro_size]
@@ -269,7 +319,7 @@ class PPOLoop:
                                                     beta, scale)
                         if acc.sync_gradients:
                             self.optimizer_update(stats)
-                    tokens = float(micro.response_mask.sum())
+                    tokens = float(objective.loss_mask(micro, a).sum())
                     stats.add(micro_stats, tokens)
                     if epoch == 0 and k == 0:
                         first.add({"policy/ratio_first_minibatch": micro_stats["policy/ratio_mean"]}, tokens)
@@ -297,46 +347,23 @@ class PPOLoop:
 
     def loss(self, micro: RolloutBatch, advantages: torch.Tensor, returns: torch.Tensor | None, denominator: float,
              beta: float) -> tuple[torch.Tensor, dict[str, float]]:
-        """The PPO objective on one micro-batch, normalised by the whole minibatch's ``denominator``.
-
-        ``loss = pg_loss + vf_coef * v_loss (gae) + beta * k3 KL (grpo) - entropy_coef * entropy``;
-        the stats are this micro-batch's means (losses re-normalised by its own count).
-        """
-        a = self.args
+        """The objective on one micro-batch (`rl.objective`), normalised by the whole minibatch's ``denominator``: the
+        policy's and, with ``returns``, the value function's terms from one forward."""
         with self.accelerator.autocast():
             logprobs, entropy, values = self.model(micro.query_ids, micro.query_mask, micro.response_ids,
                                                    micro.response_mask, with_values=returns is not None)
-        mask, aggregation = micro.response_mask, a.loss_aggregation
-        share = max(_count(micro, a), 1) / denominator  # of the minibatch's tokens (or sequences)
-        pg_loss, pg_stats = ppo_policy_loss(logprobs, micro.logprobs, advantages, mask, a.clip_eps, aggregation,
-                                            denominator=denominator)
-        loss = pg_loss
-        stats = {"policy/pg_loss": pg_loss.item() / share, **{f"policy/{k}": v for k, v in pg_stats.items()}}
+        loss, stats = objective.policy_loss(self.args, micro, logprobs, entropy, advantages, denominator, beta)
         if returns is not None:
-            v_loss, v_stats = self._value_term(values, micro, returns, denominator)
+            v_loss, v_stats = objective.value_loss(self.args, micro, values, returns, denominator)
             loss = loss + v_loss
             stats.update(v_stats)
-        if self.kl_in_loss:  # GRPO: beta * k3(pi || pi_ref), differentiable in the policy
-            kl = kl_estimate(logprobs, micro.ref_logprobs, "k3", a.kl_clamp, mask)
-            loss = loss + beta * aggregate(kl, mask, aggregation, denominator)
-        if a.entropy_coef:
-            loss = loss - a.entropy_coef * aggregate(entropy, mask, aggregation, denominator)
         return loss, stats
 
     def value_loss(self, micro: RolloutBatch, returns: torch.Tensor, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
         """``vf_coef * value_loss`` from the value function's own pass (`split_backward`)."""
         with self.accelerator.autocast():
             values = self.unwrapped.values(micro.query_ids, micro.query_mask, micro.response_ids, micro.response_mask)
-        return self._value_term(values, micro, returns, denominator)
-
-    def _value_term(self, values: torch.Tensor, micro: RolloutBatch, returns: torch.Tensor,
-                    denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
-        a = self.args
-        share = max(_count(micro, a), 1) / denominator
-        v_loss, v_stats = value_loss(values, micro.values, returns, micro.response_mask, a.value_clip, a.loss_aggregation,
-                                     denominator=denominator)
-        return a.vf_coef * v_loss, {"value/loss": v_loss.item() / share, "value/clipfrac": v_stats["vf_clipfrac"],
-                                    "value/mean": v_stats["value_mean"]}
+        return objective.value_loss(self.args, micro, values, returns, denominator)
 
     def optimizer_update(self, stats: WeightedMeans) -> None:
         """Clip the accumulated gradients, step Adam, zero them (under DeepSpeed the engine did all of it).
@@ -367,10 +394,24 @@ class PPOLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_step += 1
 
+    def fit_gain_bias(self) -> None:
+        """The fixed gain and bias of the scores (docs/ppo.md item 8), fitted once on a step's worth of rollouts of the
+        initial policy (their own seeds: no training step samples them) so that those scores have reward_target_mean
+        and reward_target_std; kept in every checkpoint."""
+        a = self.args
+        with watchdog.phase("train_step", 0):
+            local = self.rollout(self.step_prompts(1), (a.seed, -2), self.step_columns(1))
+            batch = gather_batch(self.accelerator, local, self.pad_id)
+        self.gain_bias = fit_gain_bias(batch.scores.float(), a.reward_target_mean, a.reward_target_std)
+        log.info("ppo: fixed reward gain %.4g and bias %.4g, fitted on %d rollouts of the initial policy (score mean "
+                 "%.4g, std %.4g)", *self.gain_bias, len(batch), float(batch.scores.float().mean()),
+                 float(batch.scores.float().std(unbiased=False)))
+
     # -- evaluation ------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Held-out score, KL, length and EOS rate (`RolloutSampler.evaluate`), the same prompts and seeds each time."""
-        return self.sampler.evaluate(self.eval_prompts[:self.args.eval_max_prompts], self.step)
+        n = self.args.eval_max_prompts
+        return self.sampler.evaluate(self.eval_prompts[:n], self.step, {k: v[:n] for k, v in self.eval_columns.items()})
 
     def samples(self, batch: RolloutBatch, n: int) -> list[dict]:
         """The first n rollouts of a step as text, for the sample log."""
@@ -385,7 +426,8 @@ class PPOLoop:
     def counters(self) -> dict:
         """The loop's own state beside the weights and the optimizer (a checkpoint's `checkpoint.COUNTERS_FILE`)."""
         return {"step": self.step, "optimizer_step": self.optimizer_step, "kl_ctl": self.kl_ctl.state_dict(),
-                "moments": self.moments.state_dict(), "world_size": self.world, "guardrails": self.guard.state_dict()}
+                "moments": self.moments.state_dict(), "world_size": self.world, "guardrails": self.guard.state_dict(),
+                "gain_bias": self.gain_bias}
 
     def save_checkpoint(self) -> Path:
         """WORK/checkpoint-STEP: weights, optimizer, RNG (accelerate) and the counters, sealed (`rl.checkpoint.save`)."""
@@ -400,6 +442,7 @@ class PPOLoop:
         self.step, self.optimizer_step = int(state["step"]), int(state["optimizer_step"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.moments.load_state_dict(state["moments"])
+        self.gain_bias = tuple(state["gain_bias"]) if state.get("gain_bias") else None
         saved_guard = state.get("guardrails", {})
         if rollback:
             self.kl_ctl.value *= self.guard.kl_scale / saved_guard.get("kl_scale", 1.0)
@@ -415,7 +458,9 @@ class PPOLoop:
         if resume_from:
             self.load_checkpoint(resume_from)
             log.info("ppo: resumed at step %d from %s", self.step, resume_from)
-        elif a.save_steps and self.guard.may_roll_back():
+        if a.reward_gain_bias and self.gain_bias is None:
+            self.fit_gain_bias()
+        if not resume_from and a.save_steps and self.guard.may_roll_back():
             self.save_checkpoint()  # checkpoint-0: a rollback before the first checkpoint goes back to the start
         self.tracker = tracker = Tracker(self.work_dir, acc.is_main_process, list(a.report_to), resume_step=self.step,
                                          events=len(self.guard.events))
@@ -451,6 +496,3 @@ class PPOLoop:
             tracker.close()
         return tracker.history()
 
-
-def _count(micro: RolloutBatch, a) -> int:
-    return int(micro.response_mask.sum()) if a.loss_aggregation == "token" else len(micro)

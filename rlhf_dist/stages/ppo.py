@@ -27,7 +27,7 @@ import types
 
 from rlhf_dist import faults, rundir, watchdog
 from rlhf_dist.errors import ConfigError, UserError
-from rlhf_dist.rl.sources import policy_base, reward_adapter_path, sft_adapter, text_config
+from rlhf_dist.rl.sources import composite, policy_base, reward_adapter_path, sft_adapter, text_config
 from rlhf_dist.stages.common import StageContext, process_state
 
 log = logging.getLogger("rlhf_dist")
@@ -37,6 +37,13 @@ def prompts(ctx: StageContext) -> tuple[list[list[int]], list[list[int]]]:
     """(train, eval) prompt token ids, as the length policy made them (rlhf_dist.lengths: prompts over
     max_prompt_length truncated on the left, skipped, or refused, as ppo.data.on_long_row says)."""
     return [list(x) for x in ctx.train["input_ids"]], [list(x) for x in ctx.eval["input_ids"]]
+
+
+def columns(ctx: StageContext) -> tuple[dict[str, list], dict[str, list]]:
+    """(train, eval) values of the prompt data's other columns that the reward functions of ppo.rewards read."""
+    rewards = composite(ctx.cfg)
+    names = rewards.columns if rewards is not None else []
+    return {c: list(ctx.train[c]) for c in names}, {c: list(ctx.eval[c]) for c in names}
 
 
 def check(ctx: StageContext) -> None:
@@ -69,6 +76,10 @@ def check(ctx: StageContext) -> None:
                           f"policy's {limit} positions (max_position_embeddings); lower ppo.training.max_new_tokens or "
                           "ppo.training.max_prompt_length")
     _check_generation_config(cfg)
+    rewards = composite(cfg)
+    if rewards is not None:  # every column a reward function reads is in the prompt data (both splits)
+        for split, ds in (("train", ctx.train), ("eval", ctx.eval)):
+            rewards.check_columns(ds.column_names, f"ppo.data ({split} split)")
     if len(train) < a.rollout_batch_size:
         raise ConfigError(f"ppo: {len(train)} training prompts are fewer than "
                           f"ppo.training.rollout_batch_size={a.rollout_batch_size}; lower it or add prompts")
@@ -106,8 +117,9 @@ def run(ctx: StageContext) -> dict:
              f"({100 * mem['saved_vs_separate_16bit']:.0f}% less)")
     work = ctx.final_dir.parent
     train_prompts, eval_prompts = prompts(ctx)
+    train_columns, eval_columns = columns(ctx)
     loop = PPOLoop(a, accelerator, models.actor_critic, models.reference, models.reward, ctx.tokenizer, train_prompts,
-                   eval_prompts, work, guardrails=cfg.guardrails)
+                   eval_prompts, work, guardrails=cfg.guardrails, train_columns=train_columns, eval_columns=eval_columns)
     before_file = work / "before.json"
     if ctx.checkpoint and before_file.is_file():  # the starting policy's figures, measured by the first attempt
         before = json.loads(before_file.read_text())
@@ -127,7 +139,7 @@ def run(ctx: StageContext) -> dict:
     train = {"global_step": loop.step, "optimizer_steps": loop.optimizer_step,
              "distributed_type": str(accelerator.distributed_type.value), "zero_stage": loop.zero_stage,
              "final_kl": last.get("objective/kl"), "final_score": last.get("objective/scores"),
-             "final_kl_coef": last.get("objective/kl_coef")}
+             "final_kl_coef": last.get("objective/kl_coef"), "reward_gain_bias": loop.gain_bias}
     # Prompts sampled from (each step takes rollout_batch_size of them, in epochs) and held-out prompts evaluated
     rows = {"train": len(train_prompts), "eval": min(len(eval_prompts), a.eval_max_prompts)}
     return {"before": before, "after": after, "train": train, "models": mem, "guardrails": loop.guard.summary(),
