@@ -122,8 +122,13 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
     summary = summarize(output, stages)
     print("\n" + format_summary(summary))
+    for stage in stages:  # a stage's own table of results (table.txt in its output), after the summary
+        table = rundir.stage_dir(output, stage) / "table.txt"
+        if table.is_file():
+            print("\n" + table.read_text().rstrip())
     rundir.write_json(output / "summary.json", summary)
     histories = {s: json.loads((rundir.stage_dir(output, s) / "log_history.json").read_text()) for s in stages}
+    histories = {s: h for s, h in histories.items() if h} or histories  # stages that train nothing log nothing
     tmp = output / ".summary.tmp.png"
     plot_run(histories, tmp)
     tmp.replace(output / "summary.png")

@@ -82,6 +82,11 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
               "rlhf_dist.config.stages:KTOStageConfig", "unpaired", upstream=("sft", "pretrain"),
               headline=("accuracy", "margin", "kl"), length_rule="completion", length_limit="max_length",
               memory="lm_pairs_reference"),
+    StageSpec("eval", "the run's policies vs the SFT model on held-out prompts: score, win rate, KL, degeneration",
+              "rlhf_dist.stages.eval:EvalStageConfig", "prompts", upstream=("sft",),
+              headline=("win_rate", "score", "kl", "degenerate"), length_rule="prompt",
+              length_limit="max_prompt_length", memory="inference", hf_trainer=False, rows_one_for_one=False,
+              sources="rlhf_dist.stages.eval:check_sources"),
 )}
 
 

@@ -167,7 +167,7 @@ def test_a_new_stage_is_one_module_and_one_registry_entry(tmp_path, tiny_model, 
     (copy / "rlhf_dist" / "stages" / "lm.py").write_text(module)
     registry = copy / "rlhf_dist" / "registry.py"
     text = registry.read_text()
-    anchor = "\n" + "\n".join(context) + "\n"  # the end of STAGES: the new entry goes last
+    anchor = "\n" + "\n".join(context) + "\n"  # the entry the new one goes before (eval, which stays last)
     assert text.count(anchor) == 1, "the registry diff in docs/architecture.md no longer matches rlhf_dist/registry.py"
     registry.write_text(text.replace(anchor, "\n" + "\n".join(entry) + anchor))
     changed = sorted(str(p.relative_to(copy / "rlhf_dist")) for p in (copy / "rlhf_dist").rglob("*.py")

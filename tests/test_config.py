@@ -18,6 +18,7 @@ from rlhf_dist.config.ppo import PPOTrainingConfig
 from rlhf_dist.config.resolve import field_help, redact_overrides, resolve_stage, to_dict, validate_recipe
 from rlhf_dist.errors import ConfigError, UserError
 from rlhf_dist.recipe import apply_overrides, load_recipe, shipped_recipes
+from rlhf_dist.stages.eval import EvalTrainingConfig
 
 HF_CLASSES = {
     "pretrain": TrainingArguments,
@@ -25,6 +26,8 @@ HF_CLASSES = {
     "reward": trl.RewardConfig,
     "ppo": PPOTrainingConfig,  # our own loop's dataclass
     "dpo": trl.DPOConfig,
+    "kto": trl.KTOConfig,
+    "eval": EvalTrainingConfig,  # the eval stage's own settings
 }
 DEMO = str(shipped_recipes()["demo"])
 
@@ -75,7 +78,7 @@ def test_shipped_recipe_resolves_every_stage(name, tmp_path):
 
 def test_demo_values_arrive(tmp_path):
     raw = demo_raw()
-    assert validate_recipe(raw, DEMO) == ["pretrain", "sft", "reward", "ppo", "dpo"]
+    assert validate_recipe(raw, DEMO) == ["pretrain", "sft", "reward", "ppo", "dpo", "eval"]
 
     pre = resolve(raw, "pretrain", tmp_path)
     assert pre.block_size == 64
@@ -107,7 +110,8 @@ def test_demo_values_arrive(tmp_path):
 
     dpo = resolve(raw, "dpo", tmp_path)
     assert dpo.training.beta == pytest.approx(0.1)
-    assert dpo.training.learning_rate == pytest.approx(5e-4)
+    assert dpo.training.learning_rate == pytest.approx(1e-3)
+    assert dpo.training.loss_type == ["sigmoid", "sft"] and dpo.training.loss_weights == [1.0, 1.0]
 
 
 def test_stage_section_overrides_shared_section(tmp_path):
@@ -330,7 +334,7 @@ def test_coerce_rejects(value, tp, expected):
 def test_load_recipe_by_name_and_path(tmp_path):
     by_name, source = load_recipe("demo")
     assert source == DEMO
-    assert by_name["stages"] == ["pretrain", "sft", "reward", "ppo", "dpo"]
+    assert by_name["stages"] == ["pretrain", "sft", "reward", "ppo", "dpo", "eval"]
     assert by_name["pretrain"]["block_size"] == 64
 
     by_path, source2 = load_recipe(DEMO)

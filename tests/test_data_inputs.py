@@ -344,7 +344,7 @@ def test_skip_and_error(tokenizer, stage):
 
 def test_defaults_follow_the_trainers(tokenizer):
     assert {s: lengths.policy(s, DataSection()) for s, spec in registry.STAGES.items() if spec.length_rule} == {
-        "sft": "truncate", "reward": "skip", "dpo": "truncate", "ppo": "truncate", "kto": "truncate"}
+        "sft": "truncate", "reward": "skip", "dpo": "truncate", "ppo": "truncate", "kto": "truncate", "eval": "truncate"}
 
 
 def test_reward_pairs_tokenised_as_trl_does(tokenizer):

@@ -252,7 +252,22 @@ def test_demo_meets_its_targets(tmp_path):
     assert ppo["before"]["kl"] == 0.0
     assert ppo["after"]["score"] > ppo["before"]["score"] + 0.5, ppo
     assert 0.0 < ppo["after"]["kl"] < 10.0, ppo
+    # eval: ppo and dpo beat the SFT model (the interval's lower bound above one half), and greedy decoding stays text
+    models = json.loads((out / "eval" / "metrics.json").read_text())["models"]
+    assert list(models) == ["sft", "ppo", "dpo"]
+    for name in ("ppo", "dpo"):
+        assert models[name]["win_rate"] > 0.5 and models[name]["ci_low"] > 0.5, (name, models[name])
+    assert {name: m["degenerate"] for name, m in models.items()} == {"sft": 0.0, "ppo": 0.0, "dpo": 0.0}
+    assert result.stdout.index("sft (reference)") > result.stdout.index("metric (held-out)")  # the eval table last
     assert "demo: finished" in result.stdout
+    # GRPO with a verifiable reward (exact match with each question's answer) on the demo's verifiable task, from its
+    # SFT model (the shipped recipe demo-grpo): the held-out exact-match accuracy rises
+    grpo = cli("ppo", "--recipe", "demo-grpo", "--output", str(tmp_path / "grpo"), f"ppo.init_from={out / 'sft'}",
+               f"ppo.data.path={out / 'data' / 'verifiable.jsonl'}", f"model.name_or_path={out / 'base_model'}")
+    assert grpo.returncode == 0, grpo.stderr[-3000:]
+    m = json.loads((tmp_path / "grpo" / "ppo" / "metrics.json").read_text())
+    assert m["after"]["reward/exact_match"] == m["after"]["score"]  # one component, weight 1
+    assert m["after"]["score"] > m["before"]["score"] + 0.05, (m["before"], m["after"])
     shutil.rmtree(out)
 
 

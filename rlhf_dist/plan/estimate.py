@@ -170,6 +170,12 @@ def _ppo(policy: Shape, classifier: Shape, lora: bool) -> list[Role]:
             Role(value, True, True, own_base=False, extra_trainable=policy.hidden + 1)]
 
 
+def _inference(policy: Shape, classifier: Shape, lora: bool) -> list[Role]:
+    # eval: one policy at a time (generating), the frozen reference and reward model; no gradients, no optimizer
+    reward = Role(Shape(**{**asdict(classifier), "role": "reward"}), False, False)
+    return [Role(policy, False, False, kv_cache=True), Role(policy, False, False), reward]
+
+
 @dataclass(frozen=True)
 class Profile:
     """The models a stage holds: which shapes it reads (a causal LM, "policy"; a one-score "classifier") and the roles
@@ -185,6 +191,7 @@ PROFILES = {
     "lm_pairs_reference": Profile(("policy",), _lm_pairs_reference),  # dpo: pairs, a frozen reference (none with LoRA)
     "classifier_pairs": Profile(("classifier",), _classifier_pairs),  # reward: a sequence classifier on pairs
     "ppo": Profile(("policy", "classifier"), _ppo),  # policy, reference, reward and value
+    "inference": Profile(("policy", "classifier"), _inference),  # eval: a policy, its reference and the reward model
 }
 
 

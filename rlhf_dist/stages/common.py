@@ -73,19 +73,41 @@ def file_digest(path: str | Path, limit: int = 256 << 20) -> str:
 def input_identity(cfg: StageConfig) -> dict:
     """What the stage reads, beyond its config: an rlhf-dist model's own fingerprint, local data contents.
 
+    Every string of the config, at any depth, that names an rlhf-dist stage output (a folder with metrics.json and
+    config.yaml: init_from, ppo's reward_model and value_model, eval's models, ...) adds that output's fingerprint, as
+    `FIELD_fingerprint` (`init_fingerprint` for init_from; a list item by its folder's name: `models.ppo_fingerprint`).
     Part of the resolved config, so a re-run notices a re-trained upstream stage or an edited data file.
     """
+    import dataclasses
+
     import yaml
 
     from rlhf_dist.config.identity import fingerprint
 
+    def strings(value: Any, path: str):  # (dotted path, string) at any depth; a list item named by its folder's name
+        if isinstance(value, str):
+            yield path, value
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                yield from strings(getattr(value, f.name, None), f"{path}.{f.name}" if path else f.name)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                yield from strings(item, f"{path}.{key}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                yield from strings(item, f"{path}.{Path(item).name if isinstance(item, str) and Path(item).name else i}")
+
+    legacy = {"init_from": "init"}  # the key of old (init_fingerprint): a run directory stays the same run
     ident = {}
-    models = {"init": cfg.init_from, "reward_model": getattr(cfg, "reward_model", None),
-              "value_model": getattr(cfg, "value_model", None)}
-    for name, path in models.items():
-        folder = Path(path).expanduser() if path else None
-        if folder and (folder / "metrics.json").is_file() and (folder / rundir.CONFIG_FILE).is_file():
-            ident[f"{name}_fingerprint"] = fingerprint(yaml.safe_load((folder / rundir.CONFIG_FILE).read_text()) or {})
+    for key, path in strings(cfg, ""):
+        try:
+            folder = Path(path).expanduser()
+            found = bool(path) and (folder / "metrics.json").is_file() and (folder / rundir.CONFIG_FILE).is_file()
+        except (OSError, ValueError, RuntimeError):  # not a path at all (too long, a NUL byte, ~unknown_user)
+            found = False
+        name = f"{legacy.get(key, key)}_fingerprint"
+        if found and name not in ident:
+            ident[name] = fingerprint(yaml.safe_load((folder / rundir.CONFIG_FILE).read_text()) or {})
     for key in ("path", "eval_path"):
         value = getattr(cfg.data, key)
         if value and Path(value).expanduser().is_file():
