@@ -47,7 +47,7 @@ def sampler(rounds: int, refills: list[RolloutBatch]) -> RolloutSampler:
     s.args = SimpleNamespace(samples_per_prompt=2, rollout_batch_size=3, dynamic_sampling_max_rounds=rounds)
     s.accelerator = SimpleNamespace(num_processes=1)
     s.pad_id, s.asked = 0, []
-    s.rollout = lambda prompts, seed_parts, step: s.asked.append(seed_parts) or refills[len(s.asked) - 1]
+    s.rollout = lambda prompts, seed_parts, step, columns: s.asked.append(seed_parts) or refills[len(s.asked) - 1]
     return s
 
 
@@ -56,13 +56,13 @@ def test_dynamic_sampling_keeps_informative_groups_refills_and_tops_up():
     [2, 2] and [6, 9]. The step keeps the informative ones in the order met; refills are seeded per round."""
     first = fake_batch([1, 2, 5, 5, 3, 3], tag=0.0)
     s = sampler(rounds=3, refills=[fake_batch([0, 1, 4, 4], 1.0), fake_batch([2, 2, 6, 9], 2.0)])
-    batch, stats = s.dynamic_sampling(first, lambda r: [[1]] * 4, (42, 7), step=7)
+    batch, stats = s.dynamic_sampling(first, lambda r: ([[1]] * 4, {}), (42, 7), step=7)
     assert batch.scores.tolist() == [1, 2, 0, 1, 6, 9] and batch.logprobs[:, 0].tolist() == [0, 0, 1, 1, 2, 2]
     assert stats == {"rollout/dynamic_rounds": 2.0, "rollout/groups_dropped": 4.0, "rollout/groups_filled": 0.0}
     assert s.asked == [(42, 7, 1), (42, 7, 2)]  # each round its own seeds, after the step's own (42, 7)
 
     s = sampler(rounds=1, refills=[fake_batch([4, 4, 8, 8], 1.0)])  # one round, not enough: the dropped top it up
-    batch, stats = s.dynamic_sampling(first, lambda r: [[1]] * 4, (42, 7), step=7)
+    batch, stats = s.dynamic_sampling(first, lambda r: ([[1]] * 4, {}), (42, 7), step=7)
     assert batch.scores.tolist() == [1, 2, 5, 5, 3, 3] and stats["rollout/groups_filled"] == 2.0
     assert sampler(rounds=3, refills=[]).dynamic_sampling(fake_batch([1, 2, 3, 4, 5, 6], 0.0), None, (0,), 1)[1] == {
         "rollout/dynamic_rounds": 0.0, "rollout/groups_dropped": 0.0, "rollout/groups_filled": 0.0}
