@@ -138,8 +138,8 @@ def run_child(folder: Path, iterations: int, threads: int) -> None:
     local_sizes: list[int] = []
     original_rollout = loop.rollout
 
-    def rollout(prompts, seed_parts):  # records this rank's shard: 16 / processes rollouts
-        out = original_rollout(prompts, seed_parts)
+    def rollout(prompts, seed_parts, columns=None):  # records this rank's shard: 16 / processes rollouts
+        out = original_rollout(prompts, seed_parts, columns)
         local_sizes.append(len(out))
         return out
 

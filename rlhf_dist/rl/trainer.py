@@ -154,30 +154,27 @@ class PPOLoop:
     def unwrapped(self) -> ActorCritic:
         return self.accelerator.unwrap_model(self.model)
 
-    def _lr(self, opt_step: int) -> float:
-        """The policy's learning rate at optimizer step `opt_step`: the schedule times the guardrails' scale."""
+    def _lr_scale(self, opt_step: int) -> float:
+        """The learning rates' factor at optimizer step `opt_step`: the schedule times the guardrails' scale."""
         a = self.args
-        return self.base_lrs[0] * lr_factor(opt_step, a.warmup_steps, self.optimizer_steps, a.lr_scheduler_type) \
-            * self.guard.lr_scale
+        return lr_factor(opt_step, a.warmup_steps, self.optimizer_steps, a.lr_scheduler_type) * self.guard.lr_scale
 
     def _set_lr(self) -> None:
-        a = self.args
-        factor = lr_factor(self.optimizer_step, a.warmup_steps, self.optimizer_steps, a.lr_scheduler_type) * self.guard.lr_scale
         for group, base in zip(self.raw_optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * factor
+            group["lr"] = base * self._lr_scale(self.optimizer_step)
 
     def step_prompts(self, step: int, refill: int = 0) -> list[list[int]]:
-        """This process's prompts for PPO step ``step`` (1-based), each repeated samples_per_prompt times. `refill` > 0:
-        the prompts of dynamic sampling's refill round `refill` (another seeded draw of rollout_batch_size prompts)."""
-        return [self.train_prompts[i] for i in self.step_rows(step, refill)]
+        """This process's prompts for PPO step ``step`` (1-based), each repeated samples_per_prompt times."""
+        return self.prompts_of(self.step_rows(step, refill))[0]
 
-    def step_columns(self, step: int, refill: int = 0) -> dict[str, list]:
-        """The other columns of `step_prompts`'s rows, for the reward functions that read them."""
-        rows = self.step_rows(step, refill)
-        return {name: [values[i] for i in rows] for name, values in self.train_columns.items()}
+    def prompts_of(self, rows: list[int]) -> tuple[list[list[int]], dict[str, list]]:
+        """The training prompts `rows` and their other columns (for the reward functions that read them)."""
+        return ([self.train_prompts[i] for i in rows],
+                {name: [values[i] for i in rows] for name, values in self.train_columns.items()})
 
     def step_rows(self, step: int, refill: int = 0) -> list[int]:
-        """The training prompts (their indices) of `step_prompts`."""
+        """This process's training prompts (indices) for PPO step ``step``, each repeated samples_per_prompt times.
+        `refill` > 0: dynamic sampling's refill round `refill` (another seeded draw of rollout_batch_size prompts)."""
         a = self.args
         epoch, index = divmod(step - 1, self.steps_per_epoch)
         seed = derived_seed(a.seed, step, refill, 2) if refill else derived_seed(a.seed, epoch)
@@ -199,15 +196,17 @@ class PPOLoop:
         started = time.perf_counter()
 
         # 1. rollout: this process's shard of the step's prompts
-        local = self.rollout(self.step_prompts(step), (a.seed, step), self.step_columns(step))
+        prompts, columns = self.prompts_of(self.step_rows(step))
+        local = self.rollout(prompts, (a.seed, step), columns)
         rollout_seconds = time.perf_counter() - started
         # 2. gather: every process now holds the whole step (identical tensors everywhere)
         with watchdog.phase("gather", step):
             batch = gather_batch(acc, local, self.pad_id)
         sampling = {}
         if a.dynamic_sampling:  # DAPO: groups of equal scores dropped and refilled (the same decisions on every process)
-            batch, sampling = self.sampler.dynamic_sampling(
-                batch, lambda r: (self.step_prompts(step, r), self.step_columns(step, r)), (a.seed, step), step)
+            batch, sampling = self.sampler.dynamic_sampling(batch, lambda r: self.prompts_of(self.step_rows(step, r)),
+                                                            (a.seed, step), step)
+            rollout_seconds = time.perf_counter() - started  # the refill rounds too (and their gathers)
         mask = batch.response_mask
 
         # 3. score: the fixed gain/bias, DAPO's overlong shaping, optional running normalisation and clipping (item 8)
@@ -325,7 +324,7 @@ class PPOLoop:
                         first.add({"policy/ratio_first_minibatch": micro_stats["policy/ratio_mean"]}, tokens)
         out = stats.reduce(acc)
         out.update(first.reduce(acc))
-        out["train/lr"] = self._lr(max(self.optimizer_step - 1, 0))
+        out["train/lr"] = self.base_lrs[0] * self._lr_scale(max(self.optimizer_step - 1, 0))
         return out
 
     def backward(self, micro: RolloutBatch, advantages: torch.Tensor, returns: torch.Tensor | None, denominator: float,
@@ -400,7 +399,8 @@ class PPOLoop:
         and reward_target_std; kept in every checkpoint."""
         a = self.args
         with watchdog.phase("train_step", 0):
-            local = self.rollout(self.step_prompts(1), (a.seed, -2), self.step_columns(1))
+            prompts, columns = self.prompts_of(self.step_rows(1))
+            local = self.rollout(prompts, (a.seed, -2), columns)
             batch = gather_batch(self.accelerator, local, self.pad_id)
         self.gain_bias = fit_gain_bias(batch.scores.float(), a.reward_target_mean, a.reward_target_std)
         log.info("ppo: fixed reward gain %.4g and bias %.4g, fitted on %d rollouts of the initial policy (score mean "
