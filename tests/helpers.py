@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -170,3 +175,39 @@ class AllocatorPeak:
             held += nbytes
             peak = max(peak, held)
         self.peak = peak
+
+
+# ------------------------------------------------------------------------------------------ RL math tests
+GARBAGE = (math.nan, math.inf, -math.inf, 1e30, -7.0)
+
+
+def with_garbage(x: torch.Tensor, mask: torch.Tensor, extra: int) -> torch.Tensor:
+    """``x`` with `extra` more columns, and NaN/inf/huge values at every masked position."""
+    B, T = x.shape
+    out = torch.empty(B, T + extra, dtype=x.dtype)
+    out.view(-1).copy_(torch.tensor(GARBAGE, dtype=x.dtype).repeat(B * (T + extra) // len(GARBAGE) + 1)[: B * (T + extra)])
+    out[:, :T] = torch.where(mask, x, out[:, :T])
+    return out
+
+
+def pad_mask(mask: torch.Tensor, extra: int) -> torch.Tensor:
+    return torch.cat([mask, torch.zeros(mask.shape[0], extra, dtype=torch.bool)], dim=1)
+
+
+def on_ranks(world: int, fn):
+    """Run ``fn(rank, reduce)`` on `world` threads; ``reduce`` sums a tensor over them (an all-reduce)."""
+    slots: list[torch.Tensor | None] = [None] * world
+    barrier = threading.Barrier(world, timeout=10)
+
+    def make_reduce(rank: int):
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            slots[rank] = t.detach().clone()
+            barrier.wait()
+            total = sum(slots[1:], slots[0].clone())  # same order on every rank: identical results
+            barrier.wait()
+            return total
+        return reduce
+
+    with ThreadPoolExecutor(world) as pool:
+        futures = [pool.submit(fn, rank, make_reduce(rank)) for rank in range(world)]
+        return [f.result() for f in futures]

@@ -9,12 +9,11 @@ REFERENCE of a test, each block naming the file and commit (or release) it came 
 from __future__ import annotations
 
 import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
+from helpers import on_ranks, pad_mask, with_garbage
 
 from rlhf_dist.rl import (
     aggregate,
@@ -49,37 +48,6 @@ def ragged(B: int, T: int, seed: int, min_len: int = 1) -> tuple[torch.Tensor, l
 
 def randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
-
-
-def with_garbage(x: torch.Tensor, mask: torch.Tensor, extra: int) -> torch.Tensor:
-    """``x`` with `extra` more columns, and NaN/inf/huge values at every masked position."""
-    B, T = x.shape
-    garbage = torch.tensor((math.nan, math.inf, -math.inf, 1e30, -7.0), dtype=x.dtype)
-    out = garbage.repeat(B * (T + extra) // 5 + 1)[: B * (T + extra)].reshape(B, T + extra).clone()
-    out[:, :T] = torch.where(mask, x, out[:, :T])
-    return out
-
-
-def pad_mask(mask: torch.Tensor, extra: int) -> torch.Tensor:
-    return torch.cat([mask, torch.zeros(mask.shape[0], extra, dtype=torch.bool)], dim=1)
-
-
-def on_ranks(world: int, fn):
-    """Run ``fn(rank, reduce)`` on `world` threads; ``reduce`` sums a tensor over them (an all-reduce)."""
-    slots: list[torch.Tensor | None] = [None] * world
-    barrier = threading.Barrier(world, timeout=10)
-
-    def make_reduce(rank: int):
-        def reduce(t: torch.Tensor) -> torch.Tensor:
-            slots[rank] = t.detach().clone()
-            barrier.wait()
-            total = sum(slots[1:], slots[0].clone())
-            barrier.wait()
-            return total
-        return reduce
-
-    with ThreadPoolExecutor(world) as pool:
-        return [f.result() for f in [pool.submit(fn, rank, make_reduce(rank)) for rank in range(world)]]
 
 
 def grad_of(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -282,7 +282,7 @@ def score_responses(reward: RewardSource, tokenizer: Any, query_ids: torch.Tenso
         return model_scores(reward, tokenizer, query_ids, query_mask, response_ids, response_mask, ended), None
     prompts, completions = decode_pairs(tokenizer, query_ids, query_mask, response_ids, response_mask)
     if reward.fn is not None:
-        values = call_reward_fn(reward.fn, prompts, completions, reward.fn_name)
+        values = call_reward_fn(reward.fn, prompts, completions, reward.fn_name, columns)
         return torch.tensor(values, dtype=torch.float32, device=query_ids.device), None
     from_model = None
     if reward.composite.needs_model:

@@ -16,6 +16,7 @@ Writes OUTPUT/dpo: model (merged; plus `adapter/` with LoRA), tokenizer, config.
 from __future__ import annotations
 
 import contextlib
+from typing import Any, Callable
 
 import torch
 
@@ -68,21 +69,25 @@ def pairwise_eval(trainer) -> dict:
     return pair_metrics(held_out_margins(trainer, margin))
 
 
-def run(ctx: StageContext) -> dict:
-    from trl import DPOTrainer
-
+def train_against_reference(ctx: StageContext, trainer_class, held_out: Callable[[Any], dict]) -> tuple[dict, dict, dict]:
+    """A TRL trainer with a frozen reference (`trainer_class`: DPOTrainer, KTOTrainer): a second copy of the starting
+    model, or with LoRA none (the policy with its adapter off); trained by `fit`, its evaluation joined by
+    `held_out(trainer)`'s figures, the model saved. Returns `fit`'s (before, after, extra)."""
     cfg = ctx.cfg
     model = load_causal_lm(cfg.init_from, cfg)
     lora = peft_config(cfg.lora, "CAUSAL_LM")
     ref_model = None if lora is not None else load_causal_lm(cfg.init_from, cfg)
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=cfg.training, train_dataset=ctx.train,
-                         eval_dataset=ctx.eval, processing_class=ctx.tokenizer, peft_config=lora)
-
-    def evaluate():
-        return {**trainer.evaluate(), **pairwise_eval(trainer)}
-
-    before, after, extra = fit(trainer, ctx, evaluate)
+    trainer = trainer_class(model=model, ref_model=ref_model, args=cfg.training, train_dataset=ctx.train,
+                            eval_dataset=ctx.eval, processing_class=ctx.tokenizer, peft_config=lora)
+    out = fit(trainer, ctx, lambda: {**trainer.evaluate(), **held_out(trainer)})
     save_model(trainer, ctx.tokenizer, ctx.final_dir, cfg, load_causal_lm)
+    return out
+
+
+def run(ctx: StageContext) -> dict:
+    from trl import DPOTrainer
+
+    before, after, extra = train_against_reference(ctx, DPOTrainer, pairwise_eval)
 
     def report(m):
         return {

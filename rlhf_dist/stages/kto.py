@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_dist.models import load_causal_lm, peft_config, save_model
 from rlhf_dist.stages.common import StageContext
-from rlhf_dist.stages.dpo import log_ratio
-from rlhf_dist.stages.fit import fit
+from rlhf_dist.stages.dpo import log_ratio, train_against_reference
 from rlhf_dist.stages.reward import held_out_margins
 
 
@@ -53,18 +51,7 @@ def label_eval(trainer) -> dict:
 def run(ctx: StageContext) -> dict:
     from trl import KTOTrainer
 
-    cfg = ctx.cfg
-    model = load_causal_lm(cfg.init_from, cfg)
-    lora = peft_config(cfg.lora, "CAUSAL_LM")
-    ref_model = None if lora is not None else load_causal_lm(cfg.init_from, cfg)
-    trainer = KTOTrainer(model=model, ref_model=ref_model, args=cfg.training, train_dataset=ctx.train,
-                         eval_dataset=ctx.eval, processing_class=ctx.tokenizer, peft_config=lora)
-
-    def evaluate():
-        return {**trainer.evaluate(), **label_eval(trainer)}
-
-    before, after, extra = fit(trainer, ctx, evaluate)
-    save_model(trainer, ctx.tokenizer, ctx.final_dir, cfg, load_causal_lm)
+    before, after, extra = train_against_reference(ctx, KTOTrainer, label_eval)
 
     def report(m):
         return {"accuracy": m["accuracy"], "ties": m["ties"], "margin": m["margin"], "rows": m["rows"],

@@ -39,10 +39,20 @@ def prompts(ctx: StageContext) -> tuple[list[list[int]], list[list[int]]]:
     return [list(x) for x in ctx.train["input_ids"]], [list(x) for x in ctx.eval["input_ids"]]
 
 
+def reward_columns(cfg) -> list[str]:
+    """The prompt data's other columns that the reward functions read (ppo.rewards' components, or ppo.reward_fn)."""
+    from rlhf_dist.rewards.calling import declared_columns
+    from rlhf_dist.rl.reward_fn import load_reward_fn
+
+    rewards = composite(cfg)
+    if rewards is not None:
+        return rewards.columns
+    return declared_columns(load_reward_fn(cfg.reward_fn))[0] if cfg.reward_fn else []
+
+
 def columns(ctx: StageContext) -> tuple[dict[str, list], dict[str, list]]:
-    """(train, eval) values of the prompt data's other columns that the reward functions of ppo.rewards read."""
-    rewards = composite(ctx.cfg)
-    names = rewards.columns if rewards is not None else []
+    """(train, eval) values of the prompt data's columns that the reward functions read."""
+    names = reward_columns(ctx.cfg)
     return {c: list(ctx.train[c]) for c in names}, {c: list(ctx.eval[c]) for c in names}
 
 
@@ -76,10 +86,15 @@ def check(ctx: StageContext) -> None:
                           f"policy's {limit} positions (max_position_embeddings); lower ppo.training.max_new_tokens or "
                           "ppo.training.max_prompt_length")
     _check_generation_config(cfg)
-    rewards = composite(cfg)
-    if rewards is not None:  # every column a reward function reads is in the prompt data (both splits)
-        for split, ds in (("train", ctx.train), ("eval", ctx.eval)):
+    rewards, needed = composite(cfg), reward_columns(cfg)
+    for split, ds in (("train", ctx.train), ("eval", ctx.eval)):  # every column a reward function reads is there
+        if rewards is not None:
             rewards.check_columns(ds.column_names, f"ppo.data ({split} split)")
+        missing = [c for c in needed if c not in ds.column_names]
+        if missing:
+            raise ConfigError(f"ppo.reward_fn: {cfg.reward_fn} reads the column '{missing[0]}' of the prompt data "
+                              f"({split} split), which has {', '.join(ds.column_names)}; add it, or map yours with "
+                              f"ppo.data.columns: {{{missing[0]}: your_column}}")
     if len(train) < a.rollout_batch_size:
         raise ConfigError(f"ppo: {len(train)} training prompts are fewer than "
                           f"ppo.training.rollout_batch_size={a.rollout_batch_size}; lower it or add prompts")
