@@ -9,16 +9,10 @@ from typing import Any, Literal
 
 from rlhf_dist.config.coerce import check_ranges
 from rlhf_dist.config.sections import DDP_TIMEOUT, StageConfig
+from rlhf_dist.config.sections import option as _f
 
 # Estimators that compare the samples_per_prompt responses of one prompt (a group).
 GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with its help text (shown by `rlhf-dist fields`)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
 
 
 @dataclass

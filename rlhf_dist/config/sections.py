@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from rlhf_dist.config.coerce import check_ranges
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its help text (shown by `rlhf-dist fields`); a list or dict default is copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The process group's timeout (seconds): a backstop behind the watchdog's limits, so it must exceed them (the

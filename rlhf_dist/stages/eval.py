@@ -36,25 +36,20 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection
 
 from rlhf_dist import registry, relocate, rundir
 from rlhf_dist.config.coerce import check_ranges
 from rlhf_dist.config.sections import StageConfig
+from rlhf_dist.config.sections import option as _f
 from rlhf_dist.errors import ConfigError, UserError
 
 log = logging.getLogger("rlhf_dist")
 
 STAGE = "eval"
 REFERENCE = "sft"  # the default reference: the run's SFT model
-
-
-def _f(default: Any, help: str) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
