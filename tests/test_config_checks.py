@@ -165,13 +165,14 @@ def walk_values(obj: typing.Any, prefix: str):
 @pytest.mark.parametrize("name", sorted(shipped_recipes()))
 def test_every_shipped_recipe_resolves_every_stage_within_the_ranges(name, tmp_path):
     raw, source = load_recipe(name)
-    checked = 0
-    for stage in validate_recipe(raw, source):
+    checked, stages = 0, validate_recipe(raw, source)
+    for stage in stages:
         cfg = resolve(raw, stage, tmp_path, source=source)
         for key, cls, field, value, tp in walk_values(cfg, f"{stage}."):
             assert range_error(cls, field, value, key, tp) is None, (name, key, value)
             checked += range_rule(cls, field) is not None
-    assert checked > 100  # the HF/TRL training sections' common fields are covered too
+    # the HF/TRL training sections' common fields are covered too (a PPO-only recipe has our own fields only)
+    assert checked > (100 if any(registry.get(s).hf_trainer for s in stages) else 50)
 
 
 @pytest.mark.parametrize("override, stage, expected", [
