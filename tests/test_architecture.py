@@ -188,12 +188,12 @@ def test_a_new_stage_is_one_module_and_one_registry_entry(tmp_path, tiny_model, 
     recipe = tiny_recipe(tmp_path, tiny_model, demo_data, extra=f"""lm:
   freeze_embeddings: true
   data: {{path: "{demo_data['sft']}"}}
-  training: {{max_steps: 20, learning_rate: 3.0e-3, max_length: 96, per_device_train_batch_size: 16,
+  training: {{max_steps: 10, learning_rate: 3.0e-3, max_length: 96, per_device_train_batch_size: 16,
              save_strategy: "no", seed: 0}}
 """)
     out = tmp_path / "run"
     summary = run("pipeline", "--recipe", str(recipe), "--output", str(out), "--stages", "lm,sft",
-                  "sft.training.max_steps=10").stdout
+                  "sft.training.max_steps=2").stdout
     assert summary.index("[1/2] sft") < summary.index("[2/2] lm")  # the registry's order, not the flag's
     assert re.search(r"^lm\s+eval_loss\s+[\d.]+\s+[\d.]+$", summary, re.MULTILINE), summary
     metrics = json.loads((out / "lm" / "metrics.json").read_text())

@@ -96,8 +96,8 @@ def test_dynamic_sampling_in_the_loop_and_two_processes_equal_one(tmp_path, tiny
 @pytest.mark.slow
 def test_overlong_filter_leaves_truncated_responses_out_of_the_loss(tmp_path, tiny_model, tiny_reward_model, demo_data):
     """The random tiny policy never stops within 12 tokens: with DAPO's overlong filtering every response is left out
-    of the loss, so nothing is learned (the KL to the reference stays 0 and the weights stay as they were); without it
-    the same run moves."""
+    of the loss, so nothing is learned: the KL to the reference stays 0 and the weights stay as they were (without the
+    filter the same run moves, as the other PPO tests' runs do)."""
     from safetensors.torch import load_file
 
     common = [f"ppo.reward_model={tiny_reward_model}", "ppo.training.advantage_estimator=reinforce_pp",
@@ -108,8 +108,6 @@ def test_overlong_filter_leaves_truncated_responses_out_of_the_loss(tmp_path, ti
     assert filtered[1]["objective/kl"] == 0.0
     start, end = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "filtered" / "ppo" / "model.safetensors")
     assert all(torch.equal(start[k], end[k]) for k in start)
-    moved = history(run_ppo(tmp_path, tiny_model, demo_data, *common, out=tmp_path / "unfiltered"))
-    assert moved[1]["objective/kl"] != 0.0
 
 
 # ------------------------------------------------------------------------------------------------- gain / bias

@@ -78,30 +78,28 @@ def test_label_metrics_by_hand():
 
 # ------------------------------------------------------------------------------------------------- stages
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_kto_raises_its_held_out_metric_on_the_demo_pairs(tmp_path, tiny_model, demo_data, lora):
+def test_kto_raises_its_held_out_metric_on_the_demo_pairs(tmp_path, tiny_model, demo_data):
     """The demo's preference pairs, unpaired (chosen good, rejected bad): the label agreement of the implicit reward
-    starts at one half (every reward is 0: the policy is the reference) and rises, and so does the margin."""
-    extra = ["kto.lora.enabled=true", "kto.lora.dropout=0.0", "kto.training.learning_rate=1e-2"] if lora else []
+    starts at one half (every reward is 0: the policy is the reference) and rises, and so does the margin. (The
+    LoRA reference, the adapter turned off, is the DPO stage's code: tests/test_stages.py runs it.)"""
     rec = recipe(tmp_path, tiny_model, demo_data, extra=f"""kto:
   data: {{path: "{demo_data['preference']}"}}
   training: {{max_steps: 30, learning_rate: 1.0e-3, max_length: 96, per_device_train_batch_size: 16,
              save_strategy: "no", seed: 0}}
 """)
     out = tmp_path / "run"
-    m = run_stage("kto", rec, out, *extra)
+    m = run_stage("kto", rec, out)
     assert m["before"]["accuracy"] == pytest.approx(0.5) and m["before"]["ties"] == pytest.approx(1.0)
     assert m["after"]["accuracy"] > 0.8 and m["after"]["margin"] > m["before"]["margin"] + 0.1
     assert m["data"]["rows_read"] * 2 == m["data"]["train_rows"] + m["data"]["eval_rows"]  # each pair gave two rows
-    assert (out / "kto" / "model.safetensors").is_file() and (out / "kto" / "adapter").is_dir() == lora
+    assert (out / "kto" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("losses", [["ipo"], ["hinge"], ["robust"], ["sigmoid", "sft"]],
-                         ids=["ipo", "hinge", "robust", "sigmoid+sft"])
+@pytest.mark.parametrize("losses", [["ipo"], ["robust", "hinge"]], ids=["ipo", "robust+hinge"])
 def test_dpo_loss_variants_are_recipe_options(tmp_path, tiny_model, demo_data, losses):
-    """TRL's DPO loss variants (dpo.training.loss_type, a list: several are summed with loss_weights; `sft` adds the
-    NLL of the chosen answers, SFT-regularised DPO) train through the stage: the held-out margin rises."""
+    """TRL's DPO loss variants (dpo.training.loss_type, a list: several are summed with loss_weights) train through the
+    stage: the held-out margin rises. (The demo trains with [sigmoid, sft], SFT-regularised DPO: its test checks it.)"""
     weights = [f"dpo.training.loss_weights=[{', '.join('1.0' for _ in losses)}]"] if len(losses) > 1 else []
     m = run_stage("dpo", recipe(tmp_path, tiny_model, demo_data), tmp_path / "run",
                   f"dpo.training.loss_type=[{', '.join(losses)}]", *weights, "dpo.training.max_steps=15")
