@@ -59,6 +59,16 @@ class PPOTrainingConfig:
         "generation, the same function as the training forward, so the first ratio is exactly 1. generate: recorded "
         "while sampling, saving that pass (about 1/6 of a step's compute); equal up to float rounding (~1e-6 in fp32, "
         "more in bf16). A value head on the policy reads the sampling pass's hidden states then: no policy pass at all.")
+    decoding: Literal["compact", "generate"] = _f(
+        "compact", "How responses are sampled. compact: our decode loop (rlhf_dist/rl/decode.py): a response that "
+        "stopped leaves the batch and its KV cache, and each distinct prompt (a group's k samples) is prefilled once; "
+        "generate: transformers' generate, which computes every row until the longest one ends. The two draw "
+        "differently from the same distribution. compact needs top_k = 0 and top_p = 1 and is not used under ZeRO-3 "
+        "on several processes (generate is, then).")
+    sort_micro_batches: bool = _f(
+        True, "Run each process's share of a minibatch in micro-batches of similar length (sorted by prompt + response "
+        "tokens), each cut to its longest row: the same gradient (every micro-batch loss is normalised by the whole "
+        "minibatch) with less padding.")
     missing_eos_penalty: float | None = _f(
         None, "Subtracted from the score of a response that never stopped (docs/ppo.md item 5).")
     reward_normalization: bool = _f(False, "Normalise scores with their running mean and std (docs/ppo.md item 8).")

@@ -18,6 +18,7 @@ from rlhf_dist import watchdog
 from rlhf_dist.rl.adapters import REFERENCE, no_adapter, use_adapter
 from rlhf_dist.rl.advantages import informative_groups
 from rlhf_dist.rl.batch import RolloutBatch, concat_batches, gather_batch
+from rlhf_dist.rl.decode import DecodeWork, decode
 from rlhf_dist.rl.generation import generate, left_pad, stop_token_ids
 from rlhf_dist.rl.scoring import RewardSource, forward_logprobs, score_responses
 
@@ -39,6 +40,9 @@ class RolloutSampler:
         self.stop_ids = stop_token_ids(tokenizer, args.stop_tokens, args.ignore_eos)
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.synced = zero_stage == 3 and self.world > 1  # every process steps until all have finished (item 21)
+        # our decode loop (finished rows leave the batch, shared prompts prefilled once) unless it cannot be used
+        self.compact = args.decoding == "compact" and not self.synced and args.top_k == 0 and args.top_p == 1.0
+        self.work = DecodeWork()  # what the compact decode computed so far (benchmarks read it)
 
     @torch.no_grad()
     def rollout(self, prompts: list[list[int]], seed_parts: tuple[int, ...], step: int,
@@ -84,9 +88,15 @@ class RolloutSampler:
         with self.accelerator.autocast():
             recorded = a.rollout_logprobs == "generate"
             head_on_policy = recorded and model.values_need_policy_pass  # the head reads the sampling pass's states
-            out = generate(model.policy, q_ids, q_mask, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                           top_k=a.top_k, top_p=a.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id,
-                           generator_seed=seed, record_logprobs=recorded, record_hidden=head_on_policy, **extra)
+            if self.compact:
+                out, work = decode(model.policy, q_ids, q_mask, max_new_tokens=a.max_new_tokens,
+                                   temperature=a.temperature, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                                   generator_seed=seed, record_logprobs=recorded, record_hidden=head_on_policy)
+                self.work.add(work)
+            else:
+                out = generate(model.policy, q_ids, q_mask, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                               top_k=a.top_k, top_p=a.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                               generator_seed=seed, record_logprobs=recorded, record_hidden=head_on_policy, **extra)
             r_ids, r_mask = out.response_ids, out.response_mask
             if head_on_policy:  # no second policy pass at all
                 logprobs, entropy, values = out.logprobs, out.entropy, torch.where(r_mask, model.value_head(out.hidden), 0.0)

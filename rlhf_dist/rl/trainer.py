@@ -298,13 +298,15 @@ class PPOLoop:
         # DeepSpeed average gradients over processes: undo both, so that summing the micro-batch losses
         # (each normalised by the whole minibatch's count) gives the one-process minibatch gradient.
         scale = float(self.world * acc.gradient_accumulation_steps)
-        stats, first = WeightedMeans(), WeightedMeans()
+        stats, first, row_tokens = WeightedMeans(), WeightedMeans(), batch.query_mask.sum(1) + batch.response_mask.sum(1)
         self.model.train()
         for epoch in range(a.ppo_epochs):
             order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(derived_seed(a.seed, step, epoch, 1)))
             for k in range(self.minibatches):
                 minibatch_rows = order[k * a.mini_batch_size:(k + 1) * a.mini_batch_size]
                 my_rows = minibatch_rows[self.rank * per_process:(self.rank + 1) * per_process]
+                if a.sort_micro_batches:  # micro-batches of similar length, each cut to its longest row (batch.select)
+                    my_rows = my_rows[torch.argsort(row_tokens[my_rows], stable=True)]
                 minibatch_mask = objective.loss_mask(batch, a)[minibatch_rows]
                 denominator = max(objective.normaliser(minibatch_mask, a), 1.0)  # all of the minibatch, every process
                 self._set_lr()

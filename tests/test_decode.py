@@ -1,0 +1,129 @@
+"""Our decode loop (rlhf_dist.rl.decode): finished rows leave the batch and shared prompts are prefilled once, and
+neither changes what is sampled or recorded. Models and helpers as in test_rollout.py (sharpened tiny Llama and
+GPT-2: peaked attention, so a position or padding slip changes the numbers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_rollout import gpt2_config, load_policy, rand_ids, sharpen
+
+from rlhf_dist.rl.decode import decode, distinct_rows
+from rlhf_dist.rl.generation import left_pad
+from rlhf_dist.rl.scoring import forward_logprobs
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def policies(tiny_model, tok):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return {"llama-sdpa": load_policy(tiny_model, "sdpa"), "llama-eager": load_policy(tiny_model, "eager"),
+            "gpt2-sdpa": sharpen(GPT2LMHeadModel(gpt2_config(tok, "sdpa")), seed=3).eval()}
+
+
+def grouped_queries(tok, k: int = 3):
+    """Two prompts sampled k times each (a group estimator's rows) and two single prompts, all of other lengths."""
+    prompts = [rand_ids(n, seed=70 + n) for n in (3, 9, 5, 1)]
+    rows = [prompts[0]] * k + [prompts[2]] + [prompts[1]] * k + [prompts[3]]
+    return left_pad(rows, tok.pad_token_id)
+
+
+def stopping_kwargs(policy, tok, q_ids, q_mask) -> dict:
+    """Settings under which rows stop at different steps: the stop tokens are ones that rows sample at steps 2-9 when
+    nothing stops them (row 1 excepted, so that one row may run to the end)."""
+    kwargs = dict(max_new_tokens=14, temperature=0.8, pad_id=tok.pad_token_id, generator_seed=11)
+    free, _ = decode(policy, q_ids, q_mask, stop_ids=[], **kwargs)
+    stops = {int(free.response_ids[b, 2 + b]) for b in range(len(q_ids)) if b != 1}
+    return {**kwargs, "stop_ids": sorted(stops)}
+
+
+@pytest.mark.parametrize("kind", ["llama-sdpa", "llama-eager", "gpt2-sdpa"])
+def test_dropping_finished_rows_and_sharing_prefills_changes_nothing(policies, tok, kind):
+    policy = policies[kind]
+    q_ids, q_mask = grouped_queries(tok)
+    kwargs = stopping_kwargs(policy, tok, q_ids, q_mask)
+    fast, fast_work = decode(policy, q_ids, q_mask, record_logprobs=True, record_hidden=True, **kwargs)
+    slow, slow_work = decode(policy, q_ids, q_mask, record_logprobs=True, record_hidden=True, compact=False,
+                             share_prompts=False, **kwargs)
+    assert len(set(fast.lengths.tolist())) > 2 and bool(fast.ended.any())  # rows ended at different steps
+    for name in ("response_ids", "response_mask", "lengths", "ended"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.entropy, slow.entropy, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.hidden, slow.hidden, atol=1e-5, rtol=1e-5)
+    # the same k samples of a prompt are not the same response (each row draws its own noise)
+    assert not torch.equal(fast.response_ids[0], fast.response_ids[1])
+
+    # the work, counted: 4 distinct prompts prefilled instead of 8 rows; no finished row computed
+    assert fast_work.prefill_slots == 4 * 9 and slow_work.prefill_slots == 8 * 9
+    assert fast_work.decode_finished_slots == 0 and slow_work.decode_finished_slots > 0
+    assert fast_work.decode_slots == int((fast.lengths - 1).sum())  # a row of length L is fed L - 1 tokens
+    assert slow_work.decode_slots == 8 * (slow_work.steps - 1)
+    assert fast_work.as_dict()["wasted_slot_share"] < slow_work.as_dict()["wasted_slot_share"]
+
+
+def test_decode_records_what_the_forward_computes(policies, tok):
+    policy = policies["llama-sdpa"]
+    q_ids, q_mask = grouped_queries(tok)
+    kwargs = stopping_kwargs(policy, tok, q_ids, q_mask)
+    gen, _ = decode(policy, q_ids, q_mask, record_logprobs=True, **kwargs)
+    with torch.no_grad():
+        expected, expected_entropy = forward_logprobs(policy, q_ids, q_mask, gen.response_ids, gen.response_mask, 0.8,
+                                                      return_entropy=True)
+    torch.testing.assert_close(gen.logprobs, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gen.entropy, expected_entropy, atol=1e-5, rtol=0)
+    assert bool((gen.logprobs[~gen.response_mask] == 0).all())
+    # a response is cut at its first stop token; padding after it
+    stops = set(kwargs["stop_ids"])
+    for b in range(len(gen.lengths)):
+        row = gen.response_ids[b, :int(gen.lengths[b])].tolist()
+        assert bool(gen.ended[b]) == bool(stops & set(row))
+        assert not stops & set(row[:-1])  # cut at the first stop token
+        assert bool((gen.response_ids[b, int(gen.lengths[b]):] == tok.pad_token_id).all())
+
+
+def test_decode_samples_the_softmax_of_the_logits(policies, tok):
+    """One prompt, 6000 rows, one token each: the first tokens' counts fit softmax(logits / T) (a chi-square test over
+    the 15 likeliest tokens and the rest, at the 1e-4 level), and do not fit the softmax at another temperature; a seed
+    fixes the draw without touching the global RNG."""
+    policy, n = policies["llama-sdpa"], 6000
+    prompt = rand_ids(6, seed=5)
+    q_ids, q_mask = left_pad([prompt] * n, tok.pad_token_id)
+    rng = torch.get_rng_state()
+    gen, work = decode(policy, q_ids, q_mask, max_new_tokens=1, temperature=0.7, stop_ids=[], pad_id=tok.pad_token_id,
+                       generator_seed=3)
+    assert torch.equal(torch.get_rng_state(), rng) and work.prefill_slots == 6
+    with torch.no_grad():
+        logits = policy(input_ids=q_ids[:1], attention_mask=q_mask[:1]).logits[0, -1].double()
+    counts = torch.bincount(gen.response_ids[:, 0], minlength=len(logits)).double()
+
+    def chi_square(temperature: float) -> float:
+        p = torch.softmax(logits / temperature, dim=-1)
+        top = torch.argsort(p, descending=True)[:15]
+        expected = torch.cat([p[top], (1 - p[top].sum())[None]]) * n
+        observed = torch.cat([counts[top], (n - counts[top].sum())[None]])
+        return float(((observed - expected) ** 2 / expected).sum())
+
+    assert chi_square(0.7) < 44.3, chi_square(0.7)  # 15 degrees of freedom: P(chi2 > 44.3) = 1e-4
+    assert chi_square(0.8) > 100 and chi_square(0.6) > 100  # the test can tell a temperature 0.1 off
+    same, _ = decode(policy, q_ids[:50], q_mask[:50], max_new_tokens=1, temperature=0.7, stop_ids=[],
+                     pad_id=tok.pad_token_id, generator_seed=3)
+    other, _ = decode(policy, q_ids[:50], q_mask[:50], max_new_tokens=1, temperature=0.7, stop_ids=[],
+                      pad_id=tok.pad_token_id, generator_seed=4)
+    assert torch.equal(same.response_ids, gen.response_ids[:50])
+    assert not torch.equal(same.response_ids, other.response_ids)
+
+
+def test_distinct_rows_maps_each_row_to_its_prompt():
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6], [1, 5, 6], [7, 8, 9]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [0, 1, 1], [1, 1, 1]])  # row 3 = row 0 (its pad differs)
+    first, inverse = distinct_rows(ids, mask)
+    assert first.tolist() == [0, 1] and inverse.tolist() == [0, 1, 0, 0, 1]
