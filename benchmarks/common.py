@@ -420,8 +420,8 @@ def build_ours(folder: Path, args, *, value: str | None = "model", lora: dict | 
 
 def wrap_ours_phases(timer: PhaseTimer, loop, value: str | None, optimizer_step: bool = False) -> None:
     """Time our loop's own calls per phase (measurement only), where the loop looks them up: sampling
-    (`rl.sampler.generate`), the reference's log-probabilities (`rl.sampler.forward_logprobs`; with LoRA the base with
-    the adapters off), the reward model (`rl.scoring.sequence_scores`, which `score_responses` calls), the
+    (`rl.sampler.decode`, or `rl.sampler.generate`), the reference's log-probabilities (`rl.sampler.forward_logprobs`;
+    with LoRA the base with the adapters off), the reward model (`rl.scoring.sequence_scores`, which `score_responses` calls), the
     actor-critic's forward (the policy, and a value head on its pass) and, for a value function with a pass of its
     own, its `values` (in the rollout, and in the update where the backward is split), the backward, and the
     optimizer: `PPOLoop.optimizer_update` (clipping, step, zero_grad), or with `optimizer_step` the clipping
@@ -430,7 +430,8 @@ def wrap_ours_phases(timer: PhaseTimer, loop, value: str | None, optimizer_step:
 
     from rlhf_dist.rl import sampler, scoring
 
-    timer.wrap(sampler, "generate", "generate")
+    timer.wrap(sampler, "generate", "generate")  # transformers' generate (training.decoding: generate)
+    timer.wrap(sampler, "decode", "generate")  # our decode loop (training.decoding: compact, the default)
     timer.wrap(sampler, "forward_logprobs", "reference_forward")
     timer.wrap(scoring, "sequence_scores", "reward_forward")
     actor_critic = loop.unwrapped

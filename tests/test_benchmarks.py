@@ -201,3 +201,63 @@ def test_ours_phases_are_timed_where_the_loop_looks_its_calls_up(bench_folder, m
     assert all(v > 0 for v in phases.values())
     assert sum(phases.values()) <= metrics["time/rollout"] + metrics["time/update"] + 0.05
     assert len(batch) == 4 and batch.response_ids.shape[1] == 4
+
+
+def test_ragged_benchmark_counts_the_work_each_side_wastes(tmp_path):
+    """benchmarks/ragged_rollouts.py on the tiny model, one short run of its three sides: responses stop at EOS at
+    spread-out lengths, and the counted work shows what the levers remove -- finished rows and repeated prefills in
+    generation, padding in the forwards (the packed policy and reference; the reward model stays padded)."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "BENCH_RESULTS_DIR": str(tmp_path / "results"), "BENCH_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(BENCH / "ragged_rollouts.py"), "--model", "tiny", "--runs", "1",
+                           "--iterations", "6", "--max-new-tokens", "48", "--prompts", "4"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ours / trl: samples/s" in proc.stdout
+    result = json.loads((tmp_path / "results" / "ragged_rollouts_tiny.json").read_text())
+    eos = result["models"]["eos"]["calibration_lengths"]
+    assert eos["min"] < eos["median"] < eos["max"] == 128  # the workload: lengths from a few tokens to the cap
+    assert result["models"]["prompt_lengths"]["max"] > 2 * result["models"]["prompt_lengths"]["min"]
+    s = result["summary"]
+    for side in ("ours", "ours-levers-off", "trl"):
+        run = result["per_run"][side][0]
+        assert run["iterations_kept"] == 5
+        for it in run["raw"]["iterations"]:
+            assert it["rollouts"] == 16 and max(it["lengths"]) > min(it["lengths"])  # ragged, not fixed-length
+            assert all(0 < it["work"]["needed"][p] <= it["work"]["computed"][p] for p in it["work"]["needed"])
+    ours, off, trl = s["ours"]["wasted_share"], s["ours-levers-off"]["wasted_share"], s["trl"]["wasted_share"]
+    assert ours["generation"] < 0.5 * off["generation"] and off["generation"] > 0.3 and trl["generation"] > 0.3
+    assert ours["update"] == 0.0 < off["update"] and trl["update"] > 0.1  # packed: no padding at all
+    assert ours["scoring"] < off["scoring"]
+    assert s["ours_over_trl"]["samples_per_s"]["median"] == pytest.approx(
+        result["per_run"]["ours"][0]["samples_per_s"] / result["per_run"]["trl"][0]["samples_per_s"])
+    assert result["per_run"]["ours"][0]["raw"]["end"]["compact_decode"] is True
+
+
+def test_gpu_check_runs_its_two_ppo_runs_on_cpu_with_a_tiny_shape(tmp_path):
+    """benchmarks/gpu_check.py is meant for one CUDA GPU; --device cpu --shape tiny runs the very same path (model
+    built here, the ppo stage in bf16's place in fp32, then QLoRA PPO on a 4-bit base, the planner's rows) and the
+    JSON holds each run's rates and the planner's figure for its method. (No GPU figure is claimed from this.)"""
+    import json
+    import subprocess
+
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--shape", "tiny", "--device", "cpu",
+                           "--steps", "2", "--max-new-tokens", "12", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == {"name": "cpu"} and result["policy_parameters"] > 10_000
+    for name, method in (("bf16", "full"), ("qlora_4bit", "qlora")):
+        run = result["runs"][name]
+        assert run["steps_measured"] == 1 and run["rollout_generated_tokens_per_s"] > 0
+        assert run["update_samples_per_s"] > 0 and 0 < run["mean_response_length"] <= 12
+        assert run["planner"]["row"]["method"] == method and run["planner"]["row"]["total"] > 0
+    if torch.cuda.is_available():  # (on a GPU machine the default would run the real 0.5B check: not here)
+        return
+    no_gpu = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--out", str(tmp_path / "x.json")],
+                            capture_output=True, text=True, timeout=300)
+    assert no_gpu.returncode == 2 and "no CUDA GPU" in no_gpu.stderr and not (tmp_path / "x.json").exists()

@@ -1,5 +1,6 @@
 """Our decode loop (rlhf_dist.rl.decode): finished rows leave the batch and shared prompts are prefilled once, and
-neither changes what is sampled or recorded. Models and helpers as in test_rollout.py (sharpened tiny Llama and
+neither changes what is sampled or recorded; padding-free forwards (rlhf_dist.rl.packing) give the padded forward's
+numbers and gradients. Models and helpers as in test_rollout.py (sharpened tiny Llama and
 GPT-2: peaked attention, so a position or padding slip changes the numbers)."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from test_rollout import gpt2_config, load_policy, rand_ids, sharpen
 
 from rlhf_dist.rl.decode import decode, distinct_rows
 from rlhf_dist.rl.generation import left_pad
-from rlhf_dist.rl.scoring import forward_logprobs
+from rlhf_dist.rl.scoring import forward_logprobs, packing_matches
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +128,67 @@ def test_distinct_rows_maps_each_row_to_its_prompt():
     mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [0, 1, 1], [1, 1, 1]])  # row 3 = row 0 (its pad differs)
     first, inverse = distinct_rows(ids, mask)
     assert first.tolist() == [0, 1] and inverse.tolist() == [0, 1, 0, 0, 1]
+
+
+# ----------------------------------------------------------------------------- padding-free forwards
+
+def ragged_batch(policy, tok):
+    q_ids, q_mask = grouped_queries(tok)
+    kwargs = stopping_kwargs(policy, tok, q_ids, q_mask)
+    gen, _ = decode(policy, q_ids, q_mask, **kwargs)
+    assert len(set(gen.lengths.tolist())) > 2
+    return q_ids, q_mask, gen.response_ids, gen.response_mask
+
+
+@pytest.mark.parametrize("kind", ["llama-sdpa", "llama-eager", "gpt2-sdpa"])
+def test_packed_forward_equals_the_padded_one_values_and_gradients(policies, tok, kind):
+    """The real tokens packed into one row (positions restarting per row, no mask): the same log-probabilities and
+    entropies as the padded forward, and the same gradients, to fp32 rounding; `packing_matches` agrees."""
+    policy = policies[kind]
+    q_ids, q_mask, r_ids, r_mask = ragged_batch(policy, tok)
+    assert packing_matches(policy, 0.8, len(tok), "cpu")
+    results = {}
+    for packed in (False, True):
+        policy.zero_grad()
+        logprobs, entropy = forward_logprobs(policy, q_ids, q_mask, r_ids, r_mask, 0.8, return_entropy=True,
+                                             packed=packed)
+        (logprobs.sum() + 0.1 * entropy.sum()).backward()
+        results[packed] = (logprobs.detach(), entropy.detach(),
+                           {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
+    policy.zero_grad()
+    (lp0, en0, g0), (lp1, en1, g1) = results[False], results[True]
+    torch.testing.assert_close(lp1, lp0, atol=2e-5, rtol=0)
+    torch.testing.assert_close(en1, en0, atol=2e-5, rtol=0)
+    assert bool((lp1[~r_mask] == 0).all()) and float(lp0[r_mask].std()) > 0.1
+    assert g0.keys() == g1.keys() and len(g0) > 5
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-4, rtol=1e-3, msg=name)
+    assert max(float(g.abs().max()) for g in g0.values()) > 0.1  # gradients worth comparing
+
+
+def test_packing_is_refused_where_the_attention_would_mix_the_sequences(policies, tok, monkeypatch):
+    """With transformers' detection of packed sequences switched off, packed rows attend to each other: the check
+    sees other numbers and says no (the loop then keeps padded forwards)."""
+    import transformers.masking_utils as masking
+
+    policy = policies["llama-sdpa"]
+    assert packing_matches(policy, 1.0, len(tok), "cpu")
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    assert not packing_matches(policy, 1.0, len(tok), "cpu")
+
+
+def test_actor_critic_packed_pass_equals_the_padded_one(policies, tok):
+    """The actor-critic's policy pass with a value head on it, packed and padded: the same log-probabilities, entropies
+    and values."""
+    from rlhf_dist.rl.actor_critic import ActorCritic, ValueHead
+
+    policy = policies["llama-eager"]
+    q_ids, q_mask, r_ids, r_mask = ragged_batch(policy, tok)
+    model = ActorCritic(policy, 0.8, value_head=ValueHead(policy.config.hidden_size, seed=1))
+    with torch.no_grad():
+        padded = model(q_ids, q_mask, r_ids, r_mask)
+        model.packed = True
+        packed = model(q_ids, q_mask, r_ids, r_mask)
+    for a, b in zip(padded, packed):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=0)
+    assert float(packed[2][r_mask].abs().mean()) > 0.01

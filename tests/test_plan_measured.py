@@ -131,17 +131,33 @@ def training_shapes():
     """Record [batch, seq] of every token-embedding call made with gradients on (training forwards)."""
     import torch
 
+    from rlhf_dist.rl import actor_critic
+
     seen: list[tuple[int, int]] = []
+    packed_widths: set[int] = set()
+    pack = actor_critic.pack
+
+    def packing(query_ids, query_mask, response_ids, response_mask):
+        """PPO's padding-free training forward sees [1, N]: record its rows and their longest real length instead."""
+        p = pack(query_ids, query_mask, response_ids, response_mask)
+        if torch.is_grad_enabled():
+            packed_widths.add(p.input_ids.shape[1])
+            seen.append((query_ids.shape[0], int((query_mask.sum(1) + response_mask.sum(1)).max())))
+        return p
 
     def hook(module, args):
         if isinstance(module, torch.nn.Embedding) and torch.is_grad_enabled() and args and args[0].dim() == 2:
-            seen.append(tuple(args[0].shape))
+            shape = tuple(args[0].shape)
+            if not (shape[0] == 1 and shape[1] in packed_widths):
+                seen.append(shape)
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    actor_critic.pack = packing
     try:
         yield seen
     finally:
         handle.remove()
+        actor_critic.pack = pack
 
 
 def measure(stage: str, recipe: Path, out: Path, method: str, checkpointing: bool) -> dict:

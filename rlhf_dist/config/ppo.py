@@ -69,6 +69,11 @@ class PPOTrainingConfig:
         True, "Run each process's share of a minibatch in micro-batches of similar length (sorted by prompt + response "
         "tokens), each cut to its longest row: the same gradient (every micro-batch loss is normalised by the whole "
         "minibatch) with less padding.")
+    padding_free: bool = _f(
+        True, "The policy's and the reference's forwards (rollout scoring and the update) run on the rows' real tokens "
+        "packed into one sequence, positions restarting per row (rlhf_dist/rl/packing.py): no FLOPs on padding. "
+        "Checked once against a padded forward before training; padded forwards are used if the model's attention "
+        "does not keep packed sequences apart. A value model and the reward model keep padded forwards.")
     missing_eos_penalty: float | None = _f(
         None, "Subtracted from the score of a response that never stopped (docs/ppo.md item 5).")
     reward_normalization: bool = _f(False, "Normalise scores with their running mean and std (docs/ppo.md item 8).")

@@ -23,6 +23,7 @@ Two value functions (item 18):
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 from rlhf_dist.rl.adapters import POLICY, use_adapter
 from rlhf_dist.rl.generation import position_ids_from_mask
 from rlhf_dist.rl.losses import entropy_from_logits, logprobs_from_logits
+from rlhf_dist.rl.packing import causal_lm_outputs, pack
 from rlhf_dist.rl.scoring import accepts_logits_to_keep, concat_query_response, token_values
 
 
@@ -90,6 +92,7 @@ class ActorCritic(nn.Module):
         self.value_head = value_head
         self.value_adapter = value_adapter
         self.temperature = float(temperature)
+        self.packed = False  # the policy's pass padding-free (training.padding_free, once `packing_matches` says so)
 
     def state_dict(self, *args, **kwargs):
         """With a PEFT policy, only what trains (adapters, value head, value model): the frozen base -- 4-bit weights
@@ -133,6 +136,9 @@ class ActorCritic(nn.Module):
             return token_values(self.value_model, query_ids, query_mask, response_ids, response_mask)
         if self.value_adapter is None:
             return None
+        if self.packed:
+            return self._values(pack(query_ids, query_mask, response_ids, response_mask), query_ids, query_mask,
+                                response_ids, response_mask)
         ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
         return self._adapter_values(ids, mask, position_ids_from_mask(mask), response_mask)
 
@@ -155,6 +161,8 @@ class ActorCritic(nn.Module):
         Shapes: queries [B, Lq] left-padded, responses [B, T] right-padded; outputs [B, T]
         float32, aligned as in `rollout.forward_logprobs` / `rollout.token_values`.
         """
+        if self.packed:
+            return self._packed_forward(query_ids, query_mask, response_ids, response_mask, with_values)
         ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
         T = response_ids.shape[1]
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask,
@@ -184,3 +192,28 @@ class ActorCritic(nn.Module):
         elif self.value_model is not None:
             values = token_values(self.value_model, query_ids, query_mask, response_ids, response_mask)
         return logprobs, entropy, values
+
+    def _packed_forward(self, query_ids, query_mask, response_ids, response_mask, with_values: bool):
+        """`forward` with the policy's (and a value adapter's) pass padding-free (`rlhf_dist.rl.packing`); a value
+        model keeps its padded pass."""
+        p = pack(query_ids, query_mask, response_ids, response_mask)
+        shared = self.values_need_policy_pass
+        with use_adapter(self.policy, POLICY) if self.value_adapter is not None else contextlib.nullcontext():
+            logits, hidden = causal_lm_outputs(self.policy, p, accepts_logits_to_keep(self.policy), hidden=shared)
+        logits = logits.float() / self.temperature
+        logprobs, entropy = p.unpack(logprobs_from_logits(logits, p.targets)), p.unpack(entropy_from_logits(logits))
+        if shared:
+            return logprobs, entropy, p.unpack(self.value_head(hidden))
+        if not with_values or not self.has_value:
+            return logprobs, entropy, None
+        return logprobs, entropy, self._values(p, query_ids, query_mask, response_ids, response_mask)
+
+    def _values(self, p, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
+        """A value function with a pass of its own: the value model (padded), or the value adapter's pass (packed)."""
+        if self.value_model is not None:
+            return token_values(self.value_model, query_ids, query_mask, response_ids, response_mask)
+        inner = self.policy.get_base_model()
+        backbone = getattr(inner, inner.base_model_prefix)
+        with use_adapter(self.policy, self.value_adapter):
+            hidden = backbone(input_ids=p.input_ids, position_ids=p.position_ids, use_cache=False).last_hidden_state
+        return p.unpack(self.value_head(hidden[0, p.keep]))

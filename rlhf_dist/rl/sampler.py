@@ -20,7 +20,7 @@ from rlhf_dist.rl.advantages import informative_groups
 from rlhf_dist.rl.batch import RolloutBatch, concat_batches, gather_batch
 from rlhf_dist.rl.decode import DecodeWork, decode
 from rlhf_dist.rl.generation import generate, left_pad, stop_token_ids
-from rlhf_dist.rl.scoring import RewardSource, forward_logprobs, score_responses
+from rlhf_dist.rl.scoring import RewardSource, forward_logprobs, packing_matches, score_responses
 
 
 def derived_seed(*parts: int) -> int:
@@ -43,6 +43,10 @@ class RolloutSampler:
         # our decode loop (finished rows leave the batch, shared prompts prefilled once) unless it cannot be used
         self.compact = args.decoding == "compact" and not self.synced and args.top_k == 0 and args.top_p == 1.0
         self.work = DecodeWork()  # what the compact decode computed so far (benchmarks read it)
+        unwrapped = accelerator.unwrap_model(model)
+        self.packed = bool(args.padding_free) and packing_matches(unwrapped.policy, args.temperature, len(tokenizer),
+                                                                  accelerator.device)
+        unwrapped.packed = self.packed  # the actor-critic's policy pass (rollout and update) alike
 
     @torch.no_grad()
     def rollout(self, prompts: list[list[int]], seed_parts: tuple[int, ...], step: int,
@@ -113,11 +117,12 @@ class RolloutSampler:
 
     def _ref_logprobs(self, model, q_ids, q_mask, r_ids, r_mask) -> torch.Tensor:
         if self.reference is not None:
-            return forward_logprobs(self.reference, q_ids, q_mask, r_ids, r_mask, self.args.temperature)
+            return forward_logprobs(self.reference, q_ids, q_mask, r_ids, r_mask, self.args.temperature,
+                                    packed=self.packed)
         policy = model.policy
         reference = use_adapter(policy, REFERENCE) if REFERENCE in policy.peft_config else no_adapter(policy)
         with reference:  # the SFT model: the base (SFT merged into it), or the frozen SFT adapter (item 19)
-            return forward_logprobs(policy, q_ids, q_mask, r_ids, r_mask, self.args.temperature)
+            return forward_logprobs(policy, q_ids, q_mask, r_ids, r_mask, self.args.temperature, packed=self.packed)
 
     def dynamic_sampling(self, batch: RolloutBatch, refill: Callable[[int], tuple[list[list[int]], dict[str, list]]],
                          seed_parts: tuple[int, ...], step: int) -> tuple[RolloutBatch, dict[str, float]]:

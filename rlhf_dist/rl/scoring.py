@@ -11,15 +11,19 @@ every tensor on the model's device.
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from rlhf_dist.rl.generation import check_left_padded, left_pad, position_ids_from_mask
+from rlhf_dist.rl.generation import check_left_padded, eval_mode, left_pad, position_ids_from_mask
 from rlhf_dist.rl.losses import entropy_from_logits, logprobs_from_logits
+from rlhf_dist.rl.packing import causal_lm_outputs, pack
 from rlhf_dist.rl.reward_fn import call_reward_fn
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Log-probabilities (policy, reference)
@@ -48,8 +52,8 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
 
 
 def forward_logprobs(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                     response_mask: torch.Tensor, temperature: float, *,
-                     return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     response_mask: torch.Tensor, temperature: float, *, return_entropy: bool = False,
+                     packed: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities of the response under ``model``, in one batched forward.
 
     ::
@@ -70,10 +74,17 @@ def forward_logprobs(model: nn.Module, query_ids: torch.Tensor, query_mask: torc
         response_ids, response_mask: [B, T] right-padded (from `generate`).
         temperature: > 0, the sampling temperature.
         return_entropy: also return the entropy of ``softmax(logits / temperature)`` per position.
+        packed: one padding-free forward over the real tokens (`rlhf_dist.rl.packing`): the same numbers to float
+            rounding, with the linear layers on the real tokens only.
     Returns:
         logprobs [B, T] float32, 0 where ``response_mask`` is False (item 4); with
         ``return_entropy``, ``(logprobs, entropy)``, the entropy also [B, T] and 0 there.
     """
+    if packed:
+        p = pack(query_ids, query_mask, response_ids, response_mask)
+        logits = causal_lm_outputs(model, p, accepts_logits_to_keep(model))[0].float()  # [K, V]
+        logprobs = p.unpack(logprobs_from_logits(logits, p.targets, temperature))
+        return (logprobs, p.unpack(entropy_from_logits(logits / temperature))) if return_entropy else logprobs
     ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
     T = response_ids.shape[1]
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask),
@@ -89,6 +100,28 @@ def forward_logprobs(model: nn.Module, query_ids: torch.Tensor, query_mask: torc
         return logprobs
     entropy = torch.where(valid, entropy_from_logits(logits / temperature), 0.0)
     return logprobs, entropy
+
+
+@torch.no_grad()
+def packing_matches(model: nn.Module, temperature: float, vocab_size: int, device) -> bool:
+    """Whether ``model`` gives the same log-probabilities packed as padded, on two rows of other lengths (a prompt of
+    3 and of 6 tokens, responses of 5 and 2): an attention that let the packed sequences see each other would not."""
+    generator = torch.Generator().manual_seed(0)
+    high = max(min(vocab_size, 200), 4)
+    draw = lambda n: torch.randint(3, high, (n,), generator=generator).tolist()  # noqa: E731
+    q_ids, q_mask = left_pad([draw(3), draw(6)], 0, device)
+    r_ids = torch.tensor([draw(5), draw(2) + [0] * 3], device=device)
+    r_mask = torch.tensor([[True] * 5, [True] * 2 + [False] * 3], device=device)
+    with eval_mode(model):
+        padded = forward_logprobs(model, q_ids, q_mask, r_ids, r_mask, temperature)
+        packed = forward_logprobs(model, q_ids, q_mask, r_ids, r_mask, temperature, packed=True)
+    sixteen_bit = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    gap = float((padded - packed).abs().max())
+    same = gap <= (0.1 if sixteen_bit else 1e-3)
+    if not same:
+        log.warning("training.padding_free: this model's attention does not keep packed sequences apart (packed and "
+                    "padded log-probabilities differ by %.3g); using padded forwards", gap)
+    return same
 
 
 # ---------------------------------------------------------------------------------------------

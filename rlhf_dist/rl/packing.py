@@ -1,0 +1,68 @@
+"""Padding-free forwards (`ppo.training.padding_free`): the real tokens of a padded [B, Lq + T] batch packed into one
+row [1, N], positions restarting at 0 for each sequence, no attention mask.
+
+transformers then attends within each sequence only (its mask builder finds the sequences from the position ids that
+restart; flash-attention kernels do the same by design), so the linear layers, which are most of a forward's FLOPs,
+run on the N real tokens instead of B x (Lq + T) slots. The vocabulary head runs only on the K positions that predict a
+response token (``logits_to_keep`` as indices), and the results go back to the [B, T] layout of the padded forward::
+
+    p = pack(query_ids, query_mask, response_ids, response_mask)
+    logits = model(input_ids=p.input_ids, position_ids=p.position_ids, logits_to_keep=p.keep).logits[0]   # [K, V]
+    logprobs = p.unpack(logprobs_from_logits(logits, p.targets))                                          # [B, T]
+
+An attention implementation that ignored the restarts would let sequences see each other and give other numbers, so
+`packing_matches` compares a packed and a padded forward of the model once, before training, and the loop falls back
+to padded forwards (with a warning) when they differ (`rlhf_dist.rl.scoring.packing_matches`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rlhf_dist.rl.generation import check_left_padded, position_ids_from_mask
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor      # [1, N] the real tokens, row after row
+    position_ids: torch.Tensor   # [1, N] 0, 1, ... within each row
+    keep: torch.Tensor           # [K] packed positions that predict a response token (row after row, t increasing)
+    targets: torch.Tensor        # [K] the response token each of them predicts
+    valid: torch.Tensor          # [B, T] bool: the response mask (K = valid.sum())
+
+    def unpack(self, values: torch.Tensor) -> torch.Tensor:
+        """[K, ...] -> [B, T, ...], 0 where the response mask is False."""
+        out = values.new_zeros((*self.valid.shape, *values.shape[1:]))
+        out[self.valid] = values
+        return out
+
+
+def pack(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+         response_mask: torch.Tensor) -> Packed:
+    """Pack left-padded queries + right-padded responses (as `scoring.concat_query_response` joins them)."""
+    check_left_padded(query_mask)
+    ids = torch.cat([query_ids, response_ids.to(query_ids.dtype)], dim=1)
+    mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
+    real = mask.bool()
+    packed_index = (real.reshape(-1).cumsum(0) - 1).reshape(real.shape)  # of each real (row, column)
+    lq, t = query_ids.shape[1], response_ids.shape[1]
+    valid = response_mask.bool()
+    predictors = packed_index[:, lq - 1:lq - 1 + t]  # column Lq-1+t predicts response token t
+    return Packed(ids[real][None], position_ids_from_mask(mask)[real][None], predictors[valid], response_ids[valid],
+                  valid)
+
+
+def causal_lm_outputs(model: nn.Module, p: Packed, accepts_keep: bool, hidden: bool = False):
+    """``(logits [K, V], last hidden state [K, H] or None)`` of a causal LM on the packed row."""
+    kwargs = {"input_ids": p.input_ids, "position_ids": p.position_ids, "use_cache": False}
+    if hidden:
+        kwargs["output_hidden_states"] = True
+    if accepts_keep:
+        kwargs["logits_to_keep"] = p.keep
+    out = model(**kwargs)
+    logits = out.logits[0] if accepts_keep else out.logits[0, p.keep]
+    states = out.hidden_states[-1][0, p.keep] if hidden else None
+    return logits, states
