@@ -11,7 +11,7 @@ from test_rollout import gpt2_config, load_policy, rand_ids, sharpen
 
 from rlhf_dist.rl.decode import decode, distinct_rows
 from rlhf_dist.rl.generation import left_pad
-from rlhf_dist.rl.scoring import forward_logprobs, packing_matches
+from rlhf_dist.rl.scoring import forward_logprobs, packing_matches, sequence_scores, token_values
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_packed_forward_equals_the_padded_one_values_and_gradients(policies, tok
     entropies as the padded forward, and the same gradients, to fp32 rounding; `packing_matches` agrees."""
     policy = policies[kind]
     q_ids, q_mask, r_ids, r_mask = ragged_batch(policy, tok)
-    assert packing_matches(policy, 0.8, len(tok), "cpu")
+    assert packing_matches(policy, len(tok), "cpu", 0.8)
     results = {}
     for packed in (False, True):
         policy.zero_grad()
@@ -172,9 +172,9 @@ def test_packing_is_refused_where_the_attention_would_mix_the_sequences(policies
     import transformers.masking_utils as masking
 
     policy = policies["llama-sdpa"]
-    assert packing_matches(policy, 1.0, len(tok), "cpu")
+    assert packing_matches(policy, len(tok), "cpu")
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
-    assert not packing_matches(policy, 1.0, len(tok), "cpu")
+    assert not packing_matches(policy, len(tok), "cpu")
 
 
 def test_actor_critic_packed_pass_equals_the_padded_one(policies, tok):
@@ -192,3 +192,20 @@ def test_actor_critic_packed_pass_equals_the_padded_one(policies, tok):
     for a, b in zip(padded, packed):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=0)
     assert float(packed[2][r_mask].abs().mean()) > 0.01
+
+
+def test_reward_and_value_scores_packed_equal_the_padded_ones(tiny_model, tok):
+    """A one-label classifier (reward or value model): its score of each sequence and of every response position,
+    packed and padded, agree; `packing_matches(classifier=True)` says so."""
+    from test_rollout import load_classifier
+
+    classifier = load_classifier(tiny_model, "sdpa")
+    policy = load_policy(tiny_model, "sdpa")
+    q_ids, q_mask, r_ids, r_mask = ragged_batch(policy, tok)
+    assert packing_matches(classifier, len(tok), "cpu", classifier=True)
+    with torch.no_grad():
+        for fn in (sequence_scores, token_values):
+            padded = fn(classifier, q_ids, q_mask, r_ids, r_mask)
+            packed = fn(classifier, q_ids, q_mask, r_ids, r_mask, packed=True)
+            torch.testing.assert_close(packed, padded, atol=2e-5, rtol=1e-5)
+            assert float(padded.std()) > 0.01

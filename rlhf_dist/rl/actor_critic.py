@@ -93,6 +93,7 @@ class ActorCritic(nn.Module):
         self.value_adapter = value_adapter
         self.temperature = float(temperature)
         self.packed = False  # the policy's pass padding-free (training.padding_free, once `packing_matches` says so)
+        self.packed_values = False  # the value model's too
 
     def state_dict(self, *args, **kwargs):
         """With a PEFT policy, only what trains (adapters, value head, value model): the frozen base -- 4-bit weights
@@ -133,7 +134,8 @@ class ActorCritic(nn.Module):
         if self.values_need_policy_pass:
             raise ValueError("the value head reads the policy's own pass: call forward()")
         if self.value_model is not None:
-            return token_values(self.value_model, query_ids, query_mask, response_ids, response_mask)
+            return token_values(self.value_model, query_ids, query_mask, response_ids, response_mask,
+                                packed=self.packed_values)
         if self.value_adapter is None:
             return None
         if self.packed:
@@ -195,7 +197,7 @@ class ActorCritic(nn.Module):
 
     def _packed_forward(self, query_ids, query_mask, response_ids, response_mask, with_values: bool):
         """`forward` with the policy's (and a value adapter's) pass padding-free (`rlhf_dist.rl.packing`); a value
-        model keeps its padded pass."""
+        model's too where `packed_values`."""
         p = pack(query_ids, query_mask, response_ids, response_mask)
         shared = self.values_need_policy_pass
         with use_adapter(self.policy, POLICY) if self.value_adapter is not None else contextlib.nullcontext():
@@ -209,9 +211,10 @@ class ActorCritic(nn.Module):
         return logprobs, entropy, self._values(p, query_ids, query_mask, response_ids, response_mask)
 
     def _values(self, p, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
-        """A value function with a pass of its own: the value model (padded), or the value adapter's pass (packed)."""
+        """A value function with a pass of its own: the value model, or the value adapter's pass (packed)."""
         if self.value_model is not None:
-            return token_values(self.value_model, query_ids, query_mask, response_ids, response_mask)
+            return token_values(self.value_model, query_ids, query_mask, response_ids, response_mask,
+                                packed=self.packed_values)
         inner = self.policy.get_base_model()
         backbone = getattr(inner, inner.base_model_prefix)
         with use_adapter(self.policy, self.value_adapter):

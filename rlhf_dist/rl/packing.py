@@ -32,6 +32,7 @@ class Packed:
     keep: torch.Tensor           # [K] packed positions that predict a response token (row after row, t increasing)
     targets: torch.Tensor        # [K] the response token each of them predicts
     valid: torch.Tensor          # [B, T] bool: the response mask (K = valid.sum())
+    ends: torch.Tensor           # [B] packed position of each row's last real token
 
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
         """[K, ...] -> [B, T, ...], 0 where the response mask is False."""
@@ -52,7 +53,7 @@ def pack(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.
     valid = response_mask.bool()
     predictors = packed_index[:, lq - 1:lq - 1 + t]  # column Lq-1+t predicts response token t
     return Packed(ids[real][None], position_ids_from_mask(mask)[real][None], predictors[valid], response_ids[valid],
-                  valid)
+                  valid, real.sum(1).cumsum(0) - 1)
 
 
 def causal_lm_outputs(model: nn.Module, p: Packed, accepts_keep: bool, hidden: bool = False):

@@ -44,9 +44,15 @@ class RolloutSampler:
         self.compact = args.decoding == "compact" and not self.synced and args.top_k == 0 and args.top_p == 1.0
         self.work = DecodeWork()  # what the compact decode computed so far (benchmarks read it)
         unwrapped = accelerator.unwrap_model(model)
-        self.packed = bool(args.padding_free) and packing_matches(unwrapped.policy, args.temperature, len(tokenizer),
-                                                                  accelerator.device)
+        device, free = accelerator.device, bool(args.padding_free)
+        self.packed = free and packing_matches(unwrapped.policy, len(tokenizer), device, args.temperature)
         unwrapped.packed = self.packed  # the actor-critic's policy pass (rollout and update) alike
+        value_model = unwrapped.value_model
+        unwrapped.packed_values = free and value_model is not None and packing_matches(
+            value_model, len(tokenizer), device, classifier=True, name="the value model")
+        if reward.model is not None:
+            reward.packed = free and packing_matches(reward.model, len(reward.tokenizer or tokenizer), device,
+                                                     classifier=True, name="the reward model")
 
     @torch.no_grad()
     def rollout(self, prompts: list[list[int]], seed_parts: tuple[int, ...], step: int,

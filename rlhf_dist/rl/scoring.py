@@ -103,25 +103,33 @@ def forward_logprobs(model: nn.Module, query_ids: torch.Tensor, query_mask: torc
 
 
 @torch.no_grad()
-def packing_matches(model: nn.Module, temperature: float, vocab_size: int, device) -> bool:
-    """Whether ``model`` gives the same log-probabilities packed as padded, on two rows of other lengths (a prompt of
-    3 and of 6 tokens, responses of 5 and 2): an attention that let the packed sequences see each other would not."""
+def packing_matches(model: nn.Module, vocab_size: int, device, temperature: float = 1.0, classifier: bool = False,
+                    name: str = "the policy") -> bool:
+    """Whether ``model`` gives the same outputs packed as padded (`rlhf_dist.rl.packing`) on two rows of other lengths
+    (prompts of 3 and 6 tokens, responses of 5 and 2): log-probabilities of a causal LM, per-position scores of a
+    one-label classifier (``classifier``). An attention that let the packed sequences see each other would not."""
     generator = torch.Generator().manual_seed(0)
     high = max(min(vocab_size, 200), 4)
-    draw = lambda n: torch.randint(3, high, (n,), generator=generator).tolist()  # noqa: E731
+
+    def draw(n: int) -> list[int]:
+        return torch.randint(3, high, (n,), generator=generator).tolist()
+
     q_ids, q_mask = left_pad([draw(3), draw(6)], 0, device)
     r_ids = torch.tensor([draw(5), draw(2) + [0] * 3], device=device)
     r_mask = torch.tensor([[True] * 5, [True] * 2 + [False] * 3], device=device)
     with eval_mode(model):
-        padded = forward_logprobs(model, q_ids, q_mask, r_ids, r_mask, temperature)
-        packed = forward_logprobs(model, q_ids, q_mask, r_ids, r_mask, temperature, packed=True)
+        if classifier:
+            padded, packed = (token_values(model, q_ids, q_mask, r_ids, r_mask, packed=p) for p in (False, True))
+        else:
+            padded, packed = (forward_logprobs(model, q_ids, q_mask, r_ids, r_mask, temperature, packed=p)
+                              for p in (False, True))
     sixteen_bit = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
     gap = float((padded - packed).abs().max())
-    same = gap <= (0.1 if sixteen_bit else 1e-3)
-    if not same:
-        log.warning("training.padding_free: this model's attention does not keep packed sequences apart (packed and "
-                    "padded log-probabilities differ by %.3g); using padded forwards", gap)
-    return same
+    if gap <= (0.1 if sixteen_bit else 1e-3):
+        return True
+    log.warning("training.padding_free: %s's attention does not keep packed sequences apart (packed and padded "
+                "outputs differ by %.3g); its forwards stay padded", name, gap)
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,15 +182,26 @@ def forward_token_scores(model: nn.Module, input_ids: torch.Tensor, attention_ma
     return head(hidden).squeeze(-1).float()
 
 
+def packed_token_scores(model: nn.Module, p, positions: torch.Tensor) -> torch.Tensor:
+    """`forward_token_scores` on a packed row (`rlhf_dist.rl.packing`), the head only at ``positions``: [len(positions)]."""
+    backbone, head = _score_head(model)
+    hidden = backbone(input_ids=p.input_ids, position_ids=p.position_ids, use_cache=False).last_hidden_state
+    return head(hidden[0, positions]).squeeze(-1).float()
+
+
 def sequence_scores(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                    response_mask: torch.Tensor) -> torch.Tensor:
+                    response_mask: torch.Tensor, packed: bool = False) -> torch.Tensor:
     """Reward-model score of prompt + truncated response: [B] (docs/ppo.md items 3 and 6).
 
     The per-token score (`forward_token_scores`) at the last valid token of query + response,
     found from the masks (not from ``ids != pad_id``, item 2). Equals ``model(ids).logits[:, 0]``
     for an unpadded sequence. For a reward model with another tokenizer, build the inputs with
-    `decode_pairs` and `retokenize`, and pass them as the query with an empty response.
+    `decode_pairs` and `retokenize`, and pass them as the query with an empty response. ``packed``: one
+    padding-free pass (`rlhf_dist.rl.packing`).
     """
+    if packed:
+        p = pack(query_ids, query_mask, response_ids, response_mask)
+        return packed_token_scores(model, p, p.ends)
     ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
     scores = forward_token_scores(model, ids, mask)
     positions = torch.arange(ids.shape[1], device=ids.device)
@@ -191,13 +210,17 @@ def sequence_scores(model: nn.Module, query_ids: torch.Tensor, query_mask: torch
 
 
 def token_values(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                 response_mask: torch.Tensor) -> torch.Tensor:
+                 response_mask: torch.Tensor, packed: bool = False) -> torch.Tensor:
     """Value estimates V(s_t) for the response tokens: [B, T], aligned with `forward_logprobs`.
 
     ``V[:, t]`` is the value model's score at the position that predicts response token ``t``
     (position ``Lq - 1 + t``), i.e. of the state before emitting token ``t``: the prompt alone for
-    ``t = 0``. 0 where ``response_mask`` is False (docs/ppo.md item 4). Grad flows if enabled.
+    ``t = 0``. 0 where ``response_mask`` is False (docs/ppo.md item 4). Grad flows if enabled. ``packed``: one
+    padding-free pass (`rlhf_dist.rl.packing`).
     """
+    if packed:
+        p = pack(query_ids, query_mask, response_ids, response_mask)
+        return p.unpack(packed_token_scores(model, p, p.keep))
     ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
     T = response_ids.shape[1]
     scores = forward_token_scores(model, ids, mask)
@@ -281,6 +304,7 @@ class RewardSource:
     fn: Callable | None = None
     fn_name: str = "reward_fn"
     composite: Any = None
+    packed: bool = False  # the reward model's forwards padding-free (training.padding_free, once checked)
 
     @property
     def labels(self) -> list[str]:
@@ -294,12 +318,12 @@ def model_scores(reward: RewardSource, tokenizer: Any, query_ids: torch.Tensor, 
     tokens the policy produced; with its own it gets the decoded text, re-encoded (`retokenize`, EOS where the
     response ended)."""
     if reward.tokenizer is None:
-        return sequence_scores(reward.model, query_ids, query_mask, response_ids, response_mask)
+        return sequence_scores(reward.model, query_ids, query_mask, response_ids, response_mask, reward.packed)
     prompts, completions = decode_pairs(tokenizer, query_ids, query_mask, response_ids, response_mask)
     ids, mask = retokenize(prompts, completions, reward.tokenizer, reward.max_length, append_eos=ended,
                            device=query_ids.device)
     empty = ids.new_zeros((ids.shape[0], 0))
-    return sequence_scores(reward.model, ids, mask, empty, empty.bool())
+    return sequence_scores(reward.model, ids, mask, empty, empty.bool(), reward.packed)
 
 
 def score_responses(reward: RewardSource, tokenizer: Any, query_ids: torch.Tensor, query_mask: torch.Tensor,
