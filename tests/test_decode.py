@@ -63,8 +63,10 @@ def test_dropping_finished_rows_and_sharing_prefills_changes_nothing(policies, t
     # the same k samples of a prompt are not the same response (each row draws its own noise)
     assert not torch.equal(fast.response_ids[0], fast.response_ids[1])
 
-    # the work, counted: 4 distinct prompts prefilled instead of 8 rows; no finished row computed
-    assert fast_work.prefill_slots == 4 * 9 and slow_work.prefill_slots == 8 * 9
+    # the work, counted: 4 distinct prompts (3, 9, 5 and 1 tokens) prefilled once each, in groups of similar length
+    # (here one each: no padding), instead of 8 rows padded to 9; no finished row computed
+    assert fast_work.prefill_slots == 3 + 9 + 5 + 1 and fast_work.prefill_pad_slots == 0
+    assert slow_work.prefill_slots == 8 * 9 and slow_work.prefill_pad_slots == 8 * 9 - (3 * 3 + 5 + 3 * 9 + 1)
     assert fast_work.decode_finished_slots == 0 and slow_work.decode_finished_slots > 0
     assert fast_work.decode_slots == int((fast.lengths - 1).sum())  # a row of length L is fed L - 1 tokens
     assert slow_work.decode_slots == 8 * (slow_work.steps - 1)

@@ -8,7 +8,8 @@ estimator's k samples of a prompt are k copies of it, prefilled k times. `decode
   next forward and from the KV cache (``Cache.batch_select_indices``), so a step costs what its unfinished rows
   cost and the cache shrinks with them;
 - **each distinct prompt is prefilled once**: identical rows (GRPO/RLOO's k samples, `samples_per_prompt`) share
-  one prefill, whose cache is then copied to each of its rows.
+  one prefill, whose cache is then copied to each of its rows; prompts of very different lengths are prefilled in
+  groups of similar length (`_prefill`), so that left padding costs little there either.
 
 It samples exactly from ``softmax(logits / temperature)`` (the distribution `forward_logprobs` computes: the
 default ``top_k=0, top_p=1`` of docs/ppo.md item 14), by the Gumbel-max trick: ``argmax(logp + g)`` with
@@ -101,6 +102,52 @@ def distinct_rows(query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[to
     return first[order], rank[inverse]
 
 
+def _prefill(policy: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache_kw: str, work: DecodeWork,
+             group: bool = True):
+    """Prefill the distinct prompts ``ids``/``mask`` ([U, L], left-padded): ``(cache, last logits [U, V], mask, back)``.
+
+    With ``group``, where left padding would be more than 5% of the prefill, the prompts go in up to 4 groups of similar length
+    (sorted), each cut to its own longest prompt, and the groups' caches are joined, each left-padded with zeros to
+    the longest (masked positions, as padding is); this needs plain `DynamicLayer` caches (else one group). The
+    returned mask is ``mask`` cut to the joined cache's width; ``back`` orders the forward calls' rows (concatenated)
+    as the prompts. Adds the slots and attention pairs to `work`.
+    """
+    real = mask.sum(1)
+    width = int(real.max())
+    ids, mask = ids[:, ids.shape[1] - width:], mask[:, mask.shape[1] - width:]
+    padded_share = 1 - float(real.sum()) / max(ids.numel(), 1)
+    groups = [torch.arange(len(ids), device=ids.device)]
+    layers = getattr(_new_cache(policy), "layers", [])
+    plain = bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+    if group and padded_share > 0.05 and len(ids) > 1 and plain:
+        groups = list(torch.argsort(real, stable=True).tensor_split(min(4, len(ids))))
+    keep_last = {"logits_to_keep": 1} if _accepts(policy, "logits_to_keep") else {}
+    caches, logits = [], []
+    for rows in groups:
+        w = int(real[rows].max())
+        g_ids, g_mask = ids[rows][:, width - w:], mask[rows][:, width - w:]
+        cache = _new_cache(policy)
+        out = policy(input_ids=g_ids, attention_mask=g_mask, position_ids=position_ids_from_mask(g_mask),
+                     use_cache=True, **keep_last, **{cache_kw: cache})
+        caches.append((cache, w))
+        logits.append(out.logits[:, -1])
+        g_real = real[rows]
+        work.prefill_slots += g_ids.numel()
+        work.prefill_pad_slots += int(g_ids.numel() - g_real.sum())
+        work.attention_pairs += len(rows) * w * (w + 1) // 2  # causal: position i sees i + 1 keys
+        work.attention_pad_pairs += int(sum(int(p) * (2 * w - int(p) + 1) // 2 for p in (w - g_real).tolist()))
+    if len(groups) == 1:
+        return caches[0][0], logits[0], mask, groups[0]
+    joined = caches[0][0]
+    for i, layer in enumerate(joined.layers):
+        for name in ("keys", "values"):
+            parts = [torch.nn.functional.pad(getattr(c.layers[i], name), (0, 0, width - w, 0)) for c, w in caches]
+            setattr(layer, name, torch.cat(parts))
+    back = torch.argsort(torch.cat(groups))  # the groups' rows back in the prompts' order
+    joined.batch_select_indices(back)
+    return joined, torch.cat(logits)[back], mask, back
+
+
 @torch.no_grad()
 def decode(policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
            temperature: float, stop_ids: Sequence[int], pad_id: int, generator_seed: int | None = None,
@@ -112,7 +159,8 @@ def decode(policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
     responses, ``ended``, and the recorded log-probabilities, entropies and hidden states), without ``top_k`` /
     ``top_p`` and without ZeRO-3's ``synced_gpus`` (the caller falls back to ``generate`` for those). With
     ``generator_seed`` the draw comes from a ``torch.Generator`` seeded with it (the global RNG is not touched).
-    ``compact=False`` keeps finished rows in the batch and ``share_prompts=False`` prefills every row: the same
+    ``compact=False`` keeps finished rows in the batch and prefills in one padded batch, and ``share_prompts=False``
+    prefills every row: the same
     tokens, computed the way ``generate`` does (for tests and the benchmark's counts). Returns the generation and
     the work it took (`DecodeWork`).
     """
@@ -136,19 +184,11 @@ def decode(policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
     else:
         first, inverse = torch.arange(rows, device=device), torch.arange(rows, device=device)
     p_ids, p_mask = query_ids[first], query_mask[first]
-    width = int(p_mask.sum(1).max())  # drop the columns that are padding in every prefilled row
-    p_ids, p_mask = p_ids[:, p_ids.shape[1] - width:], p_mask[:, p_mask.shape[1] - width:]
-    real = p_mask.sum(1)
-    work.prefill_slots, work.prefill_pad_slots = p_ids.numel(), int(p_ids.numel() - real.sum())
-    work.attention_pairs = int(len(first) * width * (width + 1) // 2)  # causal prefill: position i sees i + 1 keys
-    pads = width - real  # leading pad columns per prefilled row
-    work.attention_pad_pairs = int(sum(int(p) * (2 * width - int(p) + 1) // 2 for p in pads.tolist()))
-
     hidden: list[torch.Tensor] = []
     hook = None
     if record_hidden:
         hook = policy.get_output_embeddings().register_forward_pre_hook(lambda m, args: hidden.append(args[0][:, -1].float()))
-    cache_kw, cache = _cache_argument(policy), _new_cache(policy)
+    cache_kw = _cache_argument(policy)
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
     entropy = torch.zeros_like(logprobs)
@@ -157,15 +197,14 @@ def decode(policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
     ended = torch.zeros(rows, dtype=torch.bool, device=device)
     try:
         with eval_mode(policy):
-            positions = position_ids_from_mask(p_mask)
-            keep_last = {"logits_to_keep": 1} if _accepts(policy, "logits_to_keep") else {}
-            out = policy(input_ids=p_ids, attention_mask=p_mask, position_ids=positions, use_cache=True,
-                         **keep_last, **{cache_kw: cache})
+            cache, logits, p_mask, back = _prefill(policy, p_ids, p_mask, cache_kw, work, group=compact)
+            last_state = torch.cat(hidden)[back][inverse] if record_hidden else None
+            hidden.clear()
             if len(first) != rows:  # each row gets its prompt's cache
                 cache.batch_select_indices(inverse)
-            logits = out.logits[:, -1][inverse]
-            last_state = hidden.pop()[inverse] if record_hidden else None
-            mask, position = p_mask[inverse], positions[:, -1][inverse]
+            logits = logits[inverse]
+            mask = p_mask[inverse]
+            position = position_ids_from_mask(mask)[:, -1]
             active = torch.arange(rows, device=device)  # the unfinished rows, in row order
             computed = torch.arange(rows, device=device)  # the rows the last forward computed (all, or the active)
             for t in range(max_new_tokens):
