@@ -136,12 +136,11 @@ def prepare(model: str) -> Path:
 
 class WorkMeter:
     """Token slots per phase: ``computed`` (rows x positions of every forward) and ``needed`` (scoring and update: the
-    real tokens under the attention mask; generation: each distinct prompt once, set by `prefill`, plus the response
-    tokens after the first, added per iteration by the side)."""
+    real tokens under the attention mask; generation: each distinct prompt's tokens once plus the response tokens
+    after the first, added per iteration by the side from its rollouts)."""
 
     def __init__(self):
         self.generating = False
-        self.first_forward = False
         self.computed = {"generation": 0, "scoring": 0, "update": 0}
         self.needed = {"generation": 0, "scoring": 0, "update": 0}
 
@@ -155,7 +154,7 @@ class WorkMeter:
         original = getattr(owner, attr)
 
         def marked(*a, **k):
-            self.generating, self.first_forward = True, True
+            self.generating = True
             try:
                 return original(*a, **k)
             finally:
@@ -172,13 +171,7 @@ class WorkMeter:
         mask = kwargs.get("attention_mask")
         phase = "generation" if self.generating else ("update" if torch.is_grad_enabled() else "scoring")
         self.computed[phase] += ids.numel()
-        if phase == "generation":
-            if self.first_forward:  # the prefill: each distinct prompt's real tokens are needed once
-                self.first_forward = False
-                real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-                distinct = torch.unique(torch.where(real, ids, -1), dim=0)
-                self.needed["generation"] += int((distinct >= 0).sum())
-        else:
+        if phase != "generation":
             self.needed[phase] += int(mask[:, -ids.shape[1]:].sum()) if mask is not None else ids.numel()
 
     def take(self) -> dict:
@@ -241,10 +234,11 @@ def run_ours(folder: Path, iterations: int, levers: bool, new_tokens: int, promp
         seconds = time.perf_counter() - t0
         lengths = batch.response_mask.sum(1)
         work = meter.take()
-        work["needed"]["generation"] += int((lengths - 1).sum())
+        prompt_lengths = batch.query_mask.sum(1)  # rows are grouped: GROUP samples of each prompt in a row
+        work["needed"]["generation"] += int(prompt_lengths[::GROUP].sum() + (lengths - 1).sum())
         common.emit("iteration", step=step, seconds=seconds, rollout_s=metrics["time/rollout"],
                     update_s=metrics["time/update"], phases=timer.take(), rollouts=len(batch),
-                    tokens=int(lengths.sum()), lengths=lengths.tolist(), prompt_lengths=batch.query_mask.sum(1).tolist(),
+                    tokens=int(lengths.sum()), lengths=lengths.tolist(), prompt_lengths=prompt_lengths.tolist(),
                     work=work, ratio_first=metrics.get("policy/ratio_first_minibatch"))
     common.emit_end(common.OURS_PACKAGES,
                     config={k: getattr(loop.args, k) for k in ("decoding", "sort_micro_batches", "padding_free")},
@@ -295,7 +289,7 @@ def run_peer(folder: Path, iterations: int, new_tokens: int, prompts: int) -> No
         gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, disable_dropout=True, report_to="none",
         save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, log_completions=False)
     meter = WorkMeter()
-    seen: dict[str, list] = {"lengths": []}
+    seen: dict[str, list] = {"lengths": [], "prompts": []}
 
     class Timing(TrainerCallback):
         def __init__(self):
@@ -314,12 +308,12 @@ def run_peer(folder: Path, iterations: int, new_tokens: int, prompts: int) -> No
             if len(lengths) != rollouts:
                 raise SystemExit(f"peer: {len(lengths)} completions in a round, expected {rollouts}")
             work = meter.take()
-            work["needed"]["generation"] += sum(n - 1 for n in lengths)
+            work["needed"]["generation"] += sum(seen["prompts"]) + sum(n - 1 for n in lengths)
             started = self.update_started or now
             common.emit("iteration", step=state.global_step // optimizer_steps, seconds=now - self.last,
                         rollout_s=started - self.last, update_s=now - started, phases=timer.take(), rollouts=len(lengths),
                         tokens=sum(lengths), lengths=list(lengths), work=work)
-            seen["lengths"] = []
+            seen["lengths"], seen["prompts"] = [], []
             self.last, self.update_started = time.perf_counter(), None
 
     timing = Timing()
@@ -330,9 +324,10 @@ def run_peer(folder: Path, iterations: int, new_tokens: int, prompts: int) -> No
         meter.attach(module)
 
     def record_generate(original):
-        def wrapped(*a, **k):
-            completion_ids, *rest = original(*a, **k)
+        def wrapped(prompt_ids, *a, **k):  # TRL 1.16: _generate_single_turn(prompt_ids, images, multimodal_fields)
+            completion_ids, *rest = original(prompt_ids, *a, **k)
             seen["lengths"] += [len(c) for c in completion_ids]
+            seen["prompts"] += [len(p) for p in {tuple(p) for p in prompt_ids}]  # each distinct prompt once
             return (completion_ids, *rest)
         return wrapped
 
