@@ -22,12 +22,13 @@ One iteration: PROMPTS prompts x GROUP samples, max_new_tokens 128, temperature 
 micro-batches of 8 (gradient accumulation 2), beta 0.04 (k3 in the loss), separate frozen reference, the shared
 reward model scoring the token ids (padded batch) on every side.
 
-Work, counted (not estimated): every forward of every model (policy, reference, reward) is seen by a pre-hook that
-adds its token slots (rows x positions) to its phase: generation (inside the sampling call), scoring (other no-grad
-forwards) or update (with grad). What a phase needed: generation, each distinct prompt's tokens once plus one slot per
-response token after the first; scoring and update, the real (unmasked) tokens of each forward. The share of slots
-beyond that is the share of the linear layers' FLOPs (2 x parameters per slot) spent on padding, repeated prefills
-and finished rows; attention's FLOPs (also spent on masked positions) are not in it.
+Work, counted (not estimated): every forward of every model's body (policy, reference, reward) is seen by a pre-hook
+that adds its token slots (rows x positions) and attention pairs (query x key positions the kernel computes) to its
+phase: generation (inside the sampling call), scoring (other no-grad forwards) or update (with grad). What a phase
+needed: generation, each distinct prompt's tokens once plus one slot per response token after the first; scoring and
+update, the real tokens of each forward and each sequence's own square of attention pairs. The wasted share of FLOPs
+weighs slots by the linear layers (2 x (4 h^2 + 3 h i) each) and pairs by attention (4 h each): padding, repeated
+prefills, finished rows, and -- for a packed row under sdpa -- the pairs between different sequences.
 Writes benchmarks/results/ragged_rollouts_<model>.json (with --sweep: ragged_rollouts_sweep_<model>.json and .png).
 """
 
@@ -49,6 +50,7 @@ PEER_VERSION = "1.16."
 PROMPTS, GROUP, MINI_BATCH, MICRO_BATCH, NEW_TOKENS, TEMPERATURE, SEED = 8, 4, 16, 8, 128, 1.0, 42
 BETA, CLIP, LR, MAX_GRAD_NORM = 0.04, 0.2, 1e-6, 1.0
 OFFSET = 1.0  # added to every embedding's dimension 0
+POSITIONS = 1024  # the models' max_position_embeddings here (the shared ones say 256): room for 512 new tokens
 SIDES = ("ours", "ours-levers-off", "trl")
 
 
@@ -112,8 +114,11 @@ def prepare(model: str) -> Path:
             high = mid
     bias = (low + high) / 2
     mean, lengths = mean_length(bias)
+    policy.config.max_position_embeddings = POSITIONS  # rotary positions: the weights do not depend on it
     policy.save_pretrained(str(tmp / "policy"), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp / "policy"))
+    reward_config = json.loads((tmp / "reward" / "config.json").read_text())
+    (tmp / "reward" / "config.json").write_text(json.dumps({**reward_config, "max_position_embeddings": POSITIONS}))
     lengths_sorted, prompt_lengths = sorted(lengths), sorted(len(p) for p in prompts)
     info = json.loads((base / "prompts.json").read_text())
     info.update({"prompts": prompts, "prompt_length": None, "distinct_prompts": len(set(map(tuple, prompts))),
@@ -135,14 +140,19 @@ def prepare(model: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 class WorkMeter:
-    """Token slots per phase: ``computed`` (rows x positions of every forward) and ``needed`` (scoring and update: the
-    real tokens under the attention mask; generation: each distinct prompt's tokens once plus the response tokens
-    after the first, added per iteration by the side from its rollouts)."""
+    """Work per phase, counted at every forward of a model's body: token slots (rows x positions: what the linear
+    layers compute) and attention pairs (query x key positions the kernel computes: B x W^2 for a padded batch, N^2
+    for a packed row of N tokens, rows x keys for a cached decoding step), ``computed`` and ``needed``. Needed: in
+    scoring and update the real tokens and, for attention, each sequence's own square; in generation each distinct
+    prompt's tokens once plus the response tokens after the first (added per iteration by the side, from its
+    rollouts), and the real keys of the rows computed."""
+
+    PHASES = ("generation", "scoring", "update")
 
     def __init__(self):
         self.generating = False
-        self.computed = {"generation": 0, "scoring": 0, "update": 0}
-        self.needed = {"generation": 0, "scoring": 0, "update": 0}
+        self.counts = {f"{kind}_{what}": dict.fromkeys(self.PHASES, 0)
+                       for kind in ("computed", "needed") for what in ("slots", "pairs")}
 
     def attach(self, model) -> None:
         """Count the forwards of `model`'s body (its base model: what every head, and a caller that skips the head,
@@ -168,18 +178,46 @@ class WorkMeter:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             return
-        mask = kwargs.get("attention_mask")
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
         phase = "generation" if self.generating else ("update" if torch.is_grad_enabled() else "scoring")
-        self.computed[phase] += ids.numel()
+        c = self.counts
+        rows, length = ids.shape
+        c["computed_slots"][phase] += ids.numel()
+        if mask is None:  # a packed row (positions restart at each sequence), or one unpadded sequence
+            starts = (positions[0] == 0).nonzero().squeeze(1).tolist() if positions is not None else [0]
+            lengths = [b - a for a, b in zip(starts, starts[1:] + [length])]
+            c["computed_pairs"][phase] += rows * length * length
+            c["needed_pairs"][phase] += rows * sum(n * n for n in lengths)
+            if phase != "generation":
+                c["needed_slots"][phase] += ids.numel()
+            return
+        keys = mask.shape[1]
+        c["computed_pairs"][phase] += rows * length * keys
+        real = mask.sum(1)
+        if length == keys:  # a whole forward: each row's own square
+            c["needed_pairs"][phase] += int((real * real).sum())
+        else:  # a cached step: each row's real keys
+            c["needed_pairs"][phase] += int(real.sum()) * length
         if phase != "generation":
-            self.needed[phase] += int(mask[:, -ids.shape[1]:].sum()) if mask is not None else ids.numel()
+            c["needed_slots"][phase] += int(mask[:, -length:].sum())
 
     def take(self) -> dict:
-        out = {"computed": dict(self.computed), "needed": dict(self.needed)}
-        for d in (self.computed, self.needed):
-            for k in d:
-                d[k] = 0
+        out = {k: dict(v) for k, v in self.counts.items()}
+        for v in self.counts.values():
+            for k in v:
+                v[k] = 0
         return out
+
+
+def wasted_flops_share(shape: dict, computed_slots: int, needed_slots: int, computed_pairs: int,
+                       needed_pairs: int) -> float:
+    """1 - needed / computed FLOPs of a model's layers: 2 x (4 h^2 + 3 h i) per token slot (q, k, v, o and the gated
+    MLP) plus 4 h per attention pair (QK^T and AV)."""
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    linear, attention = 2 * (4 * h * h + 3 * h * i), 4 * h
+    computed = linear * computed_slots + attention * computed_pairs
+    needed = linear * needed_slots + attention * needed_pairs
+    return 1 - needed / computed if computed else 0.0
 
 
 def reward_scores(reward, pad_id: int, rows: list[list[int]]) -> list[float]:
@@ -235,7 +273,7 @@ def run_ours(folder: Path, iterations: int, levers: bool, new_tokens: int, promp
         lengths = batch.response_mask.sum(1)
         work = meter.take()
         prompt_lengths = batch.query_mask.sum(1)  # rows are grouped: GROUP samples of each prompt in a row
-        work["needed"]["generation"] += int(prompt_lengths[::GROUP].sum() + (lengths - 1).sum())
+        work["needed_slots"]["generation"] += int(prompt_lengths[::GROUP].sum() + (lengths - 1).sum())
         common.emit("iteration", step=step, seconds=seconds, rollout_s=metrics["time/rollout"],
                     update_s=metrics["time/update"], phases=timer.take(), rollouts=len(batch),
                     tokens=int(lengths.sum()), lengths=lengths.tolist(), prompt_lengths=prompt_lengths.tolist(),
@@ -308,7 +346,7 @@ def run_peer(folder: Path, iterations: int, new_tokens: int, prompts: int) -> No
             if len(lengths) != rollouts:
                 raise SystemExit(f"peer: {len(lengths)} completions in a round, expected {rollouts}")
             work = meter.take()
-            work["needed"]["generation"] += sum(seen["prompts"]) + sum(n - 1 for n in lengths)
+            work["needed_slots"]["generation"] += sum(seen["prompts"]) + sum(n - 1 for n in lengths)
             started = self.update_started or now
             common.emit("iteration", step=state.global_step // optimizer_steps, seconds=now - self.last,
                         rollout_s=started - self.last, update_s=now - started, phases=timer.take(), rollouts=len(lengths),
@@ -357,7 +395,7 @@ def run_peer(folder: Path, iterations: int, new_tokens: int, prompts: int) -> No
 # The parent
 # ---------------------------------------------------------------------------------------------
 
-def summarise(raw: dict, warmup: int = 1) -> dict:
+def summarise(raw: dict, shape: dict, warmup: int = 1) -> dict:
     kept = raw["iterations"][warmup:]
     seconds = [it["seconds"] for it in kept]
     out = {"iterations_kept": len(kept), "seconds": statistics.median(seconds),
@@ -369,10 +407,13 @@ def summarise(raw: dict, warmup: int = 1) -> dict:
            "peak_rss_mib": raw["end"]["peak_rss_mib"],
            "phases_s": {k: statistics.median(it["phases"].get(k, 0.0) for it in kept)
                         for k in sorted({k for it in kept for k in it["phases"]})}}
-    computed = {p: sum(it["work"]["computed"][p] for it in kept) for p in ("generation", "scoring", "update")}
-    needed = {p: sum(it["work"]["needed"][p] for it in kept) for p in computed}
-    out["slots_per_sample"] = {p: computed[p] / sum(it["rollouts"] for it in kept) for p in computed}
-    out["wasted_share"] = {p: 1 - needed[p] / computed[p] if computed[p] else 0.0 for p in computed}
+    total = {k: {p: sum(it["work"][k][p] for it in kept) for p in WorkMeter.PHASES} for k in kept[0]["work"]}
+    out["slots_per_sample"] = {p: total["computed_slots"][p] / sum(it["rollouts"] for it in kept) for p in WorkMeter.PHASES}
+    out["wasted_slot_share"] = {p: 1 - total["needed_slots"][p] / total["computed_slots"][p]
+                                if total["computed_slots"][p] else 0.0 for p in WorkMeter.PHASES}
+    out["wasted_share"] = {p: wasted_flops_share(shape, *(total[k][p] for k in ("computed_slots", "needed_slots",
+                                                                                 "computed_pairs", "needed_pairs")))
+                           for p in WorkMeter.PHASES}
     return out
 
 
@@ -385,7 +426,7 @@ def run_comparison(model: str, runs: int, iterations: int, new_tokens: int, prom
         for side in sides:
             print(f"run {r + 1}/{runs}: {side} (max_new_tokens {new_tokens}, {prompts * GROUP} samples) ...", flush=True)
             raw = common.run_side([*child, "--side", side], {}, timeout=3600)
-            summary = summarise(raw)
+            summary = summarise(raw, common.MODELS[model])
             per_side[side].append({"run": r + 1, **summary, "raw": raw})
             print(f"  {summary['samples_per_s']:.2f} samples/s, {summary['generated_tokens_per_s']:.0f} tokens/s, "
                   f"mean length {summary['mean_response_length']:.1f}, wasted "
@@ -395,7 +436,7 @@ def run_comparison(model: str, runs: int, iterations: int, new_tokens: int, prom
     summary = {}
     for side, rows in per_side.items():
         summary[side] = {k: statistics.median(r[k] for r in rows) for k in keys}
-        for group in ("wasted_share", "slots_per_sample", "phases_s"):
+        for group in ("wasted_share", "wasted_slot_share", "slots_per_sample", "phases_s"):
             names = sorted({k for r in rows for k in r[group]})
             summary[side][group] = {k: statistics.median(r[group].get(k, 0.0) for r in rows) for k in names}
     for other in sides[1:]:
@@ -415,7 +456,7 @@ def print_table(summary: dict, sides=SIDES) -> None:
     for label, key, fmt in rows:
         print(f"{label:28}" + "".join(f"{fmt.format(summary[s][key]):>17}" for s in sides))
     for phase in ("generation", "scoring", "update"):
-        print(f"{'wasted slots, ' + phase:28}" + "".join(f"{summary[s]['wasted_share'][phase]:>17.1%}" for s in sides))
+        print(f"{'wasted FLOPs, ' + phase:28}" + "".join(f"{summary[s]['wasted_share'][phase]:>17.1%}" for s in sides))
     for other in sides[1:]:
         r = summary[f"ours_over_{other}"]
         print(f"ours / {other}: samples/s x{r['samples_per_s']['median']:.2f} (per run "

@@ -227,11 +227,13 @@ def test_ragged_benchmark_counts_the_work_each_side_wastes(tmp_path):
         assert run["iterations_kept"] == 5
         for it in run["raw"]["iterations"]:
             assert it["rollouts"] == 16 and max(it["lengths"]) > min(it["lengths"])  # ragged, not fixed-length
-            assert all(0 < it["work"]["needed"][p] <= it["work"]["computed"][p] for p in it["work"]["needed"])
+            work = it["work"]
+            for what in ("slots", "pairs"):
+                assert all(0 < work[f"needed_{what}"][p] <= work[f"computed_{what}"][p] for p in work["needed_slots"])
     ours, off, trl = s["ours"]["wasted_share"], s["ours-levers-off"]["wasted_share"], s["trl"]["wasted_share"]
     assert ours["generation"] < 0.5 * off["generation"] and off["generation"] > 0.3 and trl["generation"] > 0.3
-    assert ours["update"] == 0.0 < off["update"] and trl["update"] > 0.1  # packed: no padding at all
-    assert ours["scoring"] < off["scoring"]
+    # the forwards: packed only where it saves FLOPs (on this tiny model mostly not), micro-batches sorted by length
+    assert ours["update"] <= off["update"] and ours["scoring"] <= off["scoring"] + 0.01 and trl["update"] > 0.1
     assert s["ours_over_trl"]["samples_per_s"]["median"] == pytest.approx(
         result["per_run"]["ours"][0]["samples_per_s"] / result["per_run"]["trl"][0]["samples_per_s"])
     assert result["per_run"]["ours"][0]["raw"]["end"]["compact_decode"] is True

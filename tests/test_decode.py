@@ -11,6 +11,7 @@ from test_rollout import gpt2_config, load_policy, rand_ids, sharpen
 
 from rlhf_dist.rl.decode import decode, distinct_rows
 from rlhf_dist.rl.generation import left_pad
+from rlhf_dist.rl.packing import pack, packing_pays
 from rlhf_dist.rl.scoring import forward_logprobs, packing_matches, sequence_scores, token_values
 
 
@@ -179,10 +180,15 @@ def test_packing_is_refused_where_the_attention_would_mix_the_sequences(policies
     assert not packing_matches(policy, len(tok), "cpu")
 
 
-def test_actor_critic_packed_pass_equals_the_padded_one(policies, tok):
-    """The actor-critic's policy pass with a value head on it, packed and padded: the same log-probabilities, entropies
-    and values."""
+def test_actor_critic_packed_pass_equals_the_padded_one(policies, tok, monkeypatch):
+    """The actor-critic's policy pass with a value head on it, packed (forced, whatever `packing_pays` would say) and
+    padded: the same log-probabilities, entropies and values."""
+    from rlhf_dist.rl import actor_critic
     from rlhf_dist.rl.actor_critic import ActorCritic, ValueHead
+
+    packs = []
+    monkeypatch.setattr(actor_critic, "packing_pays", lambda *a: True)
+    monkeypatch.setattr(actor_critic, "pack", lambda *a: packs.append(1) or pack(*a))
 
     policy = policies["llama-eager"]
     q_ids, q_mask, r_ids, r_mask = ragged_batch(policy, tok)
@@ -193,7 +199,30 @@ def test_actor_critic_packed_pass_equals_the_padded_one(policies, tok):
         packed = model(q_ids, q_mask, r_ids, r_mask)
     for a, b in zip(padded, packed):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=0)
-    assert float(packed[2][r_mask].abs().mean()) > 0.01
+    assert float(packed[2][r_mask].abs().mean()) > 0.01 and packs == [1]
+
+
+def test_packing_is_chosen_where_it_costs_fewer_flops():
+    """One packed row of N tokens under sdpa computes N^2 attention pairs against B x W^2 padded: packing pays for a
+    wide model with few rows, not for a narrow one with many; with flash-attention (per-sequence kernels) always."""
+    from types import SimpleNamespace
+
+    def model(hidden: int, inter: int, attn: str = "sdpa"):
+        return SimpleNamespace(config=SimpleNamespace(hidden_size=hidden, intermediate_size=inter,
+                                                      _attn_implementation=attn))
+
+    def masks(rows: int, prompt: int, response: int, real: float):
+        q = torch.zeros(rows, prompt, dtype=torch.long)
+        q[:, prompt - int(prompt * real):] = 1
+        r = torch.zeros(rows, response, dtype=torch.bool)
+        r[:, :int(response * real)] = True
+        return q, r
+
+    wide, narrow = model(4096, 11008), model(64, 256)
+    assert packing_pays(wide, *masks(8, 256, 512, 0.5))  # 7B-like, 8 rows half padding: linear layers dominate
+    assert not packing_pays(narrow, *masks(128, 64, 128, 0.5))  # 128 rows in one row: N^2 attention dominates
+    assert not packing_pays(wide, *masks(8, 256, 512, 1.0))  # nothing to save
+    assert packing_pays(model(64, 256, "flash_attention_2"), *masks(128, 64, 128, 0.5))
 
 
 def test_reward_and_value_scores_packed_equal_the_padded_ones(tiny_model, tok):

@@ -70,10 +70,12 @@ class PPOTrainingConfig:
         "tokens), each cut to its longest row: the same gradient (every micro-batch loss is normalised by the whole "
         "minibatch) with less padding.")
     padding_free: bool = _f(
-        True, "The policy's and the reference's forwards (rollout scoring and the update) run on the rows' real tokens "
-        "packed into one sequence, positions restarting per row (rlhf_dist/rl/packing.py): no FLOPs on padding. "
-        "Checked once against a padded forward before training; padded forwards are used if the model's attention "
-        "does not keep packed sequences apart. A value model and the reward model keep padded forwards.")
+        True, "The forwards of the policy, reference, value and reward models (rollout scoring and the update) run on "
+        "the rows' real tokens packed into one sequence, positions restarting per row (rlhf_dist/rl/packing.py), "
+        "wherever that costs fewer FLOPs than the padded batch: always with flash-attention (variable-length "
+        "kernels); with sdpa/eager, whose packed attention covers every pair of the row, when the linear layers saved "
+        "outweigh the attention added (packing_pays). Each model is checked once against its padded forward before "
+        "training; one whose attention does not keep packed sequences apart keeps padded forwards.")
     missing_eos_penalty: float | None = _f(
         None, "Subtracted from the score of a response that never stopped (docs/ppo.md item 5).")
     reward_normalization: bool = _f(False, "Normalise scores with their running mean and std (docs/ppo.md item 8).")

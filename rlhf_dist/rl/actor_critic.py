@@ -32,7 +32,7 @@ from torch import nn
 from rlhf_dist.rl.adapters import POLICY, use_adapter
 from rlhf_dist.rl.generation import position_ids_from_mask
 from rlhf_dist.rl.losses import entropy_from_logits, logprobs_from_logits
-from rlhf_dist.rl.packing import causal_lm_outputs, pack
+from rlhf_dist.rl.packing import causal_lm_outputs, pack, packing_pays
 from rlhf_dist.rl.scoring import accepts_logits_to_keep, concat_query_response, token_values
 
 
@@ -135,10 +135,10 @@ class ActorCritic(nn.Module):
             raise ValueError("the value head reads the policy's own pass: call forward()")
         if self.value_model is not None:
             return token_values(self.value_model, query_ids, query_mask, response_ids, response_mask,
-                                packed=self.packed_values)
+                                packed=self.packed_values and packing_pays(self.value_model, query_mask, response_mask))
         if self.value_adapter is None:
             return None
-        if self.packed:
+        if self.packed and packing_pays(self.policy, query_mask, response_mask):
             return self._values(pack(query_ids, query_mask, response_ids, response_mask), query_ids, query_mask,
                                 response_ids, response_mask)
         ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
@@ -163,7 +163,7 @@ class ActorCritic(nn.Module):
         Shapes: queries [B, Lq] left-padded, responses [B, T] right-padded; outputs [B, T]
         float32, aligned as in `rollout.forward_logprobs` / `rollout.token_values`.
         """
-        if self.packed:
+        if self.packed and packing_pays(self.policy, query_mask, response_mask):
             return self._packed_forward(query_ids, query_mask, response_ids, response_mask, with_values)
         ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
         T = response_ids.shape[1]
@@ -214,7 +214,7 @@ class ActorCritic(nn.Module):
         """A value function with a pass of its own: the value model, or the value adapter's pass (packed)."""
         if self.value_model is not None:
             return token_values(self.value_model, query_ids, query_mask, response_ids, response_mask,
-                                packed=self.packed_values)
+                                packed=self.packed_values and packing_pays(self.value_model, query_mask, response_mask))
         inner = self.policy.get_base_model()
         backbone = getattr(inner, inner.base_model_prefix)
         with use_adapter(self.policy, self.value_adapter):

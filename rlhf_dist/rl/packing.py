@@ -67,3 +67,26 @@ def causal_lm_outputs(model: nn.Module, p: Packed, accepts_keep: bool, hidden: b
     logits = out.logits[0] if accepts_keep else out.logits[0, p.keep]
     states = out.hidden_states[-1][0, p.keep] if hidden else None
     return logits, states
+
+
+def _text_config(model: nn.Module):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = inner.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def packing_pays(model: nn.Module, query_mask: torch.Tensor, response_mask: torch.Tensor) -> bool:
+    """Whether one packed row costs fewer FLOPs than the padded batch: always with a variable-length (flash) attention;
+    otherwise when ``linear x N + attention x N^2 < linear x B x W + attention x B x W^2`` (N real tokens, B rows of
+    width W; ``linear`` = 2 x (4 h^2 + 3 h i) per token and layer, ``attention`` = 4 h per (query, key) pair)."""
+    config = _text_config(model)
+    if "flash" in str(getattr(config, "_attn_implementation", "") or ""):
+        return True
+    h = int(getattr(config, "hidden_size", 0) or 0)
+    if h == 0:
+        return False
+    inter = int(getattr(config, "intermediate_size", 4 * h) or 4 * h)
+    linear, attention = 2 * (4 * h * h + 3 * h * inter), 4 * h
+    rows, width = query_mask.shape[0], query_mask.shape[1] + response_mask.shape[1]
+    n = float(query_mask.sum() + response_mask.sum())
+    return linear * n + attention * n * n < linear * rows * width + attention * rows * width * width

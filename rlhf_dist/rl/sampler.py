@@ -20,6 +20,7 @@ from rlhf_dist.rl.advantages import informative_groups
 from rlhf_dist.rl.batch import RolloutBatch, concat_batches, gather_batch
 from rlhf_dist.rl.decode import DecodeWork, decode
 from rlhf_dist.rl.generation import generate, left_pad, stop_token_ids
+from rlhf_dist.rl.packing import packing_pays
 from rlhf_dist.rl.scoring import RewardSource, forward_logprobs, packing_matches, score_responses
 
 
@@ -123,12 +124,13 @@ class RolloutSampler:
 
     def _ref_logprobs(self, model, q_ids, q_mask, r_ids, r_mask) -> torch.Tensor:
         if self.reference is not None:
-            return forward_logprobs(self.reference, q_ids, q_mask, r_ids, r_mask, self.args.temperature,
-                                    packed=self.packed)
+            packed = self.packed and packing_pays(self.reference, q_mask, r_mask)
+            return forward_logprobs(self.reference, q_ids, q_mask, r_ids, r_mask, self.args.temperature, packed=packed)
         policy = model.policy
         reference = use_adapter(policy, REFERENCE) if REFERENCE in policy.peft_config else no_adapter(policy)
         with reference:  # the SFT model: the base (SFT merged into it), or the frozen SFT adapter (item 19)
-            return forward_logprobs(policy, q_ids, q_mask, r_ids, r_mask, self.args.temperature, packed=self.packed)
+            packed = self.packed and packing_pays(policy, q_mask, r_mask)
+            return forward_logprobs(policy, q_ids, q_mask, r_ids, r_mask, self.args.temperature, packed=packed)
 
     def dynamic_sampling(self, batch: RolloutBatch, refill: Callable[[int], tuple[list[list[int]], dict[str, list]]],
                          seed_parts: tuple[int, ...], step: int) -> tuple[RolloutBatch, dict[str, float]]:

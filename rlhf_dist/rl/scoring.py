@@ -20,7 +20,7 @@ from torch import nn
 
 from rlhf_dist.rl.generation import check_left_padded, eval_mode, left_pad, position_ids_from_mask
 from rlhf_dist.rl.losses import entropy_from_logits, logprobs_from_logits
-from rlhf_dist.rl.packing import causal_lm_outputs, pack
+from rlhf_dist.rl.packing import causal_lm_outputs, pack, packing_pays
 from rlhf_dist.rl.reward_fn import call_reward_fn
 
 log = logging.getLogger(__name__)
@@ -318,12 +318,14 @@ def model_scores(reward: RewardSource, tokenizer: Any, query_ids: torch.Tensor, 
     tokens the policy produced; with its own it gets the decoded text, re-encoded (`retokenize`, EOS where the
     response ended)."""
     if reward.tokenizer is None:
-        return sequence_scores(reward.model, query_ids, query_mask, response_ids, response_mask, reward.packed)
+        packed = reward.packed and packing_pays(reward.model, query_mask, response_mask)
+        return sequence_scores(reward.model, query_ids, query_mask, response_ids, response_mask, packed)
     prompts, completions = decode_pairs(tokenizer, query_ids, query_mask, response_ids, response_mask)
     ids, mask = retokenize(prompts, completions, reward.tokenizer, reward.max_length, append_eos=ended,
                            device=query_ids.device)
     empty = ids.new_zeros((ids.shape[0], 0))
-    return sequence_scores(reward.model, ids, mask, empty, empty.bool(), reward.packed)
+    return sequence_scores(reward.model, ids, mask, empty, empty.bool(),
+                           reward.packed and packing_pays(reward.model, mask, empty))
 
 
 def score_responses(reward: RewardSource, tokenizer: Any, query_ids: torch.Tensor, query_mask: torch.Tensor,
