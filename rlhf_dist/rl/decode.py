@@ -106,8 +106,9 @@ def _prefill(policy: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache_kw:
              group: bool = True):
     """Prefill the distinct prompts ``ids``/``mask`` ([U, L], left-padded): ``(cache, last logits [U, V], mask, back)``.
 
-    With ``group``, where left padding would be more than 5% of the prefill, the prompts go in up to 4 groups of similar length
-    (sorted), each cut to its own longest prompt, and the groups' caches are joined, each left-padded with zeros to
+    With ``group``, where left padding would be more than 5% of the prefill, the prompts go in up to 4 groups of
+    similar length (sorted), each cut to its own longest prompt, and the groups' caches are joined, left-padded with
+    zeros to
     the longest (masked positions, as padding is); this needs plain `DynamicLayer` caches (else one group). The
     returned mask is ``mask`` cut to the joined cache's width; ``back`` orders the forward calls' rows (concatenated)
     as the prompts. Adds the slots and attention pairs to `work`.
@@ -160,9 +161,8 @@ def decode(policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
     ``top_p`` and without ZeRO-3's ``synced_gpus`` (the caller falls back to ``generate`` for those). With
     ``generator_seed`` the draw comes from a ``torch.Generator`` seeded with it (the global RNG is not touched).
     ``compact=False`` keeps finished rows in the batch and prefills in one padded batch, and ``share_prompts=False``
-    prefills every row: the same
-    tokens, computed the way ``generate`` does (for tests and the benchmark's counts). Returns the generation and
-    the work it took (`DecodeWork`).
+    prefills every row: the same tokens, computed the way ``generate`` does (for tests and the benchmark's counts).
+    Returns the generation and the work it took (`DecodeWork`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
