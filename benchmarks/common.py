@@ -269,6 +269,24 @@ def start_child(folder: Path) -> dict:
     return info
 
 
+def start_trl_child(folder: Path, version: str) -> tuple[dict, Any, list[str]]:
+    """A TRL side's start-up: checks that the imported TRL is `version` (a prefix, "1.16."), `start_child`, the
+    policy's tokenizer (left padding) and the prompts as text, each checked to encode back to its token ids (TRL takes
+    text; the prompt lengths must be the same as ours). Returns ``(info, tokenizer, texts)``."""
+    import trl
+    from transformers import AutoTokenizer
+
+    if not trl.__version__.startswith(version):
+        raise SystemExit(f"peer: expected TRL {version}x, got {trl.__version__} from {trl.__file__}")
+    info = start_child(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "policy"), padding_side="left")
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in info["prompts"]]
+    bad = [i for i, (t, ids) in enumerate(zip(texts, info["prompts"])) if tokenizer(t)["input_ids"] != ids]
+    if bad:
+        raise SystemExit(f"peer: prompts {bad[:5]} do not survive decode + encode; the prompt lengths would differ")
+    return info, tokenizer, texts
+
+
 def emit_end(packages: tuple[str, ...], **fields) -> None:
     """A side's last line: its peak RSS, its matmul rate now, the versions of `packages` as imported here, `fields`."""
     emit("end", peak_rss_mib=peak_rss_mib(), matmul_gflops_end=matmul_gflops(), versions=versions(*packages), **fields)

@@ -166,18 +166,10 @@ def run_peer(folder: Path, iterations: int, peer_reward: str = "model") -> None:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    if not trl.__version__.startswith(PEER_VERSION):
-        raise SystemExit(f"peer: expected TRL {PEER_VERSION}x, got {trl.__version__} from {trl.__file__}")
-    info = common.start_child(folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / "policy"), padding_side="left")
-    # TRL takes prompt text: decode our token ids and check that TRL's own tokenization gives them back.
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in info["prompts"]]
-    bad = [i for i, (t, ids) in enumerate(zip(texts, info["prompts"])) if tokenizer(t)["input_ids"] != ids]
-    if bad:
-        raise SystemExit(f"peer: prompts {bad[:5]} do not survive decode + encode; the prompt lengths would differ")
+    info, tokenizer, texts = common.start_trl_child(folder, PEER_VERSION)  # TRL takes prompt text, checked
     load = dict(dtype=torch.float32)
     policy = AutoModelForCausalLM.from_pretrained(str(folder / "policy"), **load)
     reward = AutoModelForSequenceClassification.from_pretrained(str(folder / "reward"), num_labels=1, **load)

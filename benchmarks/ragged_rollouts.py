@@ -291,19 +291,11 @@ def run_peer(folder: Path, iterations: int, new_tokens: int, prompts: int) -> No
     import tempfile
 
     import torch
-    import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    if not trl.__version__.startswith(PEER_VERSION):
-        raise SystemExit(f"peer: expected TRL {PEER_VERSION}x, got {trl.__version__}")
-    info = common.start_child(folder)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / "policy"), padding_side="left")
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in info["prompts"]]
-    bad = [i for i, (t, ids) in enumerate(zip(texts, info["prompts"])) if tokenizer(t)["input_ids"] != ids]
-    if bad:
-        raise SystemExit(f"peer: prompts {bad[:5]} do not survive decode + encode")
+    info, tokenizer, texts = common.start_trl_child(folder, PEER_VERSION)
     policy = AutoModelForCausalLM.from_pretrained(str(folder / "policy"), dtype=torch.float32)
     reward = AutoModelForSequenceClassification.from_pretrained(str(folder / "reward"), num_labels=1,
                                                                 dtype=torch.float32)
