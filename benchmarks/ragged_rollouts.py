@@ -477,10 +477,11 @@ def plot_sweep(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (title, pick) in zip(axes, [("max_new_tokens (8 prompts x 4)", lambda p: p["samples"] == PROMPTS * GROUP),
-                                        ("samples per iteration (max_new_tokens 128)", lambda p: p["max_new_tokens"] == 128)]):
-        chosen = [p for p in points if pick(p)]
-        x = [p["max_new_tokens"] if "max_new" in title else p["samples"] for p in chosen]
+    panels = [("max_new_tokens (8 prompts x 4)", "max_new_tokens", lambda p: p["samples"] == PROMPTS * GROUP),
+              ("samples per iteration (max_new_tokens 128)", "samples", lambda p: p["max_new_tokens"] == 128)]
+    for ax, (title, key, pick) in zip(axes, panels):
+        chosen = sorted((p for p in points if pick(p)), key=lambda p: p[key])
+        x = [p[key] for p in chosen]
         for side in ("ours", "trl"):
             ax.plot(x, [1 / p[side]["samples_per_s"] for p in chosen], marker="o", label=side)
         ax.set_xlabel(title)
