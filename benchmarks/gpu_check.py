@@ -1,8 +1,8 @@
-"""A GPU check in one command (issue 17): on one CUDA GPU and without downloads (sized for under 8 minutes; not yet
-run on one), a ~0.4B-parameter Qwen2-shaped policy with random weights and a locally trained tokenizer runs a few PPO steps in bf16, then a few
-QLoRA PPO steps on one 4-bit base (policy adapter, reference = adapters off, value adapter + head), both through the
-ppo stage as users run it. Writes tokens/s per phase, the peak GPU memory and the planner's estimate for the same
-recipe side by side.
+"""A GPU check in one command (issue 17): on one CUDA GPU and without downloads (sized for under 8 minutes; not yet run
+on one), a ~0.4B-parameter Qwen2-shaped policy with random weights and a locally trained tokenizer runs a few PPO
+steps in bf16, then a few QLoRA PPO steps on one 4-bit base (policy adapter, reference = adapters off, value adapter
++ head), both through the ppo stage as users run it. Writes tokens/s per phase, the peak GPU memory and the
+planner's estimate for the same recipe side by side.
 
     bash benchmarks/gpu_check.sh                        # = .venv/bin/python benchmarks/gpu_check.py
     .venv/bin/python benchmarks/gpu_check.py --steps 4 --out benchmarks/results/gpu_check.json
