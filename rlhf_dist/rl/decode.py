@@ -25,14 +25,20 @@ part of them that fell on padding or finished rows, for the benchmarks (benchmar
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from rlhf_dist.rl.generation import Generation, check_left_padded, eval_mode, position_ids_from_mask
+from rlhf_dist.rl.generation import (
+    Generation,
+    check_left_padded,
+    eval_mode,
+    forward_accepts,
+    peft_inner,
+    position_ids_from_mask,
+)
 
 
 @dataclass
@@ -47,13 +53,6 @@ class DecodeWork:
     attention_pairs: int = 0
     attention_pad_pairs: int = 0     # a query attending a padding position (masked, still computed)
     steps: int = 0
-    per_step_rows: list[int] = field(default_factory=list)
-
-    def add(self, other: DecodeWork) -> None:
-        for name in ("prefill_slots", "prefill_pad_slots", "decode_slots", "decode_finished_slots",
-                     "attention_pairs", "attention_pad_pairs", "steps"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.per_step_rows += other.per_step_rows
 
     def as_dict(self) -> dict[str, float]:
         slots = self.prefill_slots + self.decode_slots
@@ -65,25 +64,16 @@ class DecodeWork:
                 "wasted_attention_share": self.attention_pad_pairs / max(self.attention_pairs, 1)}
 
 
-def _causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper (whose forward passes keyword arguments through)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(_causal_lm(model).forward).parameters
-
-
 def _cache_argument(model: nn.Module) -> str:
     """The keyword a causal LM takes its KV cache by: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
-    return "cache" if _accepts(model, "cache") else "past_key_values"
+    return "cache" if forward_accepts(model, "cache") else "past_key_values"
 
 
 def _new_cache(model: nn.Module):
     from transformers import DynamicCache
 
     try:
-        return DynamicCache(config=_causal_lm(model).config)
+        return DynamicCache(config=peft_inner(model).config)
     except TypeError:  # an older transformers
         return DynamicCache()
 
@@ -122,7 +112,7 @@ def _prefill(policy: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache_kw:
     plain = bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
     if group and padded_share > 0.05 and len(ids) > 1 and plain:
         groups = list(torch.argsort(real, stable=True).tensor_split(min(4, len(ids))))
-    keep_last = {"logits_to_keep": 1} if _accepts(policy, "logits_to_keep") else {}
+    keep_last = {"logits_to_keep": 1} if forward_accepts(policy, "logits_to_keep") else {}
     caches, logits = [], []
     for rows in groups:
         w = int(real[rows].max())
@@ -243,7 +233,6 @@ def decode(policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
                 n, keys = len(computed), mask.shape[1]
                 work.decode_slots += n
                 work.decode_finished_slots += n - len(active)
-                work.per_step_rows.append(n)
                 work.attention_pairs += n * keys
                 live = mask if compact else mask[active]  # a finished row's pairs are all wasted, an active one's pads
                 work.attention_pad_pairs += (n - len(active)) * keys + int((live == 0).sum())

@@ -17,6 +17,7 @@ sampled responses (log-probabilities, values, reward scores): `rlhf_dist.rl.scor
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -87,6 +88,33 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int,
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """``cumsum(mask) - 1`` clamped at 0: position 0 at each row's first valid token, whatever padding precedes it."""
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)
+
+
+def peft_inner(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (whose forward passes keyword arguments on), else ``model``."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def forward_accepts(model: nn.Module, name: str) -> bool:
+    """Whether the (PEFT-unwrapped) model's ``forward`` takes the keyword ``name`` (``logits_to_keep``, ``cache``)."""
+    try:
+        return name in inspect.signature(peft_inner(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def concat_query_response(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
+            response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` of query + response, [B, Lq + T]; the mask as long."""
+    check_left_padded(query_mask)
+    if query_ids.shape != query_mask.shape:
+        raise ValueError(f"query_ids {tuple(query_ids.shape)} and query_mask {tuple(query_mask.shape)} differ in shape")
+    if response_ids.shape != response_mask.shape or response_ids.shape[0] != query_ids.shape[0]:
+        raise ValueError(f"response_ids {tuple(response_ids.shape)} and response_mask {tuple(response_mask.shape)} "
+                         f"must both be [B, T] with B = {query_ids.shape[0]} (the queries' batch size)")
+    ids = torch.cat([query_ids, response_ids.to(query_ids.dtype)], dim=1)
+    mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
+    return ids, mask
 
 
 def check_left_padded(query_mask: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rlhf_dist.rl.generation import check_left_padded, position_ids_from_mask
+from rlhf_dist.rl.generation import concat_query_response, peft_inner, position_ids_from_mask
 
 
 @dataclass
@@ -43,10 +43,8 @@ class Packed:
 
 def pack(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
          response_mask: torch.Tensor) -> Packed:
-    """Pack left-padded queries + right-padded responses (as `scoring.concat_query_response` joins them)."""
-    check_left_padded(query_mask)
-    ids = torch.cat([query_ids, response_ids.to(query_ids.dtype)], dim=1)
-    mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
+    """Pack left-padded queries + right-padded responses (joined, and checked, by `concat_query_response`)."""
+    ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
     real = mask.bool()
     packed_index = (real.reshape(-1).cumsum(0) - 1).reshape(real.shape)  # of each real (row, column)
     lq, t = query_ids.shape[1], response_ids.shape[1]
@@ -70,8 +68,7 @@ def causal_lm_outputs(model: nn.Module, p: Packed, accepts_keep: bool, hidden: b
 
 
 def _text_config(model: nn.Module):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = inner.config
+    config = peft_inner(model).config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 

@@ -18,7 +18,7 @@ from rlhf_dist import watchdog
 from rlhf_dist.rl.adapters import REFERENCE, no_adapter, use_adapter
 from rlhf_dist.rl.advantages import informative_groups
 from rlhf_dist.rl.batch import RolloutBatch, concat_batches, gather_batch
-from rlhf_dist.rl.decode import DecodeWork, decode
+from rlhf_dist.rl.decode import decode
 from rlhf_dist.rl.generation import generate, left_pad, stop_token_ids
 from rlhf_dist.rl.packing import packing_pays
 from rlhf_dist.rl.scoring import RewardSource, forward_logprobs, packing_matches, score_responses
@@ -43,7 +43,6 @@ class RolloutSampler:
         self.synced = zero_stage == 3 and self.world > 1  # every process steps until all have finished (item 21)
         # our decode loop (finished rows leave the batch, shared prompts prefilled once) unless it cannot be used
         self.compact = args.decoding == "compact" and not self.synced and args.top_k == 0 and args.top_p == 1.0
-        self.work = DecodeWork()  # what the compact decode computed so far (benchmarks read it)
         unwrapped = accelerator.unwrap_model(model)
         device, free = accelerator.device, bool(args.padding_free)
         self.packed = free and packing_matches(unwrapped.policy, len(tokenizer), device, args.temperature)
@@ -100,10 +99,9 @@ class RolloutSampler:
             recorded = a.rollout_logprobs == "generate"
             head_on_policy = recorded and model.values_need_policy_pass  # the head reads the sampling pass's states
             if self.compact:
-                out, work = decode(model.policy, q_ids, q_mask, max_new_tokens=a.max_new_tokens,
-                                   temperature=a.temperature, stop_ids=self.stop_ids, pad_id=self.pad_id,
-                                   generator_seed=seed, record_logprobs=recorded, record_hidden=head_on_policy)
-                self.work.add(work)
+                out, _ = decode(model.policy, q_ids, q_mask, max_new_tokens=a.max_new_tokens,
+                                temperature=a.temperature, stop_ids=self.stop_ids, pad_id=self.pad_id,
+                                generator_seed=seed, record_logprobs=recorded, record_hidden=head_on_policy)
             else:
                 out = generate(model.policy, q_ids, q_mask, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                top_k=a.top_k, top_p=a.top_p, stop_ids=self.stop_ids, pad_id=self.pad_id,

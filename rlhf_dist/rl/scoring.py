@@ -10,7 +10,6 @@ every tensor on the model's device.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -18,7 +17,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from rlhf_dist.rl.generation import check_left_padded, eval_mode, left_pad, position_ids_from_mask
+from rlhf_dist.rl.generation import (  # noqa: F401  (concat_query_response: imported from here by callers)
+    check_left_padded,
+    concat_query_response,
+    eval_mode,
+    forward_accepts,
+    left_pad,
+    position_ids_from_mask,
+)
 from rlhf_dist.rl.losses import entropy_from_logits, logprobs_from_logits
 from rlhf_dist.rl.packing import causal_lm_outputs, pack, packing_pays
 from rlhf_dist.rl.reward_fn import call_reward_fn
@@ -29,26 +35,8 @@ log = logging.getLogger(__name__)
 # Log-probabilities (policy, reference)
 # ---------------------------------------------------------------------------------------------
 
-def concat_query_response(query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-            response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, mask)`` of query + response, [B, Lq + T]; the mask as long."""
-    check_left_padded(query_mask)
-    if query_ids.shape != query_mask.shape:
-        raise ValueError(f"query_ids {tuple(query_ids.shape)} and query_mask {tuple(query_mask.shape)} differ in shape")
-    if response_ids.shape != response_mask.shape or response_ids.shape[0] != query_ids.shape[0]:
-        raise ValueError(f"response_ids {tuple(response_ids.shape)} and response_mask {tuple(response_mask.shape)} "
-                         f"must both be [B, T] with B = {query_ids.shape[0]} (the queries' batch size)")
-    ids = torch.cat([query_ids, response_ids.to(query_ids.dtype)], dim=1)
-    mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
-    return ids, mask
-
-
 def accepts_logits_to_keep(model: nn.Module) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs on
-    try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    return forward_accepts(model, "logits_to_keep")
 
 
 def forward_logprobs(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
