@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from rlhf_dist.rl.adapters import POLICY, use_adapter
-from rlhf_dist.rl.generation import position_ids_from_mask
+from rlhf_dist.rl.generation import concat_query_response, position_ids_from_mask
 from rlhf_dist.rl.losses import entropy_from_logits, logprobs_from_logits
 from rlhf_dist.rl.packing import causal_lm_outputs, pack, packing_pays
-from rlhf_dist.rl.scoring import accepts_logits_to_keep, concat_query_response, token_values
+from rlhf_dist.rl.scoring import accepts_logits_to_keep, token_values
 
 
 class ValueHead(nn.Module):

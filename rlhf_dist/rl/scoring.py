@@ -17,8 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from rlhf_dist.rl.generation import (  # noqa: F401  (concat_query_response: imported from here by callers)
-    check_left_padded,
+from rlhf_dist.rl.generation import (
     concat_query_response,
     eval_mode,
     forward_accepts,
