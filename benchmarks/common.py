@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
 RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or ROOT / "results")  # tests write elsewhere
 CACHE = Path(os.environ.get("BENCH_CACHE_DIR") or ROOT / ".cache")
+PEERS = Path(os.environ.get("BENCH_PEERS_DIR") or ROOT / ".peers")  # peers installed beside our venv, not into it
 THREADS = 2
 SEED = 0
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 PEER_VERSION = "0.11.4"
-PEER = common.ROOT / ".peers" / f"trl-{PEER_VERSION}"
+PEER = common.PEERS / f"trl-{PEER_VERSION}"
 INSTALL = (f".venv/bin/pip install --no-deps --target benchmarks/.peers/trl-{PEER_VERSION} trl=={PEER_VERSION} "
            "tyro docstring-parser typeguard shtab")
 ROLLOUTS, MINI_BATCH, NEW_TOKENS, TEMPERATURE, SEED, LR = 16, 8, 32, 0.7, 42, 3e-6

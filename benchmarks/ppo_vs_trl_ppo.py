@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-PEER = common.ROOT / ".peers" / "trl-1.12.0"
+PEER = common.PEERS / "trl-1.12.0"
 ROLLOUTS, MINI_BATCH, NEW_TOKENS, TEMPERATURE, SEED = 16, 8, 32, 0.7, 42
 ROLLOUT_LOGPROBS = "generate"  # as the peer: log-probabilities recorded while sampling, no second policy pass
 
@@ -148,11 +148,13 @@ def wrap_peer_phases(timer, trainer, reward) -> None:
     timer.wrap(trainer.optimizer, "step", "optimizer_step")
 
 
-def peer_trainer(folder: Path, iterations: int, *, reference: bool, timing_extra=None, **trainer_kwargs):
-    """A TRL 1.12 child up to its PPOTrainer (also used by ppo_lora_vs_trl_ppo_lora.py): the version check, the
-    start-up (after TRL's imports), the tokenizer (left padding) and the fp32 models: the policy, a separate reference
-    (or, without `reference`, none: TRL's reference is then the policy with its adapter disabled), the reward model
-    and the value model started from it, the timing callback (`peer_timing`, ``timing_extra``), `trainer_kwargs`.
+def peer_trainer(folder: Path, iterations: int, *, reference: bool, timing_extra=None, config=None, timing=None,
+                 **trainer_kwargs):
+    """A TRL 1.12 child up to its PPOTrainer (also used by ppo_lora_vs_trl_ppo_lora.py and ragged_rollouts.py): the
+    version check, the start-up (after TRL's imports), the tokenizer (left padding) and the fp32 models: the policy, a
+    separate reference (or, without `reference`, none: TRL's reference is then the policy with its adapter disabled),
+    the reward model and the value model started from it, the timing callback (``timing``, else `peer_timing` with
+    ``timing_extra``), ``config`` (else `peer_config`), `trainer_kwargs`.
     Returns (trl, the trainer, the reward model, the timing callback)."""
     import torch
     import trl
@@ -170,8 +172,8 @@ def peer_trainer(folder: Path, iterations: int, *, reference: bool, timing_extra
     reward = AutoModelForSequenceClassification.from_pretrained(str(folder / "reward"), num_labels=1, **load)
     value = AutoModelForSequenceClassification.from_pretrained(str(folder / "reward"), num_labels=1, **load)
     dataset = Dataset.from_dict({"input_ids": info["prompts"]})
-    timing = peer_timing(reward, info, extra=timing_extra)
-    trainer = PPOTrainer(args=peer_config(iterations), processing_class=tokenizer, model=policy, ref_model=ref_model,
+    timing = timing or peer_timing(reward, info, extra=timing_extra)
+    trainer = PPOTrainer(args=config or peer_config(iterations), processing_class=tokenizer, model=policy, ref_model=ref_model,
                          reward_model=reward, train_dataset=dataset, value_model=value, callbacks=[timing],
                          **trainer_kwargs)
     return trl, trainer, reward, timing

@@ -1,15 +1,21 @@
-"""Ragged rollouts (issue 17): our GRPO against TRL 1.16's GRPOTrainer where responses stop at EOS at very different
-lengths and prompts differ in length, the way real RLHF looks, with the work spent on padding and finished rows
-counted per phase.
+"""Ragged rollouts (issue 17): our GRPO against TRL 1.16's GRPOTrainer, and our PPO against TRL 1.12's PPOTrainer,
+where responses stop at EOS at very different lengths and prompts differ in length, the way real RLHF looks, with the
+work spent on padding and finished rows counted per phase.
 
     .venv/bin/python benchmarks/ragged_rollouts.py --model tiny --runs 3 --iterations 6
     .venv/bin/python benchmarks/ragged_rollouts.py --model 27m --runs 2 --iterations 6
+    .venv/bin/python benchmarks/ragged_rollouts.py --algorithm ppo --model 27m --runs 2 --iterations 6
     .venv/bin/python benchmarks/ragged_rollouts.py --model tiny --runs 1 --iterations 6 --sweep   # how cost grows
 
 Three sides, each in its own process, A B C A B C: ``ours`` (the defaults: training.decoding compact -- finished rows
-leave the batch, each prompt prefilled once for its k samples --, training.padding_free -- the policy's and the
-reference's forwards on the real tokens only -- and training.sort_micro_batches), ``ours-levers-off``
-(transformers' generate, padded forwards, micro-batches in shuffled order: what the levers save) and TRL 1.16 ``GRPOTrainer``.
+leave the batch, each prompt prefilled once for its k samples --, training.padding_free -- every model's forwards on
+the real tokens only -- and training.sort_micro_batches), ``ours-levers-off`` (transformers' generate, padded
+forwards, micro-batches in shuffled order: what the levers save) and the peer: TRL 1.16 ``GRPOTrainer`` for GRPO, TRL
+1.12 ``PPOTrainer`` (experimental; stop_token "eos", benchmarks/.peers/trl-1.12.0 first on the path) for PPO.
+
+PPO: 32 prompts x 1 sample, a value model started from the reward model on both sides, GAE (gamma 1, lambda 0.95),
+k1 KL in the reward (kl_coef 0.05), 1 epoch of one minibatch of 32 in micro-batches of 8 (TRL 1.12 ties its rollout
+batch to per_device_train_batch_size x gradient_accumulation_steps), no gradient clipping (TRL 1.12's loop has none).
 
 The workload (built once into benchmarks/.cache/<model>-ragged, from the shared models of common.prepare_models):
 - prompts: a demo question after 0-6 sentences of the demo corpus (a seeded draw): 12 to ~100 tokens;
@@ -47,11 +53,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 PEER_VERSION = "1.16."
+PPO_PEER = common.PEERS / "trl-1.12.0"
 PROMPTS, GROUP, MINI_BATCH, MICRO_BATCH, NEW_TOKENS, TEMPERATURE, SEED = 8, 4, 16, 8, 128, 1.0, 42
-BETA, CLIP, LR, MAX_GRAD_NORM = 0.04, 0.2, 1e-6, 1.0
+BETA, CLIP, LR, MAX_GRAD_NORM = 0.04, 0.2, 1e-9, 1.0
+# LR: the work does not depend on it; at 1e-6 the policy drifted within 6 iterations and each side's response lengths
+# with it (means of 50 to 92 tokens on 27M PPO); at 1e-9 every side samples the calibrated length distribution
 OFFSET = 1.0  # added to every embedding's dimension 0
 POSITIONS = 1024  # the models' max_position_embeddings here (the shared ones say 256): room for 512 new tokens
 SIDES = ("ours", "ours-levers-off", "trl")
+PPO_SIDES = ("ours", "ours-levers-off", "trl-1.12")
+# per algorithm: samples per prompt, prompts per iteration (32 samples either way), the sides
+ALGORITHMS = {"grpo": {"group": GROUP, "prompts": PROMPTS, "sides": SIDES},
+              "ppo": {"group": 1, "prompts": PROMPTS * GROUP, "sides": PPO_SIDES}}
+KL_COEF, VF_COEF, VALUE_CLIP, LAM = 0.05, 0.1, 0.2, 0.95  # PPO: one minibatch of the whole rollout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +256,13 @@ TRAINING = dict(seed=SEED, advantage_estimator="grpo", rollout_batch_size=PROMPT
                 learning_rate=LR, lr_scheduler_type="linear", max_grad_norm=MAX_GRAD_NORM, ignore_eos=False)
 
 
-def run_ours(folder: Path, iterations: int, levers: bool, new_tokens: int, prompts: int) -> None:
+PPO_TRAINING = dict(seed=SEED, advantage_estimator="gae", samples_per_prompt=1,
+                    per_device_train_batch_size=MICRO_BATCH, ppo_epochs=1, temperature=TEMPERATURE, kl_coef=KL_COEF,
+                    kl_estimator="k1", vf_coef=VF_COEF, value_clip=VALUE_CLIP, clip_eps=CLIP, gamma=1.0, lam=LAM,
+                    learning_rate=LR, lr_scheduler_type="linear", max_grad_norm=None, ignore_eos=False)
+
+
+def run_ours(folder: Path, iterations: int, levers: bool, new_tokens: int, prompts: int, algorithm: str) -> None:
     import torch
 
     from rlhf_dist.rl import sampler
@@ -250,37 +270,42 @@ def run_ours(folder: Path, iterations: int, levers: bool, new_tokens: int, promp
     common.import_ours()
     info = common.start_child(folder)
     torch.manual_seed(SEED)
-    training = {**TRAINING, "max_new_tokens": new_tokens, "rollout_batch_size": prompts,
-                "generation_batch_size": prompts * GROUP, "decoding": "compact" if levers else "generate",
-                "sort_micro_batches": levers, "padding_free": levers}
+    group = ALGORITHMS[algorithm]["group"]
+    training = {**(TRAINING if algorithm == "grpo" else PPO_TRAINING), "max_new_tokens": new_tokens,
+                "rollout_batch_size": prompts, "generation_batch_size": prompts * group,
+                "decoding": "compact" if levers else "generate", "sort_micro_batches": levers, "padding_free": levers}
+    if algorithm == "ppo":
+        training["mini_batch_size"] = prompts
     args = common.ours_training(iterations, **training)
-    ours = common.build_ours(folder, args, value=None)
+    value = "model" if algorithm == "ppo" else None
+    ours = common.build_ours(folder, args, value=value)
     loop = ours.loop(info["prompts"], info["prompts"][:prompts])
     if loop.stop_ids != [ours.tokenizer.eos_token_id]:
         raise SystemExit(f"ours: stop ids {loop.stop_ids}, expected EOS only")
     meter = WorkMeter()
     m = ours.models
-    for module in (m.actor_critic.policy, m.reference, m.reward.model):
-        meter.attach(module)
+    for module in (m.actor_critic.policy, m.reference, m.reward.model, m.actor_critic.value_model):
+        if module is not None:
+            meter.attach(module)
     meter.sampling(sampler, "decode")
     meter.sampling(sampler, "generate")
     timer = common.PhaseTimer()
-    common.wrap_ours_phases(timer, loop, None, optimizer_step=True)
+    common.wrap_ours_phases(timer, loop, value, optimizer_step=True)
     for step in range(1, iterations + 1):
         t0 = time.perf_counter()
         metrics, batch = loop.train_step(step)
         seconds = time.perf_counter() - t0
         lengths = batch.response_mask.sum(1)
         work = meter.take()
-        prompt_lengths = batch.query_mask.sum(1)  # rows are grouped: GROUP samples of each prompt in a row
-        work["needed_slots"]["generation"] += int(prompt_lengths[::GROUP].sum() + (lengths - 1).sum())
+        prompt_lengths = batch.query_mask.sum(1)  # rows are grouped: the group's samples of each prompt in a row
+        work["needed_slots"]["generation"] += int(prompt_lengths[::group].sum() + (lengths - 1).sum())
         common.emit("iteration", step=step, seconds=seconds, rollout_s=metrics["time/rollout"],
                     update_s=metrics["time/update"], phases=timer.take(), rollouts=len(batch),
                     tokens=int(lengths.sum()), lengths=lengths.tolist(), prompt_lengths=prompt_lengths.tolist(),
                     work=work, ratio_first=metrics.get("policy/ratio_first_minibatch"))
     common.emit_end(common.OURS_PACKAGES,
                     config={k: getattr(loop.args, k) for k in ("decoding", "sort_micro_batches", "padding_free")},
-                    compact_decode=loop.sampler.compact, packed_forwards=loop.sampler.packed)
+                    compact_decode=loop.sampler.compact, packed_forwards=str(loop.sampler.packed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,6 +409,96 @@ def run_peer(folder: Path, iterations: int, new_tokens: int, prompts: int) -> No
 
 
 # ---------------------------------------------------------------------------------------------
+# TRL 1.12 PPOTrainer (experimental), stop_token "eos"
+# ---------------------------------------------------------------------------------------------
+
+def run_peer_ppo(folder: Path, iterations: int, new_tokens: int, prompts: int) -> None:
+    """TRL 1.12's PPO loop as users run it on data that stops: it generates with EOS as the stop token (rows that
+    stopped are padded until the longest ends), truncates each response after its first EOS and scores the truncated
+    rows; its reference, value and update forwards take the full generated width."""
+    import tempfile
+
+    import ppo_vs_trl_ppo
+    import torch
+    from transformers import TrainerCallback
+    from trl.experimental.ppo import PPOConfig
+    from trl.experimental.ppo import ppo_trainer as loop
+
+    config = PPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_trl_"), seed=SEED, per_device_train_batch_size=MICRO_BATCH,
+        gradient_accumulation_steps=prompts // MICRO_BATCH, num_mini_batches=1,
+        num_ppo_epochs=1, response_length=new_tokens, stop_token="eos", missing_eos_penalty=None,
+        num_sample_generations=0, gradient_checkpointing=False, bf16=False, local_rollout_forward_batch_size=prompts,
+        total_episodes=prompts * iterations, temperature=TEMPERATURE, kl_coef=KL_COEF, kl_estimator="k1",
+        vf_coef=VF_COEF, cliprange=CLIP, cliprange_value=VALUE_CLIP, gamma=1.0, lam=LAM, learning_rate=LR,
+        lr_scheduler_type="linear", warmup_steps=0, report_to="none", save_strategy="no", logging_steps=1,
+        disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+    meter = WorkMeter()
+    seen: dict[str, list] = {"lengths": [], "prompts": []}
+
+    class Timing(TrainerCallback):
+        def __init__(self):
+            self.last, self.update_started = None, None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last = time.perf_counter()
+
+        def mark_update(self, module, args):
+            if self.update_started is None:
+                self.update_started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            lengths = seen["lengths"]
+            if len(lengths) != prompts:
+                raise SystemExit(f"peer: {len(lengths)} truncated responses in an iteration, expected {prompts}")
+            work = meter.take()
+            work["needed_slots"]["generation"] += sum(seen["prompts"]) + sum(n - 1 for n in lengths)
+            started = self.update_started or now
+            common.emit("iteration", step=state.global_step, seconds=now - self.last, rollout_s=started - self.last,
+                        update_s=now - started, phases=timer.take(), rollouts=len(lengths), tokens=sum(lengths),
+                        lengths=list(lengths), work=work)
+            seen["lengths"], seen["prompts"] = [], []
+            self.last, self.update_started = time.perf_counter(), None
+
+    timing = Timing()
+    trl, trainer, reward, _ = ppo_vs_trl_ppo.peer_trainer(folder, iterations, reference=True, config=config,
+                                                           timing=timing)
+    pad = trainer.processing_class.pad_token_id
+    if pad == trainer.processing_class.eos_token_id:
+        raise SystemExit("peer: pad == eos would make TRL's masks drop every EOS")
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    unwrapped.register_forward_pre_hook(timing.mark_update)
+    for module in (unwrapped.policy, trainer.ref_model, reward, unwrapped.value_model):
+        meter.attach(module)
+
+    def record_prompts(original):
+        def wrapped(model, queries, *a, **k):
+            seen["prompts"] += (queries != pad).sum(1).tolist()  # one sample per prompt: each row a distinct prompt
+            return original(model, queries, *a, **k)
+        return wrapped
+
+    def record_lengths(original):
+        def wrapped(stop_token_id, pad_token_id, responses):
+            out = original(stop_token_id, pad_token_id, responses)
+            padded = out == pad_token_id  # after the first EOS
+            first = torch.where(padded.any(1), padded.int().argmax(1), torch.full_like(padded[:, 0], out.shape[1],
+                                                                                       dtype=torch.long))
+            seen["lengths"] += first.tolist()
+            return out
+        return wrapped
+
+    timer = common.PhaseTimer()
+    ppo_vs_trl_ppo.wrap_peer_phases(timer, trainer, reward)
+    loop.batch_generation = record_prompts(loop.batch_generation)
+    meter.sampling(loop, "batch_generation")
+    loop.truncate_response = record_lengths(loop.truncate_response)
+    trainer.train()
+    common.emit_end(("torch", "transformers", "accelerate", "trl", "datasets"),
+                    optimizer=common.describe_optimizer(trainer.optimizer), trl_file=trl.__file__)
+
+
+# ---------------------------------------------------------------------------------------------
 # The parent
 # ---------------------------------------------------------------------------------------------
 
@@ -409,15 +524,20 @@ def summarise(raw: dict, shape: dict, warmup: int = 1) -> dict:
     return out
 
 
-def run_comparison(model: str, runs: int, iterations: int, new_tokens: int, prompts: int, sides=SIDES) -> dict:
+def run_comparison(model: str, runs: int, iterations: int, new_tokens: int, prompts: int, algorithm: str = "grpo",
+                   sides=None) -> dict:
     folder = prepare(model)
+    sides = sides or ALGORITHMS[algorithm]["sides"]
     child = [common.python(), str(Path(__file__).resolve()), "--iterations", str(iterations), "--folder", str(folder),
-             "--max-new-tokens", str(new_tokens), "--prompts", str(prompts)]
+             "--max-new-tokens", str(new_tokens), "--prompts", str(prompts), "--algorithm", algorithm]
     per_side: dict[str, list[dict]] = {s: [] for s in sides}
+    samples = prompts * ALGORITHMS[algorithm]["group"]
     for r in range(runs):
         for side in sides:
-            print(f"run {r + 1}/{runs}: {side} (max_new_tokens {new_tokens}, {prompts * GROUP} samples) ...", flush=True)
-            raw = common.run_side([*child, "--side", side], {}, timeout=3600)
+            print(f"run {r + 1}/{runs}: {algorithm} {side} (max_new_tokens {new_tokens}, {samples} samples) ...",
+                  flush=True)
+            env = {"PYTHONPATH": str(PPO_PEER)} if side == "trl-1.12" else {}
+            raw = common.run_side([*child, "--side", side], env, timeout=3600)
             summary = summarise(raw, common.MODELS[model])
             per_side[side].append({"run": r + 1, **summary, "raw": raw})
             print(f"  {summary['samples_per_s']:.2f} samples/s, {summary['generated_tokens_per_s']:.0f} tokens/s, "
@@ -439,7 +559,7 @@ def run_comparison(model: str, runs: int, iterations: int, new_tokens: int, prom
     return {"folder": str(folder), "summary": summary, "per_run": per_side}
 
 
-def print_table(summary: dict, sides=SIDES) -> None:
+def print_table(summary: dict, sides) -> None:
     rows = [("samples / s", "samples_per_s", "{:.2f}"), ("generated tokens / s", "generated_tokens_per_s", "{:.0f}"),
             ("s / iteration", "seconds", "{:.2f}"), ("rollout s", "rollout_s", "{:.2f}"),
             ("update s", "update_s", "{:.2f}"), ("mean response tokens", "mean_response_length", "{:.1f}"),
@@ -456,34 +576,38 @@ def print_table(summary: dict, sides=SIDES) -> None:
               + f"), peak RSS x{r['peak_rss']['median']:.2f}")
 
 
-def sweep(model: str, iterations: int) -> dict:
-    """How cost grows: ours and TRL at max_new_tokens 32, 128, 512 (8 prompts) and at 2x, 4x the prompts (128)."""
-    points = [(32, PROMPTS), (128, PROMPTS), (512, PROMPTS), (128, 2 * PROMPTS), (128, 4 * PROMPTS)]
+def sweep(model: str, iterations: int, algorithm: str) -> dict:
+    """How cost grows: ours and the peer at max_new_tokens 32, 128, 512 (32 samples) and at 2x, 4x the samples (128).
+    Each point's sides are stored as "ours" and "trl"."""
+    base = ALGORITHMS[algorithm]["prompts"]
+    peer = ALGORITHMS[algorithm]["sides"][-1]
+    points = [(32, base), (128, base), (512, base), (128, 2 * base), (128, 4 * base)]
     out = []
     for new_tokens, prompts in points:
-        run = run_comparison(model, 1, iterations, new_tokens, prompts, sides=("ours", "trl"))
+        run = run_comparison(model, 1, iterations, new_tokens, prompts, algorithm, sides=("ours", peer))
         s = run["summary"]
-        out.append({"max_new_tokens": new_tokens, "samples": prompts * GROUP,
-                    **{side: {k: s[side][k] for k in ("samples_per_s", "seconds", "mean_response_length",
+        out.append({"max_new_tokens": new_tokens, "samples": prompts * ALGORITHMS[algorithm]["group"],
+                    **{name: {k: s[side][k] for k in ("samples_per_s", "seconds", "mean_response_length",
                                                       "generated_tokens_per_s", "peak_rss_mib", "wasted_share")}
-                       for side in ("ours", "trl")}})
-    return {"points": out}
+                       for name, side in (("ours", "ours"), ("trl", peer))}})
+    return {"points": out, "peer": peer}
 
 
-def plot_sweep(points: list[dict], path: Path) -> None:
+def plot_sweep(points: list[dict], path: Path, peer: str = "trl") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    panels = [("max_new_tokens (8 prompts x 4)", "max_new_tokens", lambda p: p["samples"] == PROMPTS * GROUP),
+    panels = [("max_new_tokens (32 samples)", "max_new_tokens", lambda p: p["samples"] == PROMPTS * GROUP),
               ("samples per iteration (max_new_tokens 128)", "samples", lambda p: p["max_new_tokens"] == 128)]
     for ax, (title, key, pick) in zip(axes, panels):
         chosen = sorted((p for p in points if pick(p)), key=lambda p: p[key])
         x = [p[key] for p in chosen]
         for side in ("ours", "trl"):
-            ax.plot(x, [1 / p[side]["samples_per_s"] for p in chosen], marker="o", label=side)
+            ax.plot(x, [1 / p[side]["samples_per_s"] for p in chosen], marker="o",
+                    label=peer if side == "trl" else side)
         ax.set_xlabel(title)
         ax.set_ylabel("seconds per sample")
         ax.set_xscale("log", base=2)
@@ -494,47 +618,65 @@ def plot_sweep(points: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser(__doc__, per="process", sides=False)
-    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process
+    p.add_argument("--side", choices=sorted(set(SIDES + PPO_SIDES)), help=argparse.SUPPRESS)  # a child process
+    p.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="grpo",
+                   help="grpo: against TRL 1.16 GRPOTrainer; ppo: against TRL 1.12 PPOTrainer.")
     p.add_argument("--max-new-tokens", type=int, default=NEW_TOKENS)
-    p.add_argument("--prompts", type=int, default=PROMPTS, help="Prompts per iteration (x 4 samples each).")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="Prompts per iteration (default 8 x 4 samples for grpo, 32 x 1 for ppo).")
     p.add_argument("--sweep", action="store_true", help="How cost grows: ours and TRL at several sizes.")
     args = common.parse(p, argv)
+    algorithm = args.algorithm
+    prompts = args.prompts or ALGORITHMS[algorithm]["prompts"]
     if args.side:
         folder = Path(args.folder)
         if args.side == "trl":
-            run_peer(folder, args.iterations, args.max_new_tokens, args.prompts)
+            run_peer(folder, args.iterations, args.max_new_tokens, prompts)
+        elif args.side == "trl-1.12":
+            run_peer_ppo(folder, args.iterations, args.max_new_tokens, prompts)
         else:
-            run_ours(folder, args.iterations, args.side == "ours", args.max_new_tokens, args.prompts)
+            run_ours(folder, args.iterations, args.side == "ours", args.max_new_tokens, prompts, algorithm)
         return 0
     import trl
 
-    if not trl.__version__.startswith(PEER_VERSION):
+    if algorithm == "grpo" and not trl.__version__.startswith(PEER_VERSION):
         p.error(f"this comparison is against TRL {PEER_VERSION}x; our venv has {trl.__version__}")
+    if algorithm == "ppo" and not (PPO_PEER / "trl").is_dir():
+        p.error(f"TRL 1.12 is not at {PPO_PEER}: .venv/bin/pip install --no-deps --target {PPO_PEER} trl==1.12.0")
     started, machine = common.utc_now(), common.machine_info()
+    tag = "" if algorithm == "grpo" else "ppo_"
     if args.sweep:
-        result = sweep(args.model, args.iterations)
-        name = f"ragged_rollouts_sweep_{args.model}"
-        plot_sweep(result["points"], common.RESULTS / f"{name}.png")
+        result = sweep(args.model, args.iterations, algorithm)
+        name = f"ragged_rollouts_sweep_{tag}{args.model}"
+        plot_sweep(result["points"], common.RESULTS / f"{name}.png", result["peer"])
         for pt in result["points"]:
             print(f"max_new_tokens {pt['max_new_tokens']:4d}, {pt['samples']:3d} samples: s/sample ours "
                   f"{1 / pt['ours']['samples_per_s']:.3f}, trl {1 / pt['trl']['samples_per_s']:.3f} "
                   f"(x{pt['ours']['samples_per_s'] / pt['trl']['samples_per_s']:.2f})")
     else:
-        result = run_comparison(args.model, args.runs, args.iterations, args.max_new_tokens, args.prompts)
-        name = f"ragged_rollouts_{args.model}"
-        print_table(result["summary"])
+        result = run_comparison(args.model, args.runs, args.iterations, args.max_new_tokens, prompts, algorithm)
+        name = f"ragged_rollouts_{tag}{args.model}"
+        print_table(result["summary"], ALGORITHMS[algorithm]["sides"])
     info = common.load_prompts(prepare(args.model))
-    payload = {"benchmark": "ragged_rollouts" + ("_sweep" if args.sweep else ""), "model": args.model,
+    payload = {"benchmark": "ragged_rollouts" + ("_sweep" if args.sweep else ""), "algorithm": algorithm,
+               "model": args.model,
                "started_utc": started, "finished_utc": common.utc_now(), "machine": machine,
                "models": {"shape": common.MODELS[args.model], "policy_parameters": info["policy_parameters"],
                           "prompt_lengths": info["prompt_lengths"], "eos": info["eos"]},
-               "settings": {"prompts": args.prompts, "samples_per_prompt": GROUP, "max_new_tokens": args.max_new_tokens,
-                            "mini_batch": MINI_BATCH, "micro_batch": MICRO_BATCH, "temperature": TEMPERATURE,
-                            "beta": BETA, "clip": CLIP, "learning_rate": LR, "threads": common.THREADS,
+               "settings": {"prompts": prompts, "samples_per_prompt": ALGORITHMS[algorithm]["group"],
+                            "max_new_tokens": args.max_new_tokens, "temperature": TEMPERATURE, "clip": CLIP,
+                            "learning_rate": LR, "threads": common.THREADS, "micro_batch": MICRO_BATCH,
                             "ours": "decoding compact, padding_free, sort_micro_batches (the defaults)",
                             "ours-levers-off": "decoding generate, padding_free false, sort_micro_batches false",
-                            "trl": "GRPOTrainer, loss_type dapo, steps_per_generation = micro-batches per round"},
-               "not_equal": NOT_EQUAL, "runs": args.runs, "iterations": args.iterations, **result}
+                            **({"mini_batch": MINI_BATCH, "beta": BETA,
+                                "trl": "GRPOTrainer, loss_type dapo, steps_per_generation = micro-batches per round"}
+                               if algorithm == "grpo" else
+                               {"mini_batch": prompts, "kl_coef": KL_COEF, "vf_coef": VF_COEF,
+                                "value_clip": VALUE_CLIP, "gamma": 1.0, "lam": LAM,
+                                "trl-1.12": "PPOTrainer (trl.experimental.ppo), stop_token eos, value model from the "
+                                            "reward model, local_rollout_forward_batch_size = the whole batch"})},
+               "not_equal": NOT_EQUAL if algorithm == "grpo" else PPO_NOT_EQUAL, "runs": args.runs,
+               "iterations": args.iterations, **result}
     path = common.write_result(name, payload)
     print(f"\nwrote {path}")
     return 0
@@ -547,6 +689,14 @@ NOT_EQUAL = [
     "loss normalisation under unequal lengths: ours divides each minibatch's token losses by its own valid tokens, "
     "TRL's 'dapo' by the generation round's tokens split evenly over its steps: the same compute, other numbers",
     "the old log-probabilities: ours records them while sampling; TRL runs a no-grad policy forward (its cost)",
+    "data order: each side draws prompts with its own seeded shuffle (prompt lengths vary, averaged over iterations)",
+]
+PPO_NOT_EQUAL = [
+    "sampled tokens differ between sides (their own RNG streams: ours draws by Gumbel-max, TRL's generate by "
+    "torch.multinomial, from the same distribution): compare samples/s together with the mean response length",
+    "TRL 1.12 steps the optimizer under accelerate's gradient accumulation (4 micro-batches); ours accumulates the "
+    "same 4 micro-batches of the one minibatch: one optimizer step per iteration on both sides",
+    "TRL calls gc.collect() twice per iteration and empty_cache() several times; ours does not",
     "data order: each side draws prompts with its own seeded shuffle (prompt lengths vary, averaged over iterations)",
 ]
 

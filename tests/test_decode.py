@@ -11,7 +11,7 @@ from test_rollout import gpt2_config, load_policy, rand_ids, sharpen
 
 from rlhf_dist.rl.decode import decode, distinct_rows
 from rlhf_dist.rl.generation import left_pad
-from rlhf_dist.rl.packing import pack, packing_pays
+from rlhf_dist.rl.packing import Packing, bins_of, pack, packing_pays
 from rlhf_dist.rl.scoring import forward_logprobs, packing_matches, sequence_scores, token_values
 
 
@@ -145,13 +145,22 @@ def ragged_batch(policy, tok):
 
 @pytest.mark.parametrize("kind", ["llama-sdpa", "llama-eager", "gpt2-sdpa"])
 def test_packed_forward_equals_the_padded_one_values_and_gradients(policies, tok, kind):
-    """The real tokens packed into one row (positions restarting per row, no mask): the same log-probabilities and
-    entropies as the padded forward, and the same gradients, to fp32 rounding; `packing_matches` agrees."""
+    """The real tokens packed into one row (positions restarting per row, no mask), in one forward or in bins of a few
+    sequences (one bin per sequence at capacity 1): the same log-probabilities and entropies as the padded forward, and
+    the same gradients, to fp32 rounding; `packing_matches` agrees."""
     policy = policies[kind]
     q_ids, q_mask, r_ids, r_mask = ragged_batch(policy, tok)
     assert packing_matches(policy, len(tok), "cpu", 0.8)
+    lengths = (q_mask.sum(1) + r_mask.sum(1)).tolist()
+    assert len(bins_of(lengths, 1)) == len(lengths) and 1 < len(bins_of(lengths, 2 * max(lengths))) <= len(lengths) / 2
+    for packed in (Packing(1), Packing(2 * max(lengths))):
+        compare_packed_and_padded(policy, q_ids, q_mask, r_ids, r_mask, packed)
+    compare_packed_and_padded(policy, q_ids, q_mask, r_ids, r_mask, True)
+
+
+def compare_packed_and_padded(policy, q_ids, q_mask, r_ids, r_mask, packing):
     results = {}
-    for packed in (False, True):
+    for packed in (False, packing):
         policy.zero_grad()
         logprobs, entropy = forward_logprobs(policy, q_ids, q_mask, r_ids, r_mask, 0.8, return_entropy=True,
                                              packed=packed)
@@ -159,7 +168,7 @@ def test_packed_forward_equals_the_padded_one_values_and_gradients(policies, tok
         results[packed] = (logprobs.detach(), entropy.detach(),
                            {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
     policy.zero_grad()
-    (lp0, en0, g0), (lp1, en1, g1) = results[False], results[True]
+    (lp0, en0, g0), (lp1, en1, g1) = results[False], results[packing]
     torch.testing.assert_close(lp1, lp0, atol=2e-5, rtol=0)
     torch.testing.assert_close(en1, en0, atol=2e-5, rtol=0)
     assert bool((lp1[~r_mask] == 0).all()) and float(lp0[r_mask].std()) > 0.1
@@ -187,24 +196,25 @@ def test_actor_critic_packed_pass_equals_the_padded_one(policies, tok, monkeypat
     from rlhf_dist.rl.actor_critic import ActorCritic, ValueHead
 
     packs = []
-    monkeypatch.setattr(actor_critic, "packing_pays", lambda *a: True)
-    monkeypatch.setattr(actor_critic, "pack", lambda *a: packs.append(1) or pack(*a))
+    monkeypatch.setattr(actor_critic, "pack", lambda *a: packs.append(len(pack(*a).bins)) or pack(*a))
 
     policy = policies["llama-eager"]
     q_ids, q_mask, r_ids, r_mask = ragged_batch(policy, tok)
     model = ActorCritic(policy, 0.8, value_head=ValueHead(policy.config.hidden_size, seed=1))
     with torch.no_grad():
         padded = model(q_ids, q_mask, r_ids, r_mask)
-        model.packed = True
-        packed = model(q_ids, q_mask, r_ids, r_mask)
-    for a, b in zip(padded, packed):
-        torch.testing.assert_close(b, a, atol=2e-5, rtol=0)
-    assert float(packed[2][r_mask].abs().mean()) > 0.01 and packs == [1]
+        for packing in (True, Packing(1)):  # one forward, a forward per sequence
+            model.packed = packing
+            packed = model(q_ids, q_mask, r_ids, r_mask)
+            for a, b in zip(padded, packed):
+                torch.testing.assert_close(b, a, atol=2e-5, rtol=0)
+    assert float(packed[2][r_mask].abs().mean()) > 0.01 and packs == [1, len(q_ids)]
 
 
 def test_packing_is_chosen_where_it_costs_fewer_flops():
     """One packed row of N tokens under sdpa computes N^2 attention pairs against B x W^2 padded: packing pays for a
-    wide model with few rows, not for a narrow one with many; with flash-attention (per-sequence kernels) always."""
+    wide model with few rows, not for a narrow one with many; with flash-attention (per-sequence kernels) always. In
+    bins whose attention costs at most 5% of their linear layers' it pays wherever there is padding to save."""
     from types import SimpleNamespace
 
     def model(hidden: int, inter: int, attn: str = "sdpa"):
@@ -224,6 +234,18 @@ def test_packing_is_chosen_where_it_costs_fewer_flops():
     assert not packing_pays(wide, *masks(8, 256, 512, 1.0))  # nothing to save
     assert packing_pays(model(64, 256, "flash_attention_2"), *masks(128, 64, 128, 0.5))
 
+    # in bins (`Packing.for_model`): at most capacity tokens, where attention per token is 5% of the linear layers'
+    linear = 2 * (4 * 512 * 512 + 3 * 512 * 1792)
+    assert Packing.for_model(model(512, 1792)).capacity == int(0.05 * linear / (4 * 512)) == 185
+    assert Packing.for_model(model(512, 1792, "flash_attention_2")).capacity is None  # per-sequence kernels
+    assert Packing.for_model(model(512, 1792), one_forward=True).capacity is None  # ZeRO-3 across processes
+    small = Packing.for_model(narrow)
+    assert small.capacity == 128  # the rule says 25 tokens: too small a forward, so the floor
+    assert packing_pays(narrow, *masks(128, 64, 128, 0.5), small)  # 128 rows in bins of 1: no N^2 left
+    assert not packing_pays(narrow, *masks(128, 64, 128, 1.0), small)  # nothing to save
+    assert bins_of([5, 3, 4, 9, 1, 1], 8) == [(0, 8), (8, 12), (12, 21), (21, 23)]
+    assert bins_of([5, 3, 4], None) == [(0, 12)] and bins_of([], 8) == [(0, 0)]
+
 
 def test_reward_and_value_scores_packed_equal_the_padded_ones(tiny_model, tok):
     """A one-label classifier (reward or value model): its score of each sequence and of every response position,
@@ -237,6 +259,7 @@ def test_reward_and_value_scores_packed_equal_the_padded_ones(tiny_model, tok):
     with torch.no_grad():
         for fn in (sequence_scores, token_values):
             padded = fn(classifier, q_ids, q_mask, r_ids, r_mask)
-            packed = fn(classifier, q_ids, q_mask, r_ids, r_mask, packed=True)
-            torch.testing.assert_close(packed, padded, atol=2e-5, rtol=1e-5)
+            for packing in (True, Packing(1), Packing(20)):  # one forward, one per sequence, bins of a few
+                packed = fn(classifier, q_ids, q_mask, r_ids, r_mask, packed=packing)
+                torch.testing.assert_close(packed, padded, atol=2e-5, rtol=1e-5)
             assert float(padded.std()) > 0.01

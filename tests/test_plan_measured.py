@@ -137,11 +137,11 @@ def training_shapes():
     packed_widths: set[int] = set()
     pack = actor_critic.pack
 
-    def packing(query_ids, query_mask, response_ids, response_mask):
-        """PPO's padding-free training forward sees [1, N]: record its rows and their longest real length instead."""
-        p = pack(query_ids, query_mask, response_ids, response_mask)
+    def packing(query_ids, query_mask, response_ids, response_mask, capacity=None):
+        """PPO's padding-free training forwards see [1, N_bin]: record their rows and longest real length instead."""
+        p = pack(query_ids, query_mask, response_ids, response_mask, capacity)
         if torch.is_grad_enabled():
-            packed_widths.add(p.input_ids.shape[1])
+            packed_widths.update(b - a for a, b in p.bins)
             seen.append((query_ids.shape[0], int((query_mask.sum(1) + response_mask.sum(1)).max())))
         return p
 

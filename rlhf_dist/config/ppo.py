@@ -71,11 +71,12 @@ class PPOTrainingConfig:
         "minibatch) with less padding.")
     padding_free: bool = _f(
         True, "The forwards of the policy, reference, value and reward models (rollout scoring and the update) run on "
-        "the rows' real tokens packed into one sequence, positions restarting per row (rlhf_dist/rl/packing.py), "
-        "wherever that costs fewer FLOPs than the padded batch: always with flash-attention (variable-length "
-        "kernels); with sdpa/eager, whose packed attention covers every pair of the row, when the linear layers saved "
-        "outweigh the attention added (packing_pays). Each model is checked once against its padded forward before "
-        "training; one whose attention does not keep packed sequences apart keeps padded forwards.")
+        "the rows' real tokens packed together, positions restarting per row (rlhf_dist/rl/packing.py), wherever that "
+        "costs fewer FLOPs than the padded batch: with flash-attention (variable-length kernels) in one forward; with "
+        "sdpa/eager, whose packed attention covers every pair of the packed row, in bins of consecutive rows, each a "
+        "forward of at most the tokens whose attention costs 5% of the linear layers, 128 at least (one forward per "
+        "process under ZeRO-3 on several processes). Each model is checked once against its padded forward before training; one "
+        "whose attention does not keep packed sequences apart keeps padded forwards.")
     missing_eos_penalty: float | None = _f(
         None, "Subtracted from the score of a response that never stopped (docs/ppo.md item 5).")
     reward_normalization: bool = _f(False, "Normalise scores with their running mean and std (docs/ppo.md item 8).")

@@ -32,7 +32,7 @@ from torch import nn
 from rlhf_dist.rl.adapters import POLICY, use_adapter
 from rlhf_dist.rl.generation import concat_query_response, position_ids_from_mask
 from rlhf_dist.rl.losses import entropy_from_logits, logprobs_from_logits
-from rlhf_dist.rl.packing import causal_lm_outputs, pack, packing_pays
+from rlhf_dist.rl.packing import Packing, capacity_of, causal_lm_outputs, pack, packing_for
 from rlhf_dist.rl.scoring import accepts_logits_to_keep, token_values
 
 
@@ -92,8 +92,9 @@ class ActorCritic(nn.Module):
         self.value_head = value_head
         self.value_adapter = value_adapter
         self.temperature = float(temperature)
-        self.packed = False  # the policy's pass padding-free (training.padding_free, once `packing_matches` says so)
-        self.packed_values = False  # the value model's too
+        # the policy's pass padding-free (training.padding_free, once `packing_matches` says so), and the value model's
+        self.packed: Packing | bool | None = None
+        self.packed_values: Packing | bool | None = None
 
     def state_dict(self, *args, **kwargs):
         """With a PEFT policy, only what trains (adapters, value head, value model): the frozen base -- 4-bit weights
@@ -135,12 +136,13 @@ class ActorCritic(nn.Module):
             raise ValueError("the value head reads the policy's own pass: call forward()")
         if self.value_model is not None:
             return token_values(self.value_model, query_ids, query_mask, response_ids, response_mask,
-                                packed=self.packed_values and packing_pays(self.value_model, query_mask, response_mask))
+                                packed=self._packing(self.packed_values, self.value_model, query_mask, response_mask))
         if self.value_adapter is None:
             return None
-        if self.packed and packing_pays(self.policy, query_mask, response_mask):
-            return self._values(pack(query_ids, query_mask, response_ids, response_mask), query_ids, query_mask,
-                                response_ids, response_mask)
+        packing = self._packing(self.packed, self.policy, query_mask, response_mask)
+        if packing:
+            return self._values(pack(query_ids, query_mask, response_ids, response_mask, capacity_of(packing)),
+                                query_ids, query_mask, response_ids, response_mask)
         ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
         return self._adapter_values(ids, mask, position_ids_from_mask(mask), response_mask)
 
@@ -163,8 +165,9 @@ class ActorCritic(nn.Module):
         Shapes: queries [B, Lq] left-padded, responses [B, T] right-padded; outputs [B, T]
         float32, aligned as in `rollout.forward_logprobs` / `rollout.token_values`.
         """
-        if self.packed and packing_pays(self.policy, query_mask, response_mask):
-            return self._packed_forward(query_ids, query_mask, response_ids, response_mask, with_values)
+        packing = self._packing(self.packed, self.policy, query_mask, response_mask)
+        if packing:
+            return self._packed_forward(query_ids, query_mask, response_ids, response_mask, with_values, packing)
         ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
         T = response_ids.shape[1]
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask,
@@ -195,10 +198,15 @@ class ActorCritic(nn.Module):
             values = token_values(self.value_model, query_ids, query_mask, response_ids, response_mask)
         return logprobs, entropy, values
 
-    def _packed_forward(self, query_ids, query_mask, response_ids, response_mask, with_values: bool):
+    @staticmethod
+    def _packing(packed, model, query_mask, response_mask):
+        """`packing_for` of a `Packing` attribute; True (tests, callers of their own) packs into one forward."""
+        return packed if isinstance(packed, bool) else packing_for(packed, model, query_mask, response_mask)
+
+    def _packed_forward(self, query_ids, query_mask, response_ids, response_mask, with_values: bool, packing):
         """`forward` with the policy's (and a value adapter's) pass padding-free (`rlhf_dist.rl.packing`); a value
         model's too where `packed_values`."""
-        p = pack(query_ids, query_mask, response_ids, response_mask)
+        p = pack(query_ids, query_mask, response_ids, response_mask, capacity_of(packing))
         shared = self.values_need_policy_pass
         with use_adapter(self.policy, POLICY) if self.value_adapter is not None else contextlib.nullcontext():
             logits, hidden = causal_lm_outputs(self.policy, p, accepts_logits_to_keep(self.policy), hidden=shared)
@@ -214,9 +222,13 @@ class ActorCritic(nn.Module):
         """A value function with a pass of its own: the value model, or the value adapter's pass (packed)."""
         if self.value_model is not None:
             return token_values(self.value_model, query_ids, query_mask, response_ids, response_mask,
-                                packed=self.packed_values and packing_pays(self.value_model, query_mask, response_mask))
+                                packed=self._packing(self.packed_values, self.value_model, query_mask, response_mask))
         inner = self.policy.get_base_model()
         backbone = getattr(inner, inner.base_model_prefix)
+
+        def run(input_ids, position_ids, keep):
+            hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+            return self.value_head(hidden[0, keep])
+
         with use_adapter(self.policy, self.value_adapter):
-            hidden = backbone(input_ids=p.input_ids, position_ids=p.position_ids, use_cache=False).last_hidden_state
-        return p.unpack(self.value_head(hidden[0, p.keep]))
+            return p.unpack(p.forward_bins(p.keep, run)[0])

@@ -20,7 +20,7 @@ from rlhf_dist.rl.advantages import informative_groups
 from rlhf_dist.rl.batch import RolloutBatch, concat_batches, gather_batch
 from rlhf_dist.rl.decode import decode
 from rlhf_dist.rl.generation import generate, left_pad, stop_token_ids
-from rlhf_dist.rl.packing import packing_pays
+from rlhf_dist.rl.packing import Packing, packing_for
 from rlhf_dist.rl.scoring import RewardSource, forward_logprobs, packing_matches, score_responses
 
 
@@ -45,14 +45,18 @@ class RolloutSampler:
         self.compact = args.decoding == "compact" and not self.synced and args.top_k == 0 and args.top_p == 1.0
         unwrapped = accelerator.unwrap_model(model)
         device, free = accelerator.device, bool(args.padding_free)
-        self.packed = free and packing_matches(unwrapped.policy, len(tokenizer), device, args.temperature)
+        # bins of packed sequences, one forward per process under ZeRO-3 (each forward gathers the weights together)
+        self.packed = (Packing.for_model(unwrapped.policy, self.synced) if free and packing_matches(
+            unwrapped.policy, len(tokenizer), device, args.temperature) else None)
         unwrapped.packed = self.packed  # the actor-critic's policy pass (rollout and update) alike
         value_model = unwrapped.value_model
-        unwrapped.packed_values = free and value_model is not None and packing_matches(
-            value_model, len(tokenizer), device, classifier=True, name="the value model")
+        unwrapped.packed_values = (Packing.for_model(value_model, self.synced) if free and value_model is not None
+                                   and packing_matches(value_model, len(tokenizer), device, classifier=True,
+                                                       name="the value model") else None)
         if reward.model is not None:
-            reward.packed = free and packing_matches(reward.model, len(reward.tokenizer or tokenizer), device,
-                                                     classifier=True, name="the reward model")
+            reward.packed = (Packing.for_model(reward.model, self.synced) if free and packing_matches(
+                reward.model, len(reward.tokenizer or tokenizer), device, classifier=True, name="the reward model")
+                else None)
 
     @torch.no_grad()
     def rollout(self, prompts: list[list[int]], seed_parts: tuple[int, ...], step: int,
@@ -122,12 +126,12 @@ class RolloutSampler:
 
     def _ref_logprobs(self, model, q_ids, q_mask, r_ids, r_mask) -> torch.Tensor:
         if self.reference is not None:
-            packed = self.packed and packing_pays(self.reference, q_mask, r_mask)
+            packed = packing_for(self.packed, self.reference, q_mask, r_mask)
             return forward_logprobs(self.reference, q_ids, q_mask, r_ids, r_mask, self.args.temperature, packed=packed)
         policy = model.policy
         reference = use_adapter(policy, REFERENCE) if REFERENCE in policy.peft_config else no_adapter(policy)
         with reference:  # the SFT model: the base (SFT merged into it), or the frozen SFT adapter (item 19)
-            packed = self.packed and packing_pays(policy, q_mask, r_mask)
+            packed = packing_for(self.packed, policy, q_mask, r_mask)
             return forward_logprobs(policy, q_ids, q_mask, r_ids, r_mask, self.args.temperature, packed=packed)
 
     def dynamic_sampling(self, batch: RolloutBatch, refill: Callable[[int], tuple[list[list[int]], dict[str, list]]],

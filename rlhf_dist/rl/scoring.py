@@ -25,7 +25,7 @@ from rlhf_dist.rl.generation import (
     position_ids_from_mask,
 )
 from rlhf_dist.rl.losses import entropy_from_logits, logprobs_from_logits
-from rlhf_dist.rl.packing import causal_lm_outputs, pack, packing_pays
+from rlhf_dist.rl.packing import Packing, capacity_of, causal_lm_outputs, pack, packing_for
 from rlhf_dist.rl.reward_fn import call_reward_fn
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
 
 def forward_logprobs(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                      response_mask: torch.Tensor, temperature: float, *, return_entropy: bool = False,
-                     packed: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     packed: bool | Packing | None = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities of the response under ``model``, in one batched forward.
 
     ::
@@ -61,14 +61,14 @@ def forward_logprobs(model: nn.Module, query_ids: torch.Tensor, query_mask: torc
         response_ids, response_mask: [B, T] right-padded (from `generate`).
         temperature: > 0, the sampling temperature.
         return_entropy: also return the entropy of ``softmax(logits / temperature)`` per position.
-        packed: one padding-free forward over the real tokens (`rlhf_dist.rl.packing`): the same numbers to float
-            rounding, with the linear layers on the real tokens only.
+        packed: padding-free forwards over the real tokens (`rlhf_dist.rl.packing`): the same numbers to float
+            rounding, with the linear layers on the real tokens only; True: one forward, a `Packing`: its bins.
     Returns:
         logprobs [B, T] float32, 0 where ``response_mask`` is False (item 4); with
         ``return_entropy``, ``(logprobs, entropy)``, the entropy also [B, T] and 0 there.
     """
     if packed:
-        p = pack(query_ids, query_mask, response_ids, response_mask)
+        p = pack(query_ids, query_mask, response_ids, response_mask, capacity_of(packed))
         logits = causal_lm_outputs(model, p, accepts_logits_to_keep(model))[0].float()  # [K, V]
         logprobs = p.unpack(logprobs_from_logits(logits, p.targets, temperature))
         return (logprobs, p.unpack(entropy_from_logits(logits / temperature))) if return_entropy else logprobs
@@ -170,24 +170,29 @@ def forward_token_scores(model: nn.Module, input_ids: torch.Tensor, attention_ma
 
 
 def packed_token_scores(model: nn.Module, p, positions: torch.Tensor) -> torch.Tensor:
-    """`forward_token_scores` on a packed row (`rlhf_dist.rl.packing`), the head only at ``positions``: [len(positions)]."""
+    """`forward_token_scores` on a packed row (`rlhf_dist.rl.packing`), bin by bin, the head only at ``positions``:
+    [len(positions)]."""
     backbone, head = _score_head(model)
-    hidden = backbone(input_ids=p.input_ids, position_ids=p.position_ids, use_cache=False).last_hidden_state
-    return head(hidden[0, positions]).squeeze(-1).float()
+
+    def run(input_ids, position_ids, local):
+        hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        return head(hidden[0, local]).squeeze(-1).float()
+
+    return p.forward_bins(positions, run)[0]
 
 
 def sequence_scores(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                    response_mask: torch.Tensor, packed: bool = False) -> torch.Tensor:
+                    response_mask: torch.Tensor, packed: bool | Packing | None = False) -> torch.Tensor:
     """Reward-model score of prompt + truncated response: [B] (docs/ppo.md items 3 and 6).
 
     The per-token score (`forward_token_scores`) at the last valid token of query + response,
     found from the masks (not from ``ids != pad_id``, item 2). Equals ``model(ids).logits[:, 0]``
     for an unpadded sequence. For a reward model with another tokenizer, build the inputs with
-    `decode_pairs` and `retokenize`, and pass them as the query with an empty response. ``packed``: one
-    padding-free pass (`rlhf_dist.rl.packing`).
+    `decode_pairs` and `retokenize`, and pass them as the query with an empty response. ``packed``: padding-free
+    passes (`rlhf_dist.rl.packing`; True: one, a `Packing`: its bins).
     """
     if packed:
-        p = pack(query_ids, query_mask, response_ids, response_mask)
+        p = pack(query_ids, query_mask, response_ids, response_mask, capacity_of(packed))
         return packed_token_scores(model, p, p.ends)
     ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
     scores = forward_token_scores(model, ids, mask)
@@ -197,16 +202,16 @@ def sequence_scores(model: nn.Module, query_ids: torch.Tensor, query_mask: torch
 
 
 def token_values(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                 response_mask: torch.Tensor, packed: bool = False) -> torch.Tensor:
+                 response_mask: torch.Tensor, packed: bool | Packing | None = False) -> torch.Tensor:
     """Value estimates V(s_t) for the response tokens: [B, T], aligned with `forward_logprobs`.
 
     ``V[:, t]`` is the value model's score at the position that predicts response token ``t``
     (position ``Lq - 1 + t``), i.e. of the state before emitting token ``t``: the prompt alone for
-    ``t = 0``. 0 where ``response_mask`` is False (docs/ppo.md item 4). Grad flows if enabled. ``packed``: one
-    padding-free pass (`rlhf_dist.rl.packing`).
+    ``t = 0``. 0 where ``response_mask`` is False (docs/ppo.md item 4). Grad flows if enabled. ``packed``: as in
+    `sequence_scores`.
     """
     if packed:
-        p = pack(query_ids, query_mask, response_ids, response_mask)
+        p = pack(query_ids, query_mask, response_ids, response_mask, capacity_of(packed))
         return p.unpack(packed_token_scores(model, p, p.keep))
     ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
     T = response_ids.shape[1]
@@ -291,7 +296,7 @@ class RewardSource:
     fn: Callable | None = None
     fn_name: str = "reward_fn"
     composite: Any = None
-    packed: bool = False  # the reward model's forwards padding-free (training.padding_free, once checked)
+    packed: Packing | None = None  # the reward model's forwards padding-free (training.padding_free, once checked)
 
     @property
     def labels(self) -> list[str]:
@@ -305,14 +310,14 @@ def model_scores(reward: RewardSource, tokenizer: Any, query_ids: torch.Tensor, 
     tokens the policy produced; with its own it gets the decoded text, re-encoded (`retokenize`, EOS where the
     response ended)."""
     if reward.tokenizer is None:
-        packed = reward.packed and packing_pays(reward.model, query_mask, response_mask)
+        packed = packing_for(reward.packed, reward.model, query_mask, response_mask)
         return sequence_scores(reward.model, query_ids, query_mask, response_ids, response_mask, packed)
     prompts, completions = decode_pairs(tokenizer, query_ids, query_mask, response_ids, response_mask)
     ids, mask = retokenize(prompts, completions, reward.tokenizer, reward.max_length, append_eos=ended,
                            device=query_ids.device)
     empty = ids.new_zeros((ids.shape[0], 0))
     return sequence_scores(reward.model, ids, mask, empty, empty.bool(),
-                           reward.packed and packing_pays(reward.model, mask, empty))
+                           packing_for(reward.packed, reward.model, mask, empty))
 
 
 def score_responses(reward: RewardSource, tokenizer: Any, query_ids: torch.Tensor, query_mask: torch.Tensor,
