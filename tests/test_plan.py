@@ -313,3 +313,21 @@ def rows(result: dict) -> list[dict]:
 def test_plan_without_a_model_is_one_line(tmp_path, capsys):
     assert cli.main(["plan", "--stage", "sft", "--gpu-memory", "24"]) == 2
     assert capsys.readouterr().err.strip() == "error: --model or --recipe is needed: the model whose config is planned"
+
+
+def test_text_config_is_the_language_model_part_of_a_composite_config():
+    """A vision-language config's shapes are its text model's: the planner and the PPO models read the same part."""
+    from transformers import LlamaConfig, LlavaConfig
+
+    from rlhf_dist.plan import text_config
+    from rlhf_dist.rl.generation import text_config_of
+
+    text = LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                       vocab_size=300)
+    composite = LlavaConfig(text_config=text.to_dict())
+    assert text_config(composite).hidden_size == 96 and text_config(text) is text
+
+    class Wrapped:  # a model whose config is composite
+        config = composite
+
+    assert text_config_of(Wrapped()).hidden_size == 96

@@ -85,7 +85,8 @@ class Shape:
 
 
 def text_config(cfg):
-    get = getattr(cfg, "gettext_config", None)
+    """The language model's config of a composite (vision-language) config; ``cfg`` itself for a text model."""
+    get = getattr(cfg, "get_text_config", None)
     return get() if get else cfg
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from rlhf_dist.rl.adapters import POLICY, use_adapter
-from rlhf_dist.rl.generation import concat_query_response, position_ids_from_mask
+from rlhf_dist.rl.generation import concat_query_response, position_ids_from_mask, text_config_of
 from rlhf_dist.rl.losses import entropy_from_logits, logprobs_from_logits
 from rlhf_dist.rl.packing import Packing, capacity_of, causal_lm_outputs, pack, packing_for
 from rlhf_dist.rl.scoring import accepts_logits_to_keep, token_values
@@ -63,8 +63,7 @@ def _quant_state_key(key: str, frozen: set[str]) -> bool:
 
 
 def hidden_size_of(model: nn.Module) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(config.hidden_size)
+    return int(text_config_of(model).hidden_size)
 
 
 class ActorCritic(nn.Module):

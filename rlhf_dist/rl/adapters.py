@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf_dist.rl.generation import text_config_of
+
 POLICY, VALUE, REFERENCE, REWARD = "default", "value", "reference", "reward"
 
 
@@ -176,7 +178,7 @@ class AdapterRewardModel(nn.Module):
         super().__init__()
         self.backbone = _AdapterBackbone(policy, adapter)
         self.score = score
-        text = policy.config.get_text_config() if hasattr(policy.config, "get_text_config") else policy.config
+        text = text_config_of(policy)
         self.config = type("RewardConfig", (), {"num_labels": 1,
                                                 "max_position_embeddings": getattr(text, "max_position_embeddings", None)})()
 

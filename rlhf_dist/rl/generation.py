@@ -95,6 +95,12 @@ def peft_inner(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def text_config_of(model: nn.Module):
+    """The (PEFT-unwrapped) model's language-model config: the text part of a composite config, else its config."""
+    config = peft_inner(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def forward_accepts(model: nn.Module, name: str) -> bool:
     """Whether the (PEFT-unwrapped) model's ``forward`` takes the keyword ``name`` (``logits_to_keep``, ``cache``)."""
     try:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rlhf_dist.rl.generation import concat_query_response, peft_inner, position_ids_from_mask
+from rlhf_dist.rl.generation import concat_query_response, position_ids_from_mask, text_config_of
 
 
 @dataclass
@@ -128,19 +128,14 @@ def causal_lm_outputs(model: nn.Module, p: Packed, accepts_keep: bool, hidden: b
     return p.forward_bins(p.keep, run)
 
 
-def _text_config(model: nn.Module):
-    config = peft_inner(model).config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _flash(model: nn.Module) -> bool:
-    return "flash" in str(getattr(_text_config(model), "_attn_implementation", "") or "")
+    return "flash" in str(getattr(text_config_of(model), "_attn_implementation", "") or "")
 
 
 def _flops(model: nn.Module) -> tuple[int, int]:
     """``(linear, attention)``: 2 x (4 h^2 + 3 h i) FLOPs per token and layer (q, k, v, o and a gated MLP), 4 h per
     (query, key) pair (QK^T and AV); (0, 0) for a config without ``hidden_size``."""
-    config = _text_config(model)
+    config = text_config_of(model)
     h = int(getattr(config, "hidden_size", 0) or 0)
     inter = int(getattr(config, "intermediate_size", 4 * h) or 4 * h)
     return 2 * (4 * h * h + 3 * h * inter), 4 * h
