@@ -309,6 +309,49 @@ def run_ours(folder: Path, iterations: int, levers: bool, new_tokens: int, promp
 
 
 # ---------------------------------------------------------------------------------------------
+# A peer's iterations: one BENCH line each
+# ---------------------------------------------------------------------------------------------
+
+def peer_timing(meter: WorkMeter, seen: dict[str, list], expected: int, every: int = 1, on_begin=None):
+    """A TrainerCallback that ends an iteration every ``every`` optimizer steps: checks that ``expected`` responses were
+    seen (``seen["lengths"]``; ``seen["prompts"]``: each distinct prompt's length), takes the meter's work (adding what
+    generation needed) and emits the iteration; the update part starts at ``mark_update()``. Set ``.timer`` (a
+    `common.PhaseTimer`) before training; ``on_begin()`` runs when training begins."""
+    from transformers import TrainerCallback
+
+    class Timing(TrainerCallback):
+        def __init__(self):
+            self.last, self.update_started, self.timer = None, None, None
+
+        def on_train_begin(self, args, state, control, **kw):
+            if on_begin is not None:
+                on_begin()
+            self.last = time.perf_counter()
+
+        def mark_update(self):
+            if self.update_started is None:
+                self.update_started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step % every:
+                return
+            now = time.perf_counter()
+            lengths = seen["lengths"]
+            if len(lengths) != expected:
+                raise SystemExit(f"peer: {len(lengths)} responses in an iteration, expected {expected}")
+            work = meter.take()
+            work["needed_slots"]["generation"] += sum(seen["prompts"]) + sum(n - 1 for n in lengths)
+            started = self.update_started or now
+            common.emit("iteration", step=state.global_step // every, seconds=now - self.last,
+                        rollout_s=started - self.last, update_s=now - started, phases=self.timer.take(),
+                        rollouts=len(lengths), tokens=sum(lengths), lengths=list(lengths), work=work)
+            seen["lengths"], seen["prompts"] = [], []
+            self.last, self.update_started = time.perf_counter(), None
+
+    return Timing()
+
+
+# ---------------------------------------------------------------------------------------------
 # TRL 1.16 GRPOTrainer
 # ---------------------------------------------------------------------------------------------
 
@@ -317,7 +360,7 @@ def run_peer(folder: Path, iterations: int, new_tokens: int, prompts: int) -> No
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl import GRPOConfig, GRPOTrainer
 
     info, tokenizer, texts = common.start_trl_child(folder, PEER_VERSION)
@@ -346,32 +389,11 @@ def run_peer(folder: Path, iterations: int, new_tokens: int, prompts: int) -> No
     meter = WorkMeter()
     seen: dict[str, list] = {"lengths": [], "prompts": []}
 
-    class Timing(TrainerCallback):
-        def __init__(self):
-            self.last, self.update_started = None, None
+    def wrap_optimizer():
+        timer.wrap(trainer.optimizer, "step", "optimizer_step")
+        trainer.optimizer.step._wrapped_by_lr_sched = True
 
-        def on_train_begin(self, args, state, control, **kw):
-            timer.wrap(trainer.optimizer, "step", "optimizer_step")
-            trainer.optimizer.step._wrapped_by_lr_sched = True
-            self.last = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step % optimizer_steps:
-                return
-            now = time.perf_counter()
-            lengths = seen["lengths"]
-            if len(lengths) != rollouts:
-                raise SystemExit(f"peer: {len(lengths)} completions in a round, expected {rollouts}")
-            work = meter.take()
-            work["needed_slots"]["generation"] += sum(seen["prompts"]) + sum(n - 1 for n in lengths)
-            started = self.update_started or now
-            common.emit("iteration", step=state.global_step // optimizer_steps, seconds=now - self.last,
-                        rollout_s=started - self.last, update_s=now - started, phases=timer.take(), rollouts=len(lengths),
-                        tokens=sum(lengths), lengths=list(lengths), work=work)
-            seen["lengths"], seen["prompts"] = [], []
-            self.last, self.update_started = time.perf_counter(), None
-
-    timing = Timing()
+    timing = peer_timing(meter, seen, rollouts, every=optimizer_steps, on_begin=wrap_optimizer)
     trainer = GRPOTrainer(model=policy, reward_funcs=reward_ids, args=config,
                           train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
                           callbacks=[timing])
@@ -388,15 +410,15 @@ def run_peer(folder: Path, iterations: int, new_tokens: int, prompts: int) -> No
 
     def mark_update(original):
         def wrapped(model, *a, **k):
-            if torch.is_grad_enabled() and timing.update_started is None:
-                timing.update_started = time.perf_counter()
+            if torch.is_grad_enabled():
+                timing.mark_update()
             return original(model, *a, **k)
         return wrapped
 
     trainer._generate_single_turn = record_generate(trainer._generate_single_turn)
     meter.sampling(trainer, "_generate_single_turn")
     trainer._get_per_token_logps_and_entropies = mark_update(trainer._get_per_token_logps_and_entropies)
-    timer = common.PhaseTimer()
+    timer = timing.timer = common.PhaseTimer()
     timer.wrap(trainer, "_generate_single_turn", "generate")
     timer.wrap(trainer, "_get_per_token_logps_and_entropies",
                lambda a: "update_forward" if torch.is_grad_enabled() else
@@ -420,7 +442,6 @@ def run_peer_ppo(folder: Path, iterations: int, new_tokens: int, prompts: int) -
 
     import ppo_vs_trl_ppo
     import torch
-    from transformers import TrainerCallback
     from trl.experimental.ppo import PPOConfig
     from trl.experimental.ppo import ppo_trainer as loop
 
@@ -436,39 +457,14 @@ def run_peer_ppo(folder: Path, iterations: int, new_tokens: int, prompts: int) -
     meter = WorkMeter()
     seen: dict[str, list] = {"lengths": [], "prompts": []}
 
-    class Timing(TrainerCallback):
-        def __init__(self):
-            self.last, self.update_started = None, None
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.last = time.perf_counter()
-
-        def mark_update(self, module, args):
-            if self.update_started is None:
-                self.update_started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            now = time.perf_counter()
-            lengths = seen["lengths"]
-            if len(lengths) != prompts:
-                raise SystemExit(f"peer: {len(lengths)} truncated responses in an iteration, expected {prompts}")
-            work = meter.take()
-            work["needed_slots"]["generation"] += sum(seen["prompts"]) + sum(n - 1 for n in lengths)
-            started = self.update_started or now
-            common.emit("iteration", step=state.global_step, seconds=now - self.last, rollout_s=started - self.last,
-                        update_s=now - started, phases=timer.take(), rollouts=len(lengths), tokens=sum(lengths),
-                        lengths=list(lengths), work=work)
-            seen["lengths"], seen["prompts"] = [], []
-            self.last, self.update_started = time.perf_counter(), None
-
-    timing = Timing()
+    timing = peer_timing(meter, seen, prompts)
     trl, trainer, reward, _ = ppo_vs_trl_ppo.peer_trainer(folder, iterations, reference=True, config=config,
                                                            timing=timing)
     pad = trainer.processing_class.pad_token_id
     if pad == trainer.processing_class.eos_token_id:
         raise SystemExit("peer: pad == eos would make TRL's masks drop every EOS")
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    unwrapped.register_forward_pre_hook(timing.mark_update)
+    unwrapped.register_forward_pre_hook(lambda module, args: timing.mark_update())
     for module in (unwrapped.policy, trainer.ref_model, reward, unwrapped.value_model):
         meter.attach(module)
 
@@ -488,7 +484,7 @@ def run_peer_ppo(folder: Path, iterations: int, new_tokens: int, prompts: int) -
             return out
         return wrapped
 
-    timer = common.PhaseTimer()
+    timer = timing.timer = common.PhaseTimer()
     ppo_vs_trl_ppo.wrap_peer_phases(timer, trainer, reward)
     loop.batch_generation = record_prompts(loop.batch_generation)
     meter.sampling(loop, "batch_generation")
