@@ -277,6 +277,24 @@ def test_ragged_benchmark_ppo_against_trl_112_counts_the_same_work(tmp_path):
     assert "Packing(capacity=" in result["per_run"]["ours"][0]["raw"]["end"]["packed_forwards"]
 
 
+def test_compile_decode_benchmark_compares_the_same_tokens(tmp_path):
+    """benchmarks/compile_decode.py on the tiny model, 2 calls a side: eager and compiled decoding sample the same
+    tokens, and each call's time (the compiled side's compilation included) is in the JSON."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "BENCH_RESULTS_DIR": str(tmp_path / "results"), "BENCH_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(BENCH / "compile_decode.py"), "--model", "tiny", "--calls", "2"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / "compile_decode_tiny.json").read_text())
+    assert result["same_tokens"] is True and len(result["calls"]) == 2
+    for row in result["calls"]:
+        assert row["generated_tokens"] > 32 and row["eager_s"] > 0 and row["compiled_s"] > 0
+    assert result["calls"][0]["compiled_s"] > result["calls"][0]["eager_s"]  # the first compiled call compiles
+
+
 def test_gpu_check_runs_its_two_ppo_runs_on_cpu_with_a_tiny_shape(tmp_path):
     """benchmarks/gpu_check.py is meant for one CUDA GPU; --device cpu --shape tiny runs the very same path (model
     built here, the ppo stage in bf16's place in fp32, then QLoRA PPO on a 4-bit base, the planner's rows) and the
