@@ -155,12 +155,12 @@ def test_packed_forward_equals_the_padded_one_values_and_gradients(policies, tok
     assert len(bins_of(lengths, 1)) == len(lengths) and 1 < len(bins_of(lengths, 2 * max(lengths))) <= len(lengths) / 2
     for packed in (Packing(1), Packing(2 * max(lengths))):
         compare_packed_and_padded(policy, q_ids, q_mask, r_ids, r_mask, packed)
-    compare_packed_and_padded(policy, q_ids, q_mask, r_ids, r_mask, True)
+    compare_packed_and_padded(policy, q_ids, q_mask, r_ids, r_mask, Packing())  # one forward
 
 
 def compare_packed_and_padded(policy, q_ids, q_mask, r_ids, r_mask, packing):
     results = {}
-    for packed in (False, packing):
+    for packed in (None, packing):
         policy.zero_grad()
         logprobs, entropy = forward_logprobs(policy, q_ids, q_mask, r_ids, r_mask, 0.8, return_entropy=True,
                                              packed=packed)
@@ -168,7 +168,7 @@ def compare_packed_and_padded(policy, q_ids, q_mask, r_ids, r_mask, packing):
         results[packed] = (logprobs.detach(), entropy.detach(),
                            {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
     policy.zero_grad()
-    (lp0, en0, g0), (lp1, en1, g1) = results[False], results[packing]
+    (lp0, en0, g0), (lp1, en1, g1) = results[None], results[packing]
     torch.testing.assert_close(lp1, lp0, atol=2e-5, rtol=0)
     torch.testing.assert_close(en1, en0, atol=2e-5, rtol=0)
     assert bool((lp1[~r_mask] == 0).all()) and float(lp0[r_mask].std()) > 0.1
@@ -196,6 +196,7 @@ def test_actor_critic_packed_pass_equals_the_padded_one(policies, tok, monkeypat
     from rlhf_dist.rl.actor_critic import ActorCritic, ValueHead
 
     packs = []
+    monkeypatch.setattr(actor_critic, "packing_for", lambda packing, *a: packing)  # packed whatever it costs
     monkeypatch.setattr(actor_critic, "pack", lambda *a: packs.append(len(pack(*a).bins)) or pack(*a))
 
     policy = policies["llama-eager"]
@@ -203,7 +204,7 @@ def test_actor_critic_packed_pass_equals_the_padded_one(policies, tok, monkeypat
     model = ActorCritic(policy, 0.8, value_head=ValueHead(policy.config.hidden_size, seed=1))
     with torch.no_grad():
         padded = model(q_ids, q_mask, r_ids, r_mask)
-        for packing in (True, Packing(1)):  # one forward, a forward per sequence
+        for packing in (Packing(), Packing(1)):  # one forward, a forward per sequence
             model.packed = packing
             packed = model(q_ids, q_mask, r_ids, r_mask)
             for a, b in zip(padded, packed):
@@ -259,7 +260,7 @@ def test_reward_and_value_scores_packed_equal_the_padded_ones(tiny_model, tok):
     with torch.no_grad():
         for fn in (sequence_scores, token_values):
             padded = fn(classifier, q_ids, q_mask, r_ids, r_mask)
-            for packing in (True, Packing(1), Packing(20)):  # one forward, one per sequence, bins of a few
+            for packing in (Packing(), Packing(1), Packing(20)):  # one forward, one per sequence, bins of a few
                 packed = fn(classifier, q_ids, q_mask, r_ids, r_mask, packed=packing)
                 torch.testing.assert_close(packed, padded, atol=2e-5, rtol=1e-5)
             assert float(padded.std()) > 0.01

@@ -32,7 +32,7 @@ from torch import nn
 from rlhf_dist.rl.adapters import POLICY, use_adapter
 from rlhf_dist.rl.generation import concat_query_response, position_ids_from_mask, text_config_of
 from rlhf_dist.rl.losses import entropy_from_logits, logprobs_from_logits
-from rlhf_dist.rl.packing import Packing, capacity_of, causal_lm_outputs, pack, packing_for
+from rlhf_dist.rl.packing import Packing, causal_lm_outputs, pack, packing_for
 from rlhf_dist.rl.scoring import accepts_logits_to_keep, token_values
 
 
@@ -92,8 +92,8 @@ class ActorCritic(nn.Module):
         self.value_adapter = value_adapter
         self.temperature = float(temperature)
         # the policy's pass padding-free (training.padding_free, once `packing_matches` says so), and the value model's
-        self.packed: Packing | bool | None = None
-        self.packed_values: Packing | bool | None = None
+        self.packed: Packing | None = None
+        self.packed_values: Packing | None = None
 
     def state_dict(self, *args, **kwargs):
         """With a PEFT policy, only what trains (adapters, value head, value model): the frozen base -- 4-bit weights
@@ -135,12 +135,12 @@ class ActorCritic(nn.Module):
             raise ValueError("the value head reads the policy's own pass: call forward()")
         if self.value_model is not None:
             return token_values(self.value_model, query_ids, query_mask, response_ids, response_mask,
-                                packed=self._packing(self.packed_values, self.value_model, query_mask, response_mask))
+                                packed=packing_for(self.packed_values, self.value_model, query_mask, response_mask))
         if self.value_adapter is None:
             return None
-        packing = self._packing(self.packed, self.policy, query_mask, response_mask)
+        packing = packing_for(self.packed, self.policy, query_mask, response_mask)
         if packing:
-            return self._values(pack(query_ids, query_mask, response_ids, response_mask, capacity_of(packing)),
+            return self._values(pack(query_ids, query_mask, response_ids, response_mask, packing.capacity),
                                 query_ids, query_mask, response_ids, response_mask)
         ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
         return self._adapter_values(ids, mask, position_ids_from_mask(mask), response_mask)
@@ -164,7 +164,7 @@ class ActorCritic(nn.Module):
         Shapes: queries [B, Lq] left-padded, responses [B, T] right-padded; outputs [B, T]
         float32, aligned as in `rollout.forward_logprobs` / `rollout.token_values`.
         """
-        packing = self._packing(self.packed, self.policy, query_mask, response_mask)
+        packing = packing_for(self.packed, self.policy, query_mask, response_mask)
         if packing:
             return self._packed_forward(query_ids, query_mask, response_ids, response_mask, with_values, packing)
         ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
@@ -197,15 +197,10 @@ class ActorCritic(nn.Module):
             values = token_values(self.value_model, query_ids, query_mask, response_ids, response_mask)
         return logprobs, entropy, values
 
-    @staticmethod
-    def _packing(packed, model, query_mask, response_mask):
-        """`packing_for` of a `Packing` attribute; True (tests, callers of their own) packs into one forward."""
-        return packed if isinstance(packed, bool) else packing_for(packed, model, query_mask, response_mask)
-
     def _packed_forward(self, query_ids, query_mask, response_ids, response_mask, with_values: bool, packing):
         """`forward` with the policy's (and a value adapter's) pass padding-free (`rlhf_dist.rl.packing`); a value
         model's too where `packed_values`."""
-        p = pack(query_ids, query_mask, response_ids, response_mask, capacity_of(packing))
+        p = pack(query_ids, query_mask, response_ids, response_mask, packing.capacity)
         shared = self.values_need_policy_pass
         with use_adapter(self.policy, POLICY) if self.value_adapter is not None else contextlib.nullcontext():
             logits, hidden = causal_lm_outputs(self.policy, p, accepts_logits_to_keep(self.policy), hidden=shared)
@@ -221,7 +216,7 @@ class ActorCritic(nn.Module):
         """A value function with a pass of its own: the value model, or the value adapter's pass (packed)."""
         if self.value_model is not None:
             return token_values(self.value_model, query_ids, query_mask, response_ids, response_mask,
-                                packed=self._packing(self.packed_values, self.value_model, query_mask, response_mask))
+                                packed=packing_for(self.packed_values, self.value_model, query_mask, response_mask))
         inner = self.policy.get_base_model()
         backbone = getattr(inner, inner.base_model_prefix)
 

@@ -77,8 +77,8 @@ class Packing:
     @classmethod
     def for_model(cls, model: nn.Module, one_forward: bool = False) -> "Packing":
         """Bins sized by `ATTENTION_SHARE` (at least `MIN_BIN_TOKENS`) under sdpa / eager; one forward with
-        flash-attention, or where every
-        process must run the same number of forwards (``one_forward``: ZeRO-3 across processes)."""
+        flash-attention, or where every process must run the same number of forwards (``one_forward``: ZeRO-3
+        across processes)."""
         if one_forward or _flash(model):
             return cls(None)
         linear, attention = _flops(model)
@@ -162,8 +162,3 @@ def packing_for(packing: Packing | None, model: nn.Module, query_mask: torch.Ten
                 response_mask: torch.Tensor) -> Packing | None:
     """``packing`` where the model's forwards are packed (it is set) and that pays for these rows; else None."""
     return packing if packing is not None and packing_pays(model, query_mask, response_mask, packing) else None
-
-
-def capacity_of(packed: "Packing | bool | None") -> int | None:
-    """The bin capacity of a ``packed`` argument: a `Packing`'s, None (one forward) for True."""
-    return packed.capacity if isinstance(packed, Packing) else None

@@ -45,18 +45,20 @@ class RolloutSampler:
         self.compact = args.decoding == "compact" and not self.synced and args.top_k == 0 and args.top_p == 1.0
         unwrapped = accelerator.unwrap_model(model)
         device, free = accelerator.device, bool(args.padding_free)
-        # bins of packed sequences, one forward per process under ZeRO-3 (each forward gathers the weights together)
-        self.packed = (Packing.for_model(unwrapped.policy, self.synced) if free and packing_matches(
-            unwrapped.policy, len(tokenizer), device, args.temperature) else None)
+
+        def packing(model, vocab_size: int, **check) -> Packing | None:
+            """The model's packed forwards once `packing_matches` says so: bins, or one forward per process under
+            ZeRO-3 (each forward gathers the weights on every process)."""
+            if not (free and model is not None and packing_matches(model, vocab_size, device, **check)):
+                return None
+            return Packing.for_model(model, one_forward=self.synced)
+
+        self.packed = packing(unwrapped.policy, len(tokenizer), temperature=args.temperature)
         unwrapped.packed = self.packed  # the actor-critic's policy pass (rollout and update) alike
-        value_model = unwrapped.value_model
-        unwrapped.packed_values = (Packing.for_model(value_model, self.synced) if free and value_model is not None
-                                   and packing_matches(value_model, len(tokenizer), device, classifier=True,
-                                                       name="the value model") else None)
-        if reward.model is not None:
-            reward.packed = (Packing.for_model(reward.model, self.synced) if free and packing_matches(
-                reward.model, len(reward.tokenizer or tokenizer), device, classifier=True, name="the reward model")
-                else None)
+        unwrapped.packed_values = packing(unwrapped.value_model, len(tokenizer), classifier=True,
+                                          name="the value model")
+        reward.packed = packing(reward.model, len(reward.tokenizer or tokenizer), classifier=True,
+                                name="the reward model")
 
     @torch.no_grad()
     def rollout(self, prompts: list[list[int]], seed_parts: tuple[int, ...], step: int,

@@ -25,7 +25,7 @@ from rlhf_dist.rl.generation import (
     position_ids_from_mask,
 )
 from rlhf_dist.rl.losses import entropy_from_logits, logprobs_from_logits
-from rlhf_dist.rl.packing import Packing, capacity_of, causal_lm_outputs, pack, packing_for
+from rlhf_dist.rl.packing import Packing, causal_lm_outputs, pack, packing_for
 from rlhf_dist.rl.reward_fn import call_reward_fn
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
 
 def forward_logprobs(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
                      response_mask: torch.Tensor, temperature: float, *, return_entropy: bool = False,
-                     packed: bool | Packing | None = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     packed: Packing | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities of the response under ``model``, in one batched forward.
 
     ::
@@ -62,13 +62,13 @@ def forward_logprobs(model: nn.Module, query_ids: torch.Tensor, query_mask: torc
         temperature: > 0, the sampling temperature.
         return_entropy: also return the entropy of ``softmax(logits / temperature)`` per position.
         packed: padding-free forwards over the real tokens (`rlhf_dist.rl.packing`): the same numbers to float
-            rounding, with the linear layers on the real tokens only; True: one forward, a `Packing`: its bins.
+            rounding, with the linear layers on the real tokens only, in the `Packing`'s bins (None: padded).
     Returns:
         logprobs [B, T] float32, 0 where ``response_mask`` is False (item 4); with
         ``return_entropy``, ``(logprobs, entropy)``, the entropy also [B, T] and 0 there.
     """
     if packed:
-        p = pack(query_ids, query_mask, response_ids, response_mask, capacity_of(packed))
+        p = pack(query_ids, query_mask, response_ids, response_mask, packed.capacity)
         logits = causal_lm_outputs(model, p, accepts_logits_to_keep(model))[0].float()  # [K, V]
         logprobs = p.unpack(logprobs_from_logits(logits, p.targets, temperature))
         return (logprobs, p.unpack(entropy_from_logits(logits / temperature))) if return_entropy else logprobs
@@ -106,10 +106,10 @@ def packing_matches(model: nn.Module, vocab_size: int, device, temperature: floa
     r_mask = torch.tensor([[True] * 5, [True] * 2 + [False] * 3], device=device)
     with eval_mode(model):
         if classifier:
-            padded, packed = (token_values(model, q_ids, q_mask, r_ids, r_mask, packed=p) for p in (False, True))
+            padded, packed = (token_values(model, q_ids, q_mask, r_ids, r_mask, packed=p) for p in (None, Packing()))
         else:
             padded, packed = (forward_logprobs(model, q_ids, q_mask, r_ids, r_mask, temperature, packed=p)
-                              for p in (False, True))
+                              for p in (None, Packing()))
     sixteen_bit = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
     gap = float((padded - packed).abs().max())
     if gap <= (0.1 if sixteen_bit else 1e-3):
@@ -182,17 +182,17 @@ def packed_token_scores(model: nn.Module, p, positions: torch.Tensor) -> torch.T
 
 
 def sequence_scores(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                    response_mask: torch.Tensor, packed: bool | Packing | None = False) -> torch.Tensor:
+                    response_mask: torch.Tensor, packed: Packing | None = None) -> torch.Tensor:
     """Reward-model score of prompt + truncated response: [B] (docs/ppo.md items 3 and 6).
 
     The per-token score (`forward_token_scores`) at the last valid token of query + response,
     found from the masks (not from ``ids != pad_id``, item 2). Equals ``model(ids).logits[:, 0]``
     for an unpadded sequence. For a reward model with another tokenizer, build the inputs with
     `decode_pairs` and `retokenize`, and pass them as the query with an empty response. ``packed``: padding-free
-    passes (`rlhf_dist.rl.packing`; True: one, a `Packing`: its bins).
+    passes in the `Packing`'s bins (`rlhf_dist.rl.packing`; None: padded).
     """
     if packed:
-        p = pack(query_ids, query_mask, response_ids, response_mask, capacity_of(packed))
+        p = pack(query_ids, query_mask, response_ids, response_mask, packed.capacity)
         return packed_token_scores(model, p, p.ends)
     ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
     scores = forward_token_scores(model, ids, mask)
@@ -202,7 +202,7 @@ def sequence_scores(model: nn.Module, query_ids: torch.Tensor, query_mask: torch
 
 
 def token_values(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor,
-                 response_mask: torch.Tensor, packed: bool | Packing | None = False) -> torch.Tensor:
+                 response_mask: torch.Tensor, packed: Packing | None = None) -> torch.Tensor:
     """Value estimates V(s_t) for the response tokens: [B, T], aligned with `forward_logprobs`.
 
     ``V[:, t]`` is the value model's score at the position that predicts response token ``t``
@@ -211,7 +211,7 @@ def token_values(model: nn.Module, query_ids: torch.Tensor, query_mask: torch.Te
     `sequence_scores`.
     """
     if packed:
-        p = pack(query_ids, query_mask, response_ids, response_mask, capacity_of(packed))
+        p = pack(query_ids, query_mask, response_ids, response_mask, packed.capacity)
         return p.unpack(packed_token_scores(model, p, p.keep))
     ids, mask = concat_query_response(query_ids, query_mask, response_ids, response_mask)
     T = response_ids.shape[1]
